@@ -1,0 +1,175 @@
+"""The one configuration definition shared by every step.
+
+Each group of flags is a dataclass whose fields carry their help text. A step's config
+is a dataclass inheriting the groups it needs (Step 1 = data + model + LoRA + optimizer +
+runtime + logging); `parse_config` turns it into an argparse parser once, so a flag is
+defined in exactly one place and means the same thing in every step.
+
+Flag names follow DeepSpeed-Chat (`--data_path`, `--zero_stage`, ...); the dashed spelling
+(`--data-path`) is accepted too.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem: reported as one line, exit code 2."""
+
+
+def cache_dir() -> Path:
+    """Root of everything built at run time (tokenizers, converted models, tokenized data)."""
+    return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")).expanduser()
+
+
+def doc(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class DataConfig:
+    data_path: list[str] = field(default_factory=lambda: ["bundled"], metadata=doc(
+        "Data sources, blended: hub names DeepSpeed-Chat accepts (Dahoas/rm-static, ...), local "
+        "json/jsonl/parquet/csv files or save_to_disk folders, or 'bundled' (the embedded task)."))
+    data_split: str = field(default="2,4,4", metadata=doc(
+        "Shares of each source for steps 1,2,3, e.g. '2,4,4' (seeded, disjoint between steps)."))
+    sft_only_data_path: list[str] = field(default_factory=list, metadata=doc(
+        "Extra sources used only by Step 1 (not split)."))
+    data_output_path: str = field(default="", metadata=doc(
+        "Where tokenized data is cached (default: $RLHFKIT_CACHE/data)."))
+    max_seq_len: int = field(default=512, metadata=doc("Maximum tokens per sequence."))
+    num_examples: int = field(default=0, metadata=doc(
+        "Use at most this many raw examples per source before splitting (0 = all)."))
+
+
+@dataclass
+class ModelConfig:
+    model_name_or_path: str = field(default="tiny-llama", metadata=doc(
+        "Hub id, local HF directory, or built-in name: tiny-<family> (opt, llama, gpt2, gpt_neox, "
+        "bloom, gptj, gpt_neo, codegen, qwen2) or smollm2-135m."))
+    dropout: float | None = field(default=None, metadata=doc(
+        "Set every dropout probability of the model to this value (default: keep the model's)."))
+    dtype: str = field(default="bf16", metadata=doc(
+        "Training dtype: bf16, fp32, or fp16 (fp16 only on CUDA devices)."))
+    gradient_checkpointing: bool = field(default=False, metadata=doc(
+        "Recompute activations in backward to save memory."))
+    trust_remote_code: bool = field(default=False, metadata=doc(
+        "Allow model code from the hub to run (off by default)."))
+    add_eot_token: bool = field(default=True, metadata=doc(
+        "Append the tokenizer's end-of-text token to every answer so the model learns to stop."))
+
+
+@dataclass
+class LoRAConfig:
+    lora_dim: int = field(default=0, metadata=doc("LoRA rank; 0 disables LoRA."))
+    lora_module_name: str = field(default="", metadata=doc(
+        "Only add LoRA to linear layers whose name contains this (default: all attention and MLP "
+        "projections)."))
+    lora_alpha: float = field(default=0.0, metadata=doc("LoRA alpha (default: equal to lora_dim)."))
+    only_optimize_lora: bool = field(default=False, metadata=doc(
+        "Freeze the base weights and train only the LoRA matrices."))
+    lora_learning_rate: float = field(default=5e-4, metadata=doc("Learning rate of LoRA parameters."))
+
+
+@dataclass
+class OptimConfig:
+    per_device_train_batch_size: int = field(default=8, metadata=doc("Training batch per process."))
+    per_device_eval_batch_size: int = field(default=8, metadata=doc("Evaluation batch per process."))
+    learning_rate: float = field(default=1e-3, metadata=doc("Peak learning rate."))
+    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
+    num_train_epochs: int = field(default=1, metadata=doc("Passes over the training data."))
+    max_steps: int = field(default=0, metadata=doc(
+        "Stop after this many optimizer steps (0 = run all epochs)."))
+    gradient_accumulation_steps: int = field(default=1, metadata=doc(
+        "Micro-batches accumulated per optimizer step."))
+    lr_scheduler_type: str = field(default="cosine", metadata=doc(
+        "Schedule after warmup: linear, cosine, cosine_with_restarts, polynomial, constant, "
+        "constant_with_warmup."))
+    num_warmup_steps: int = field(default=0, metadata=doc("Linear warmup steps."))
+    max_grad_norm: float = field(default=1.0, metadata=doc("Gradient clipping norm (0 = off)."))
+    compute_fp32_loss: bool = field(default=False, metadata=doc(
+        "Compute the loss from fp32 logits (more exact under bf16/fp16)."))
+
+
+@dataclass
+class RuntimeConfig:
+    zero_stage: int = field(default=0, metadata=doc("DeepSpeed ZeRO stage 0-3."))
+    offload: bool = field(default=False, metadata=doc(
+        "Offload optimizer state (and, with ZeRO-3, parameters) to CPU memory."))
+    deepspeed_config: str = field(default="", metadata=doc(
+        "A DeepSpeed JSON whose entries override the built config."))
+    seed: int = field(default=1234, metadata=doc("Random seed (data split, init, sampling)."))
+    local_rank: int = field(default=-1, metadata=doc("Set by the deepspeed launcher."))
+    output_dir: str = field(default="", metadata=doc("Where the trained model is saved."))
+    overwrite_output_dir: bool = field(default=False, metadata=doc(
+        "Allow writing into an output_dir that already holds a model."))
+
+
+@dataclass
+class LogConfig:
+    enable_tensorboard: bool = field(default=False, metadata=doc("Write TensorBoard events."))
+    tensorboard_path: str = field(default="", metadata=doc(
+        "TensorBoard folder (default: <output_dir>/tensorboard)."))
+    print_loss: bool = field(default=False, metadata=doc("Print the loss of every step."))
+    log_interval: int = field(default=10, metadata=doc("Steps between metric log lines."))
+    disable_tqdm: bool = field(default=False, metadata=doc("Hide progress bars."))
+
+
+def _is_list(tp) -> bool:
+    return typing.get_origin(tp) is list
+
+
+def _scalar_type(tp):
+    """int | None -> int; list[str] -> str."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if _is_list(tp) or (args and typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None))):
+        return args[0]
+    return tp
+
+
+def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        tp = hints[f.name]
+        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        kwargs = {"dest": f.name, "help": f.metadata.get("help", "")}
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is_list(tp):
+            kwargs.update(nargs="*", type=_scalar_type(tp))
+        else:
+            kwargs["type"] = _scalar_type(tp)
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(*names, default=default, **kwargs)
+    return parser
+
+
+def parse_config(config_cls, argv=None, description: str = ""):
+    """Parse argv into an instance of `config_cls`, then run its `validate()` if it has one."""
+    ns = build_parser(config_cls, description).parse_args(argv)
+    cfg = config_cls(**vars(ns))
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def parse_data_split(split: str) -> list[float]:
+    """'2,4,4' -> [0.2, 0.4, 0.4]; raises ConfigError on anything else."""
+    try:
+        parts = [float(p) for p in split.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"--data_split {split!r} must be three non-negative numbers "
+                          "separated by commas, e.g. 2,4,4")
+    total = sum(parts)
+    return [p / total for p in parts]
