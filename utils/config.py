@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,8 @@ class ModelConfig:
     dropout: float | None = field(default=None, metadata=doc(
         "Set every dropout probability of the model to this value (default: keep the model's)."))
     dtype: str = field(default="bf16", metadata=doc(
-        "Training dtype: bf16, fp32, or fp16 (fp16 only on CUDA devices)."))
+        "Training dtype: bf16, fp32, or fp16 (fp16 only on CUDA devices).",
+        choices=("bf16", "fp32", "fp16")))
     gradient_checkpointing: bool = field(default=False, metadata=doc(
         "Recompute activations in backward to save memory."))
     trust_remote_code: bool = field(default=False, metadata=doc(
@@ -80,7 +82,7 @@ class LoRAConfig:
 class OptimConfig:
     per_device_train_batch_size: int = field(default=8, metadata=doc("Training batch per process."))
     per_device_eval_batch_size: int = field(default=8, metadata=doc("Evaluation batch per process."))
-    learning_rate: float = field(default=1e-3, metadata=doc("Peak learning rate."))
+    learning_rate: float = field(default=2e-5, metadata=doc("Peak learning rate."))
     weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay."))
     num_train_epochs: int = field(default=1, metadata=doc("Passes over the training data."))
     max_steps: int = field(default=0, metadata=doc(
@@ -89,7 +91,8 @@ class OptimConfig:
         "Micro-batches accumulated per optimizer step."))
     lr_scheduler_type: str = field(default="cosine", metadata=doc(
         "Schedule after warmup: linear, cosine, cosine_with_restarts, polynomial, constant, "
-        "constant_with_warmup."))
+        "constant_with_warmup.", choices=("linear", "cosine", "cosine_with_restarts", "polynomial",
+                                          "constant", "constant_with_warmup")))
     num_warmup_steps: int = field(default=0, metadata=doc("Linear warmup steps."))
     max_grad_norm: float = field(default=1.0, metadata=doc("Gradient clipping norm (0 = off)."))
     compute_fp32_loss: bool = field(default=False, metadata=doc(
@@ -98,7 +101,7 @@ class OptimConfig:
 
 @dataclass
 class RuntimeConfig:
-    zero_stage: int = field(default=0, metadata=doc("DeepSpeed ZeRO stage 0-3."))
+    zero_stage: int = field(default=0, metadata=doc("DeepSpeed ZeRO stage 0-3.", choices=(0, 1, 2, 3)))
     offload: bool = field(default=False, metadata=doc(
         "Offload optimizer state (and, with ZeRO-3, parameters) to CPU memory."))
     deepspeed_config: str = field(default="", metadata=doc(
@@ -132,13 +135,20 @@ def _scalar_type(tp):
     return tp
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description,
+    parser = _Parser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         tp = hints[f.name]
-        names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
+        names = [f"--{f.name}"]
         kwargs = {"dest": f.name, "help": f.metadata.get("help", "")}
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if tp is bool:
@@ -155,11 +165,26 @@ def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
 
 def parse_config(config_cls, argv=None, description: str = ""):
     """Parse argv into an instance of `config_cls`, then run its `validate()` if it has one."""
-    ns = build_parser(config_cls, description).parse_args(argv)
+    parser = build_parser(config_cls, description)
+    ns = parser.parse_args(_underscore_flags(parser, sys.argv[1:] if argv is None else list(argv)))
     cfg = config_cls(**vars(ns))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
+
+
+def _underscore_flags(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Accept `--data-path` for `--data_path` without listing both spellings in --help."""
+    known = set(parser._option_string_actions)
+    out = []
+    for arg in argv:
+        flag, eq, value = arg.partition("=")
+        if flag.startswith("--") and flag not in known:
+            alt = "--" + flag[2:].replace("-", "_")
+            alt_neg = "--no-" + flag[5:].replace("-", "_") if flag.startswith("--no-") else None
+            flag = alt if alt in known else alt_neg if alt_neg in known else flag
+        out.append(flag + eq + value)
+    return out
 
 
 def parse_data_split(split: str) -> list[float]:

@@ -1,0 +1,12 @@
+"""Test-session environment: offline, and a cache folder of its own.
+
+Run-time builds (tiny models, the converted SmolLM2, tokenized data) go to a fresh temporary
+cache per test session, so tests never read or write the user's cache. Set
+RLHFKIT_TEST_CACHE to a folder to reuse builds across sessions while developing."""
+import os
+import tempfile
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+os.environ["RLHFKIT_CACHE"] = os.environ.get("RLHFKIT_TEST_CACHE") or tempfile.mkdtemp(prefix="rlhfkit-test-")

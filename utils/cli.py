@@ -1,0 +1,33 @@
+"""Entry-point wrapper: user mistakes end in one clear line and a non-zero exit."""
+from __future__ import annotations
+
+import os
+import sys
+
+from utils.config import ConfigError
+
+
+def run_entry(main, argv=None) -> None:
+    """Call `main(argv)`; a ConfigError prints `error: <message>` and exits 2.
+
+    Config errors are deterministic, so under a launcher every rank hits the same one:
+    only local rank 0 prints it, keeping the console to one line."""
+    try:
+        main(argv)
+    except ConfigError as err:
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        _teardown()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _teardown()
+        sys.exit(130)
+
+
+def _teardown() -> None:
+    try:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # the process is exiting anyway; the original error matters more
+        pass

@@ -1,0 +1,317 @@
+"""Everything that talks to DeepSpeed: process group, configs, optimizer, scheduler, saving.
+
+Steps call these instead of DeepSpeed directly, so one place knows the CPU quirks (gloo
+backend, torch optimizers under offload, fp16 only on CUDA) and the ZeRO-3 gather on save.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.config import ConfigError
+
+# Norm and bias weights get no weight decay (standard AdamW practice).
+NO_DECAY_KEYS = ("bias", "norm.weight", "ln_f.weight", "ln_1.weight", "ln_2.weight",
+                 "layernorm.weight", "layer_norm.weight", "_ln.weight", "ln_attn", "ln_mlp")
+
+
+# Logs of a run live inside its output folder and survive the atomic model write.
+LOG_SUBDIR = "logs"
+
+
+def on_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def init_distributed(local_rank: int = -1) -> torch.device:
+    """Start (or join) the process group and return this process's device.
+
+    Works under the deepspeed launcher, torchrun, or plain `python` (a one-process group is
+    made from defaults so DeepSpeed does not fall back to MPI discovery)."""
+    import deepspeed
+    import torch.distributed as dist
+
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(key, default)
+    local_rank = int(os.environ["LOCAL_RANK"]) if local_rank < 0 else local_rank
+    if on_cuda():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return device
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shutdown_distributed() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    import torch.distributed as dist
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if on_cuda():
+        torch.cuda.manual_seed_all(seed)
+
+
+def _precision_section(dtype: str) -> dict:
+    if dtype == "fp16":
+        if not on_cuda():
+            raise ConfigError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on this machine")
+        return {"fp16": {"enabled": True, "loss_scale_window": 100, "initial_scale_power": 16}}
+    if dtype == "bf16":
+        return {"bf16": {"enabled": True}}
+    if dtype == "fp32":
+        return {}
+    raise ConfigError(f"--dtype {dtype!r} is not one of bf16, fp32, fp16")
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_user_ds_config(path: str) -> dict:
+    if not path:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--deepspeed_config file not found: {path}") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {err}") from None
+
+
+def train_ds_config(*, micro_batch: int, grad_accum: int = 1, zero_stage: int = 0,
+                    offload: bool = False, dtype: str = "bf16", grad_clip: float = 1.0,
+                    user_config: dict | None = None) -> dict:
+    """DeepSpeed config for a trained engine; `user_config` entries override ours."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
+    if offload and zero_stage == 0:
+        raise ConfigError("--offload needs ZeRO stage 1, 2 or 3 (--zero_stage)")
+    device = "cpu" if offload else "none"
+    zero = {
+        "stage": zero_stage,
+        "offload_optimizer": {"device": device},
+        "overlap_comm": on_cuda(),
+        "contiguous_gradients": True,
+        "reduce_bucket_size": 5e8,
+    }
+    if zero_stage == 3:
+        zero.update({
+            "offload_param": {"device": device},
+            "stage3_param_persistence_threshold": 1e4,
+            "stage3_max_live_parameters": 3e7,
+            "stage3_prefetch_bucket_size": 3e7,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "steps_per_print": 10**9,  # we log ourselves
+        "zero_optimization": zero,
+        "gradient_clipping": grad_clip if grad_clip > 0 else 0.0,
+        "prescale_gradients": False,
+        "wall_clock_breakdown": False,
+        # Our optimizer is a torch one on CPU (10x faster step than DeepSpeed's here).
+        "zero_force_ds_cpu_optimizer": False,
+        **_precision_section(dtype),
+    }
+    config["train_batch_size"] = micro_batch * grad_accum * world_size()
+    return _merge(config, user_config or {})
+
+
+def eval_ds_config(*, micro_batch: int, zero_stage: int = 0, offload: bool = False,
+                   dtype: str = "bf16") -> dict:
+    """DeepSpeed config for a frozen (eval-only) engine: reference or reward model."""
+    zero = {"stage": zero_stage if zero_stage == 3 else 0,
+            "stage3_param_persistence_threshold": 1e4,
+            "offload_param": {"device": "cpu" if offload else "none"}}
+    config = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * world_size(),
+        "steps_per_print": 10**9,
+        "zero_optimization": zero,
+        **_precision_section(dtype),
+    }
+    return config
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, lora_lr: float) -> list[dict]:
+    """Three groups: decayed weights, undecayed biases/norms, LoRA matrices at their own lr."""
+    decay, no_decay, lora = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "lora_" in name:
+            lora.append(param)
+        elif any(key in name.lower() for key in NO_DECAY_KEYS):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": lora, "weight_decay": 0.0, "lr": lora_lr}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, lora_lr: float,
+                    offload: bool, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
+    """AdamW. On CPU torch's fused AdamW (DeepSpeedCPUAdam is ~10x slower per step here);
+    on CUDA with offload, DeepSpeedCPUAdam, the optimizer ZeRO-Offload is built around."""
+    groups = optimizer_param_groups(model, weight_decay, lora_lr)
+    if on_cuda() and offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+
+
+def build_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
+    from transformers import get_scheduler
+    try:
+        return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps,
+                             num_training_steps=max(total_steps, 1))
+    except ValueError as err:
+        raise ConfigError(f"--lr_scheduler_type {name!r}: {err}") from None
+
+
+def gathered_state_dict(engine) -> dict | None:
+    """The full state dict of a DeepSpeed engine's module, on rank 0 (None elsewhere).
+
+    ZeRO-3 shards every parameter, so all ranks must take part in the gather."""
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return state if is_main() else None
+    if not is_main():
+        return None
+    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds a model, unless asked to."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {output_dir} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"--output_dir {output_dir} already holds files; pass "
+                          "--overwrite_output_dir to replace them or choose another folder")
+
+
+def atomic_directory_write(output_dir: str | Path, write_fn, keep: tuple[str, ...] = ()) -> None:
+    """Run `write_fn(tmp_dir)` then move the result into `output_dir` in one rename.
+
+    A crash mid-write leaves the previous contents of `output_dir` untouched. Entries named
+    in `keep` (e.g. the run's live log folder) are carried over from the old folder."""
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        write_fn(tmp)
+        for name in keep:
+            if (output_dir / name).exists():
+                os.rename(output_dir / name, tmp / name)
+        if output_dir.exists():
+            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
+            os.rename(output_dir, old)
+            os.rename(tmp, output_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_peft(module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
+
+
+def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | None = None) -> None:
+    """Save an engine's model as a plain Hugging Face directory (safetensors + tokenizer).
+
+    ZeRO-3 shards are gathered (every rank must call this); LoRA is merged into the base
+    weights on a copy of the state dict, so the live training model is left as it was.
+    Written atomically: a crash while saving leaves `output_dir` as it was before."""
+    from huggingface_hub import save_torch_state_dict
+
+    state = gathered_state_dict(engine)
+    if is_main():
+        module = engine.module
+        if _is_peft(module):
+            from utils.model import lora_scaling, merge_lora_state_dict
+            state = merge_lora_state_dict(state, lora_scaling(module))
+            module = module.get_base_model()
+        config = module.config
+        tied = _tied_keys(module) if getattr(config, "tie_word_embeddings", False) else []
+
+        def write(tmp: Path) -> None:
+            save_torch_state_dict({k: v.contiguous() for k, v in state.items() if k not in tied}, tmp)
+            config.save_pretrained(tmp)
+            _drop_config_entry(tmp / "config.json", "quantization_config")
+            if getattr(module, "generation_config", None) is not None:
+                module.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if extra_json:
+                for name, payload in extra_json.items():
+                    (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
+
+        atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR,))
+    barrier()
+
+
+def _drop_config_entry(path: Path, key: str) -> None:
+    """A converted GGUF config keeps quantization_config; a saved copy must not."""
+    data = json.loads(path.read_text())
+    if data.pop(key, None) is not None:
+        path.write_text(json.dumps(data, indent=2))
+
+
+def _tied_keys(model) -> list[str]:
+    """Names of weights that are tied to another (e.g. lm_head.weight to the embeddings)."""
+    keys = getattr(model, "_tied_weights_keys", None) or []
+    return list(keys.keys()) if isinstance(keys, dict) else list(keys)
