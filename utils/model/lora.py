@@ -1,0 +1,134 @@
+"""LoRA through peft, plus a pure merge of peft's state dict for exporting.
+
+The merge works on a state dict alone, so a model gathered from ZeRO-3 partitions can be
+exported as a plain HF checkpoint without merging (and un-merging) the live model.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+
+from torch import nn
+
+from utils.config import ConfigError
+
+PEFT_PREFIX = "base_model.model."
+ADAPTER = "default"
+
+
+def _is_projection(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def lora_target_modules(model: nn.Module, lora_module_name: str = "") -> list[str]:
+    """Linear/Conv1D layers inside the repeated blocks (attention and MLP projections).
+
+    Being inside a numbered block (".3.") excludes the LM head and any value/score head
+    generically, whatever the family calls them.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [name for name, module in model.named_modules()
+             if _is_projection(module) and module is not head
+             and re.search(r"(^|\.)\d+\.", name) and lora_module_name in name]
+    if not names:
+        raise ConfigError(f"--lora_module_name {lora_module_name!r} matches no attention or MLP "
+                          "projection of this model")
+    return names
+
+
+def apply_lora(model: nn.Module, lora_dim: int, lora_module_name: str = "", lora_alpha: float = 0,
+               only_optimize_lora: bool = False):
+    """Wrap `model` with LoRA adapters of rank `lora_dim` (alpha defaults to the rank)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+    if lora_dim <= 0:
+        raise ConfigError(f"--lora_dim must be positive to apply LoRA, got {lora_dim}")
+    targets = lora_target_modules(model, lora_module_name)
+    # GPT-2's Conv1D stores weights as (in, out): peft must know to transpose its delta
+    conv1d = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)
+    config = LoraConfig(r=lora_dim, lora_alpha=lora_alpha or lora_dim, lora_dropout=0.0,
+                        target_modules=targets, fan_in_fan_out=conv1d, bias="none",
+                        task_type="CAUSAL_LM" if hasattr(model, "generate") else None)
+    with warnings.catch_warnings():  # peft still calls transformers' deprecated alias
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        peft_model = get_peft_model(model, config)
+    if not only_optimize_lora:  # peft freezes the base; full fine-tuning + LoRA trains both
+        for param in peft_model.parameters():
+            param.requires_grad_(True)
+    return peft_model
+
+
+def _lora_layers(model: nn.Module):
+    from peft.tuners.lora import LoraLayer
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def lora_scaling(model: nn.Module) -> float:
+    """The factor peft multiplies B @ A by (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
+    layers = _lora_layers(model)
+    if not layers:
+        raise ValueError("model has no LoRA layers")
+    return float(layers[0].scaling[ADAPTER])
+
+
+def lora_fan_in_fan_out(model: nn.Module) -> bool:
+    """Whether the LoRA base weights are stored transposed (GPT-2 Conv1D)."""
+    return bool(model.peft_config[ADAPTER].fan_in_fan_out)
+
+
+def merge_lora_state_dict(state_dict: dict, scaling: float,
+                          fan_in_fan_out: bool | None = None) -> dict:
+    """peft state dict -> the base model's own state dict with W + scaling * B @ A merged.
+
+    Pure: nothing is modified in place. `fan_in_fan_out` says the weights are stored as
+    (in, out) (GPT-2's Conv1D), so the delta is transposed. None infers it from the shapes
+    of the non-square LoRA weights; a square weight alone cannot tell, so with only square
+    targets pass it explicitly (lora_fan_in_fan_out(model)).
+    """
+    pairs = _lora_pairs(state_dict)
+    if fan_in_fan_out is None and pairs:
+        fan_in_fan_out = _infer_fan_in_fan_out(state_dict, pairs)
+    merged = {}
+    for key, value in state_dict.items():
+        if ".lora_" in key:
+            continue  # folded into the base weight below
+        if key in pairs:
+            value = _merge_weight(key, value, *pairs[key], scaling, fan_in_fan_out)
+        merged[key.replace(".base_layer.", ".").removeprefix(PEFT_PREFIX)] = value
+    return merged
+
+
+def _lora_pairs(state_dict: dict) -> dict:
+    """base weight key -> (A, B) for every LoRA-wrapped layer."""
+    pairs = {}
+    for key in state_dict:
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            lora_a = state_dict.get(f"{stem}.lora_A.{ADAPTER}.weight")
+            lora_b = state_dict.get(f"{stem}.lora_B.{ADAPTER}.weight")
+            if lora_a is not None and lora_b is not None:
+                pairs[key] = (lora_a, lora_b)
+    return pairs
+
+
+def _infer_fan_in_fan_out(state_dict: dict, pairs: dict) -> bool:
+    votes = set()
+    for key, (lora_a, lora_b) in pairs.items():
+        in_dim, out_dim = lora_a.shape[1], lora_b.shape[0]
+        if in_dim != out_dim:
+            votes.add(tuple(state_dict[key].shape) == (in_dim, out_dim))
+    if len(votes) != 1:
+        raise ValueError("cannot tell from the shapes whether LoRA weights are stored "
+                         "transposed; pass fan_in_fan_out=lora_fan_in_fan_out(model)")
+    return votes.pop()
+
+
+def _merge_weight(key, weight, lora_a, lora_b, scaling, fan_in_fan_out):
+    delta = lora_b.float() @ lora_a.float()  # (out, in)
+    if fan_in_fan_out:
+        delta = delta.T
+    if delta.shape != weight.shape:
+        raise ValueError(f"{key}: LoRA delta {tuple(delta.shape)} does not fit weight "
+                         f"{tuple(weight.shape)} (wrong fan_in_fan_out={fan_in_fan_out}?)")
+    return (weight.float() + scaling * delta).to(weight.dtype)
