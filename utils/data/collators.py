@@ -1,0 +1,59 @@
+"""Batch collators: pad to the longest row of the batch (optionally up to a multiple of 8)."""
+from __future__ import annotations
+
+import torch
+
+from utils.config import ConfigError
+
+
+def pad_sequences(seqs: list[torch.Tensor], value: int, left: bool = False,
+                  pad_to_multiple_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D tensors into (batch, length) plus the attention mask (1 = real token)."""
+    length = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    out = torch.full((len(seqs), length), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        span = slice(length - len(s), length) if left else slice(0, len(s))
+        out[row, span] = torch.as_tensor(s, dtype=torch.long)
+        mask[row, span] = 1
+    return out, mask
+
+
+class _Collator:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        if pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token id (set pad_token)")
+        self.pad_token_id = int(pad_token_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _pad(self, seqs, value=None, left=False):
+        return pad_sequences(seqs, self.pad_token_id if value is None else value, left,
+                             self.pad_to_multiple_of)
+
+
+class DataCollatorSFT(_Collator):
+    """Step 1: right-padded input_ids, attention_mask, and labels with -100 on padding."""
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        input_ids, mask = self._pad([it["input_ids"] for it in items])
+        labels, _ = self._pad([it["labels"] for it in items], value=-100)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+class DataCollatorReward(_Collator):
+    """Step 2: 2B right-padded rows, the B chosen sequences first, then the B rejected."""
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        seqs = [it["chosen_input_ids"] for it in items] + [it["rejected_input_ids"] for it in items]
+        input_ids, mask = self._pad(seqs)
+        return {"input_ids": input_ids, "attention_mask": mask}
+
+
+class DataCollatorPrompt(_Collator):
+    """Step 3: LEFT-padded prompts, so generation continues right after each prompt's last token."""
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        prompt, mask = self._pad([it["prompt_input_ids"] for it in items], left=True)
+        return {"prompt": prompt, "prompt_att_mask": mask}

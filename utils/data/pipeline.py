@@ -1,0 +1,171 @@
+"""Split each source between the three steps, blend the sources, tokenize for one step, cache.
+
+`--data_split 2,4,4` gives each step its own seeded, disjoint share of EVERY source (train and
+eval rows separately), as DeepSpeed-Chat does, so the reward model and PPO never see the SFT
+rows. Tokenization works on ids: the prompt is encoded with the tokenizer's special tokens, the
+answer without, and the two id lists are concatenated (never text re-tokenized as a whole).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+
+from utils.config import ConfigError, cache_dir, parse_data_split
+from utils.data.cache import TokenizedDataset, cached, tokenizer_fingerprint
+from utils.data.sources import Source, resolve_source
+
+logger = logging.getLogger(__name__)
+
+PHASE_FIELDS = {1: ("input_ids", "labels"), 2: ("chosen_input_ids", "rejected_input_ids"),
+                3: ("prompt_input_ids",)}
+_ENCODE_CHUNK = 2048
+
+
+def split_indices(n: int, fractions: list[float], seed: int) -> list[np.ndarray]:
+    """Seeded permutation of range(n) cut into len(fractions) disjoint sorted shares."""
+    perm = np.random.RandomState(seed).permutation(n)
+    bounds = [0] + [int(round(c * n)) for c in np.cumsum(fractions)]
+    bounds[-1] = n
+    return [np.sort(perm[bounds[i]:bounds[i + 1]]) for i in range(len(fractions))]
+
+
+def gather_rows(sources: list[Source], sft_only: list[Source], fractions: list[float],
+                phase: int, seed: int, num_examples: int) -> dict[str, list[tuple]]:
+    """Rows for `phase`: its share of each source plus (Step 1) the SFT-only sources, shuffled.
+
+    Each row is (source name, sample) so errors can name the source.
+    """
+    rows = {"train": [], "eval": []}
+    for src in sources:
+        raw = src.load(seed).capped(num_examples, seed)
+        for split, samples in (("train", raw.train), ("eval", raw.eval)):
+            share = split_indices(len(samples), fractions, seed)[phase - 1]
+            rows[split] += [(src.name, samples[i]) for i in share]
+    for src in sft_only:
+        raw = src.load(seed).capped(num_examples, seed)
+        for split, samples in (("train", raw.train), ("eval", raw.eval)):
+            rows[split] += [(src.name, s) for s in samples]
+    for split in rows:
+        random.Random(seed).shuffle(rows[split])
+    return rows
+
+
+def encode(tokenizer, texts: list[str], special: bool) -> list[list[int]]:
+    out = []
+    for i in range(0, len(texts), _ENCODE_CHUNK):
+        out += tokenizer(texts[i:i + _ENCODE_CHUNK], add_special_tokens=special,
+                         verbose=False)["input_ids"]
+    return out
+
+
+def _sft_columns(rows, tokenizer, max_seq_len, eos, response_loss_only, stats):
+    prompts = encode(tokenizer, [s["prompt"] for _, s in rows], True)
+    answers = encode(tokenizer, [s["chosen"] for _, s in rows], False)
+    cols = {"input_ids": [], "labels": []}
+    for p, a in zip(prompts, answers):
+        ids = (p + a + eos)[:max_seq_len]
+        labels = ([-100] * len(p) + a + eos)[:max_seq_len] if response_loss_only else ids
+        if all(t == -100 for t in labels):
+            stats["no_answer_tokens"] += 1  # prompt fills max_seq_len: nothing to learn
+            continue
+        cols["input_ids"].append(ids)
+        cols["labels"].append(labels)
+    return cols
+
+
+def _pair_columns(rows, tokenizer, max_seq_len, eos, stats):
+    pairs = [r for r in rows if r[1]["rejected"] is not None]
+    stats["without_rejected"] += len(rows) - len(pairs)
+    for source, s in pairs:
+        if s["chosen"] == s["rejected"]:
+            raise ConfigError(f"{source}: {s.get('origin', 'a row')} (0-based) has a chosen "
+                              "answer equal to the rejected one")
+    prompts = encode(tokenizer, [s["prompt"] for _, s in pairs], True)
+    chosen = encode(tokenizer, [s["chosen"] for _, s in pairs], False)
+    rejected = encode(tokenizer, [s["rejected"] for _, s in pairs], False)
+    return {"chosen_input_ids": [(p + c + eos)[:max_seq_len] for p, c in zip(prompts, chosen)],
+            "rejected_input_ids": [(p + r + eos)[:max_seq_len] for p, r in zip(prompts, rejected)]}
+
+
+def _prompt_columns(rows, tokenizer, max_prompt_seq_len, stats):
+    prompts = encode(tokenizer, [s["prompt"] for _, s in rows], True)
+    stats["truncated_prompts"] += sum(len(p) > max_prompt_seq_len for p in prompts)
+    return {"prompt_input_ids": [p[-max_prompt_seq_len:] for p in prompts]}  # keep the end
+
+
+def tokenize_rows(rows, phase, tokenizer, max_seq_len, eos_token_id=None,
+                  response_loss_only=False, max_prompt_seq_len=None, stats=None):
+    """Tagged rows -> {field: [ids, ...]} for one step (see PHASE_FIELDS)."""
+    eos = [] if eos_token_id is None else [int(eos_token_id)]
+    stats = stats if stats is not None else {}
+    for k in ("no_answer_tokens", "without_rejected", "truncated_prompts"):
+        stats.setdefault(k, 0)
+    if phase == 1:
+        return _sft_columns(rows, tokenizer, max_seq_len, eos, response_loss_only, stats)
+    if phase == 2:
+        return _pair_columns(rows, tokenizer, max_seq_len, eos, stats)
+    return _prompt_columns(rows, tokenizer, max_prompt_seq_len or max_seq_len, stats)
+
+
+def _report(meta: dict, phase: int) -> None:
+    stats = meta["stats"]
+    if stats.get("truncated_prompts"):
+        logger.warning("Step 3: %d prompts were longer than %d tokens and were cut from the left",
+                       stats["truncated_prompts"], meta["max_prompt_seq_len"])
+    if stats.get("no_answer_tokens"):
+        logger.warning("Step 1: dropped %d rows whose prompt fills max_seq_len (no answer tokens)",
+                       stats["no_answer_tokens"])
+    if phase == 2 and stats.get("without_rejected"):
+        logger.warning("Step 2: skipped %d rows without a rejected answer",
+                       stats["without_rejected"])
+
+
+def create_prompt_dataset(data_path, data_split, output_path, train_phase, seed, tokenizer,
+                          max_seq_len, eos_token_id=None, sft_only_data_path=(), num_examples=0,
+                          response_loss_only=False, max_prompt_seq_len=None
+                          ) -> tuple[TokenizedDataset, TokenizedDataset]:
+    """Blended, tokenized (train, eval) torch Datasets for step `train_phase` (1, 2 or 3)."""
+    if train_phase not in PHASE_FIELDS:
+        raise ConfigError(f"train_phase must be 1, 2 or 3, got {train_phase!r}")
+    if max_seq_len < 1:
+        raise ConfigError(f"max_seq_len must be positive, got {max_seq_len}")
+    paths = [data_path] if isinstance(data_path, (str, Path)) else list(data_path)
+    sft_paths = [sft_only_data_path] if isinstance(sft_only_data_path, (str, Path)) else list(
+        sft_only_data_path or ())
+    if not paths and not sft_paths:
+        raise ConfigError("no data: --data_path is empty")
+    fractions = parse_data_split(data_split)
+    sources = [resolve_source(p) for p in paths]
+    sft_only = [resolve_source(p) for p in sft_paths] if train_phase == 1 else []
+    max_prompt = (max_prompt_seq_len or max_seq_len) if train_phase == 3 else None
+    key = {"sources": [s.fingerprint() for s in sources],
+           "sft_only": [s.fingerprint() for s in sft_only],
+           "tokenizer": tokenizer_fingerprint(tokenizer), "max_seq_len": max_seq_len,
+           "split": fractions, "seed": seed, "phase": train_phase,
+           "eos": eos_token_id if train_phase != 3 else None,
+           "response_loss_only": bool(response_loss_only) and train_phase == 1,
+           "num_examples": num_examples, "max_prompt_seq_len": max_prompt}
+
+    def build():
+        rows = gather_rows(sources, sft_only, fractions, train_phase, seed, num_examples)
+        stats = {}
+        splits = {split: tokenize_rows(rows[split], train_phase, tokenizer, max_seq_len,
+                                       eos_token_id, response_loss_only, max_prompt, stats)
+                  for split in ("train", "eval")}
+        return {"splits": splits, "meta": {"key": key, "stats": stats,
+                                           "max_prompt_seq_len": max_prompt,
+                                           "rows": {s: len(c[PHASE_FIELDS[train_phase][0]])
+                                                    for s, c in splits.items()}}}
+
+    root = Path(output_path) if output_path else cache_dir() / "data"
+    splits, meta = cached(root, f"step{train_phase}", key, build)
+    _report(meta, train_phase)
+    if len(splits["train"]) == 0:
+        raise ConfigError(f"no Step {train_phase} training rows from {paths + sft_paths} with "
+                          f"--data_split {data_split}" + (
+                              " (Step 2 needs sources with rejected answers)"
+                              if train_phase == 2 else ""))
+    return splits["train"], splits["eval"]
