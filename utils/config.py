@@ -55,9 +55,10 @@ class ModelConfig:
         "bloom, gptj, gpt_neo, codegen, qwen2) or smollm2-135m."))
     dropout: float | None = field(default=None, metadata=doc(
         "Set every dropout probability of the model to this value (default: keep the model's)."))
-    dtype: str = field(default="bf16", metadata=doc(
-        "Training dtype: bf16, fp32, or fp16 (fp16 only on CUDA devices).",
-        choices=("bf16", "fp32", "fp16")))
+    dtype: str = field(default="auto", metadata=doc(
+        "Training dtype: bf16, fp32, fp16 (CUDA only), or auto = bf16 where the hardware runs it "
+        "natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp16 on GPU / fp32 on CPU.",
+        choices=("auto", "bf16", "fp32", "fp16")))
     gradient_checkpointing: bool = field(default=False, metadata=doc(
         "Recompute activations in backward to save memory."))
     trust_remote_code: bool = field(default=False, metadata=doc(

@@ -229,7 +229,8 @@ def gathered_state_dict(engine) -> dict | None:
         return state if is_main() else None
     if not is_main():
         return None
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+    # clone: ZeRO keeps parameters as views of one flat buffer, which safetensors refuses
+    return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -283,8 +284,8 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
     if is_main():
         module = engine.module
         if _is_peft(module):
-            from utils.model import lora_scaling, merge_lora_state_dict
-            state = merge_lora_state_dict(state, lora_scaling(module))
+            from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
+            state = merge_lora_state_dict(state, lora_scaling(module), lora_fan_in_fan_out(module))
             module = module.get_base_model()
         config = module.config
         tied = _tied_keys(module) if getattr(config, "tie_word_embeddings", False) else []

@@ -1,6 +1,6 @@
 """Model utilities: built-in models, loading, dtype/dropout handling, LoRA."""
-from utils.model.loading import (load_causal_lm, load_tokenizer, resolve_dtype, set_dropout,
-                                 tokenizers_match)
+from utils.model.loading import (auto_dtype_name, load_causal_lm, load_tokenizer, resolve_dtype,
+                                 resolve_dtype_name, set_dropout, tokenizers_match)
 from utils.model.lora import (apply_lora, lora_fan_in_fan_out, lora_scaling,
                               lora_target_modules, merge_lora_state_dict)
 from utils.model.resolve import BUILTIN_MODELS, resolve_model_path
@@ -8,6 +8,6 @@ from utils.model.tiny import TINY_FAMILIES
 
 __all__ = [
     "BUILTIN_MODELS", "TINY_FAMILIES", "resolve_model_path", "load_tokenizer", "load_causal_lm",
-    "set_dropout", "resolve_dtype", "tokenizers_match", "apply_lora", "lora_scaling",
+    "set_dropout", "resolve_dtype", "resolve_dtype_name", "auto_dtype_name", "tokenizers_match", "apply_lora", "lora_scaling",
     "lora_fan_in_fan_out", "lora_target_modules", "merge_lora_state_dict",
 ]

