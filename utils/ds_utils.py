@@ -51,7 +51,22 @@ def init_distributed(local_rank: int = -1) -> torch.device:
         backend = "gloo"
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
+    if device.type == "cpu":
+        _fp32_grad_norms()
     return device
+
+
+def _fp32_grad_norms() -> None:
+    """Accumulate ZeRO's gradient norms in fp32 instead of fp64 on CPU.
+
+    DeepSpeed copies every gradient to float64 to take the clipping norm; on a CPU that is a
+    full extra pass over memory each step (measured: 0.45 s of a 3.1 s SmolLM2-135M ZeRO-2
+    step here). fp32 accumulation is what torch's clip_grad_norm_ does and is ample for a
+    clipping threshold. On GPUs DeepSpeed's default is left alone."""
+    import deepspeed.runtime.zero.stage3 as stage3
+    import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
+    for module in (stage_1_and_2, stage3):
+        module.get_norm_dtype = lambda: torch.float32
 
 
 def _free_port() -> int:
