@@ -26,7 +26,7 @@ PRESETS = {
         "actor_model": "smollm2-135m",
         "step1": ["--num_examples", "3000", "--max_seq_len", "128", "--per_device_train_batch_size", "8",
                   "--learning_rate", "5e-5", "--num_train_epochs", "1", "--lr_scheduler_type", "cosine",
-                  "--num_warmup_steps", "5", "--dtype", "bf16", "--log_interval", "5"],
+                  "--num_warmup_steps", "5", "--log_interval", "5"],
     },
     "quick": {
         "actor_model": "tiny-llama",

@@ -135,3 +135,11 @@ def test_missing_path_errors(tmp_path):
         load_causal_lm(missing, tok)
     with pytest.raises(ConfigError, match="tiny-foo.*gpt_neox"):
         load_causal_lm("tiny-foo", tok)
+
+
+def test_auto_dtype_follows_cpu_bf16_support():
+    from utils.model import resolve_dtype, resolve_dtype_name
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_dtype_name("auto", "cpu") == ("bf16" if native else "fp32")
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype_name("fp32", "cpu") == "fp32"
