@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from utils.cli import free_port
 from utils.config import ConfigError
 
 # Step 1 flags per preset. "default" is sized for minutes on a 2-core CPU with the real
@@ -71,15 +72,8 @@ def step_command(step: int, args: argparse.Namespace, out_dir: Path) -> list[str
     launcher = shutil.which("deepspeed")
     if launcher is None:
         raise ConfigError("the `deepspeed` launcher is not on PATH; run `bash install.sh`")
-    return [launcher, "--num_gpus", str(args.num_gpus), "--master_port", str(_free_port()),
+    return [launcher, "--num_gpus", str(args.num_gpus), "--master_port", str(free_port()),
             "--module", STEP_MODULES[step], *flags]
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_step(step: int, cmd: list[str], out_dir: Path) -> None:

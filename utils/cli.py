@@ -24,6 +24,14 @@ def run_entry(main, argv=None) -> None:
         sys.exit(130)
 
 
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _teardown() -> None:
     try:
         import torch.distributed as dist

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.cli import free_port
 from utils.config import ConfigError
 
 # Norm and bias weights get no weight decay (standard AdamW practice).
@@ -39,7 +40,7 @@ def init_distributed(local_rank: int = -1) -> torch.device:
     import torch.distributed as dist
 
     for key, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
         os.environ.setdefault(key, default)
     local_rank = int(os.environ["LOCAL_RANK"]) if local_rank < 0 else local_rank
     if on_cuda():
@@ -67,13 +68,6 @@ def _fp32_grad_norms() -> None:
     import deepspeed.runtime.zero.stage_1_and_2 as stage_1_and_2
     for module in (stage_1_and_2, stage3):
         module.get_norm_dtype = lambda: torch.float32
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shutdown_distributed() -> None:

@@ -100,10 +100,14 @@ def main(argv=None) -> None:
     say = tqdm.write if ds.is_main() else (lambda *_: None)
     say(f"step1: {len(train_ds)} train / {len(eval_ds)} eval examples, {total_steps} optimizer steps, "
         f"{ds.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}")
+    if len(eval_ds) == 0:
+        say("step1: warning: no held-out examples in this step's share; perplexity is not evaluated")
 
     evals: list[dict] = []
 
     def run_eval(step: int) -> None:
+        if len(eval_ds) == 0:
+            return
         result = evaluate_lm(engine, eval_loader, device)
         logger.log(step, result, prefix="eval/")
         say(f"step1 eval @ step {step}: loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}")
@@ -143,12 +147,13 @@ def main(argv=None) -> None:
             break
     progress.close()
 
-    summary = {"steps": step, "eval_loss_before": evals[0]["loss"], "eval_loss_after": evals[-1]["loss"],
-               "perplexity_before": evals[0]["perplexity"], "perplexity_after": evals[-1]["perplexity"]}
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    summary = {"steps": step, "eval_loss_before": first.get("loss"), "eval_loss_after": last.get("loss"),
+               "perplexity_before": first.get("perplexity"), "perplexity_after": last.get("perplexity")}
     ds.save_hf_model(engine, tokenizer, cfg.output_dir,
                      extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
-    say(f"step1 done: perplexity {summary['perplexity_before']:.2f} -> {summary['perplexity_after']:.2f}; "
-        f"model saved to {cfg.output_dir}")
+    change = (f"perplexity {first['perplexity']:.2f} -> {last['perplexity']:.2f}; " if evals else "")
+    say(f"step1 done: {change}model saved to {cfg.output_dir}")
     logger.close()
     ds.shutdown_distributed()
 

@@ -1,0 +1,100 @@
+"""DeepSpeed config builder, user overrides, atomic directory writes, the shared flag parser."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from utils import ds_utils as ds
+from utils.config import ConfigError, parse_config, parse_data_split
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_config_stages_offload_and_user_override():
+    cfg = ds.train_ds_config(micro_batch=4, grad_accum=2, zero_stage=3, offload=True, dtype="fp32",
+                             user_config=ds.load_user_ds_config(str(ROOT / "configs/ds_override_example.json")))
+    assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 2
+    zero = cfg["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["reduce_bucket_size"] == 200000000  # user value wins, siblings kept
+    assert cfg["gradient_clipping"] == 0.5 and "bf16" not in cfg and "fp16" not in cfg
+    assert ds.train_ds_config(micro_batch=1, dtype="bf16")["bf16"] == {"enabled": True}
+
+
+def test_eval_config_partitions_only_under_zero3():
+    assert ds.eval_ds_config(micro_batch=2, zero_stage=2)["zero_optimization"]["stage"] == 0
+    cfg = ds.eval_ds_config(micro_batch=2, zero_stage=3, offload=True)
+    assert cfg["zero_optimization"]["stage"] == 3
+    assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"zero_stage": 0, "offload": True}, "--offload needs ZeRO"),
+    ({"dtype": "fp16"}, "fp16 needs a CUDA device"),
+    ({"zero_stage": 5}, "--zero_stage 5"),
+])
+def test_impossible_combinations_are_refused(kwargs, message):
+    if kwargs.get("dtype") == "fp16" and ds.on_cuda():
+        pytest.skip("fp16 is valid on CUDA")
+    with pytest.raises(ConfigError, match=message):
+        ds.train_ds_config(micro_batch=1, **kwargs)
+
+
+def test_user_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ds.load_user_ds_config(str(tmp_path / "nope.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ds.load_user_ds_config(str(bad))
+
+
+def test_atomic_write_keeps_old_contents_when_writer_fails(tmp_path):
+    out = tmp_path / "model"
+    ds.atomic_directory_write(out, lambda d: (d / "weights").write_text("v1"))
+    (out / "logs").mkdir()
+    (out / "logs" / "metrics.jsonl").write_text("{}\n")
+
+    def crash(d):
+        (d / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        ds.atomic_directory_write(out, crash)
+    assert (out / "weights").read_text() == "v1"
+    ds.atomic_directory_write(out, lambda d: (d / "weights").write_text("v2"), keep=("logs",))
+    assert (out / "weights").read_text() == "v2"
+    assert (out / "logs" / "metrics.jsonl").read_text() == "{}\n"  # the run's logs survive
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folders left
+
+
+def test_check_output_dir(tmp_path):
+    ds.check_output_dir(str(tmp_path / "new"), overwrite=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="--overwrite_output_dir"):
+        ds.check_output_dir(str(tmp_path / "full"), overwrite=False)
+    ds.check_output_dir(str(tmp_path / "full"), overwrite=True)
+
+
+def test_param_groups_split_decay_norms_and_lora():
+    import torch
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
+    model.lora_A = torch.nn.Parameter(torch.zeros(2, 4))
+    groups = ds.optimizer_param_groups(model, weight_decay=0.1, lora_lr=5e-4)
+    by_decay = {(g["weight_decay"], g.get("lr")): len(g["params"]) for g in groups}
+    assert by_decay == {(0.1, None): 1, (0.0, None): 3, (0.0, 5e-4): 1}
+
+
+def test_shared_parser_dashes_types_and_split():
+    from training.step1_supervised_finetuning.main import SFTConfig
+    cfg = parse_config(SFTConfig, ["--data-path", "a", "b", "--zero-stage=3", "--no-add-eot-token",
+                                   "--learning_rate", "3e-4"])
+    assert cfg.data_path == ["a", "b"] and cfg.zero_stage == 3 and cfg.add_eot_token is False
+    assert cfg.learning_rate == 3e-4 and cfg.output_dir == "output/step1_sft"
+    assert parse_data_split("2,4,4") == [0.2, 0.4, 0.4]
+    for bad in ("2,4", "a,b,c", "-1,1,1", "0,0,0"):
+        with pytest.raises(ConfigError, match="--data_split"):
+            parse_data_split(bad)
