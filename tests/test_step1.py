@@ -52,7 +52,7 @@ def assert_reloads_and_generates(out: Path) -> None:
 
 
 @pytest.mark.parametrize("zero_stage,extra", [
-    (0, []),
+    (0, ["--gradient_checkpointing", "--dropout", "0.0"]),
     (2, []),
     (3, []),
     (2, ["--offload"]),

@@ -1,0 +1,73 @@
+"""Chat on the terminal with a trained model: multi-turn, `clear` resets, `quit` leaves.
+
+    python chat.py --path output/step1_sft
+    python chat.py --path smollm2-135m --do_sample --temperature 0.8
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils.config import ConfigError
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--path", required=True, help="model folder (a step's output) or built-in name")
+    parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--top_p", type=float, default=0.9)
+    parser.add_argument("--top_k", type=int, default=0)
+    parser.add_argument("--repetition_penalty", type=float, default=1.0)
+    parser.add_argument("--prompt_format", default="auto", choices=("auto", "template", "human_assistant"),
+                        help="auto: Human/Assistant turns for models trained here (the format the "
+                        "pipeline trains on), else the tokenizer's chat template if it has one")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32", "fp16"))
+    parser.add_argument("--trust_remote_code", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    from transformers import TextStreamer
+
+    from inference.chat import ChatSession, GenerationSettings
+    from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code)
+    model = load_causal_lm(args.path, tokenizer, dtype=resolve_dtype(args.dtype, device),
+                           trust_remote_code=args.trust_remote_code).to(device).eval()
+    settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
+                                  args.top_k, args.repetition_penalty)
+    prompt_format = args.prompt_format
+    if prompt_format == "auto" and (Path(args.path) / "training_config.json").exists():
+        prompt_format = "human_assistant"
+    session = ChatSession(model, tokenizer, settings, prompt_format=prompt_format)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    print(f"Chatting with {args.path}. Type `clear` to start over, `quit` to leave.", flush=True)
+    while True:
+        try:
+            message = input("Human: ").strip()
+        except EOFError:
+            print()
+            break
+        if message == "quit":
+            break
+        if message == "clear":
+            session.clear()
+            print("(history cleared)", flush=True)
+            continue
+        if not message:
+            continue
+        print("Assistant: ", end="", flush=True)
+        session.reply(message, streamer=streamer)
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    from utils.cli import run_entry
+    run_entry(main)
