@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from utils import ds_utils as ds
+from utils.fs import atomic_directory_write
 from utils.config import ConfigError, parse_config, parse_data_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_user_config_errors(tmp_path):
 
 def test_atomic_write_keeps_old_contents_when_writer_fails(tmp_path):
     out = tmp_path / "model"
-    ds.atomic_directory_write(out, lambda d: (d / "weights").write_text("v1"))
+    atomic_directory_write(out, lambda d: (d / "weights").write_text("v1"))
     (out / "logs").mkdir()
     (out / "logs" / "metrics.jsonl").write_text("{}\n")
 
@@ -62,9 +63,9 @@ def test_atomic_write_keeps_old_contents_when_writer_fails(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        ds.atomic_directory_write(out, crash)
+        atomic_directory_write(out, crash)
     assert (out / "weights").read_text() == "v1"
-    ds.atomic_directory_write(out, lambda d: (d / "weights").write_text("v2"), keep=("logs",))
+    atomic_directory_write(out, lambda d: (d / "weights").write_text("v2"), keep=("logs",))
     assert (out / "weights").read_text() == "v2"
     assert (out / "logs" / "metrics.jsonl").read_text() == "{}\n"  # the run's logs survive
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temp folders left

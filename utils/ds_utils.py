@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ import torch
 
 from utils.cli import free_port
 from utils.config import ConfigError
+from utils.fs import atomic_directory_write
 
 # Norm and bias weights get no weight decay (standard AdamW practice).
 NO_DECAY_KEYS = ("bias", "norm.weight", "ln_f.weight", "ln_1.weight", "ln_2.weight",
@@ -250,31 +249,6 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ConfigError(f"--output_dir {output_dir} already holds files; pass "
                           "--overwrite_output_dir to replace them or choose another folder")
-
-
-def atomic_directory_write(output_dir: str | Path, write_fn, keep: tuple[str, ...] = ()) -> None:
-    """Run `write_fn(tmp_dir)` then move the result into `output_dir` in one rename.
-
-    A crash mid-write leaves the previous contents of `output_dir` untouched. Entries named
-    in `keep` (e.g. the run's live log folder) are carried over from the old folder."""
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    try:
-        write_fn(tmp)
-        for name in keep:
-            if (output_dir / name).exists():
-                os.rename(output_dir / name, tmp / name)
-        if output_dir.exists():
-            old = output_dir.with_name(f".{output_dir.name}.old-{os.getpid()}")
-            os.rename(output_dir, old)
-            os.rename(tmp, output_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_peft(module) -> bool:

@@ -12,8 +12,6 @@ import itertools
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from utils.config import ConfigError
+from utils.fs import atomic_directory_write
 
 logger = logging.getLogger(__name__)
 
@@ -80,15 +79,12 @@ def _to_tensors(columns: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
 
 
 def _write(final: Path, built: dict) -> None:
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    def write(tmp: Path) -> None:
         for split, columns in built["splits"].items():
             save_file(_to_tensors(columns), str(tmp / f"{split}.safetensors"))
         (tmp / "meta.json").write_text(json.dumps(built.get("meta", {}), indent=1, default=str))
-        os.rename(tmp, final)  # atomic: readers see all of it or nothing
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_directory_write(final, write)  # readers see all of it or nothing
 
 
 def _distributed() -> bool:

@@ -7,13 +7,12 @@ built from; a stale stamp (new build recipe, new tokenizer) triggers a rebuild.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 from filelock import FileLock
+
+from utils.fs import atomic_directory_write
 
 STAMP = "rlhfkit_build.json"
 
@@ -33,21 +32,10 @@ def build_once(path: Path, stamp: dict, build: Callable[[Path], None]) -> Path:
     with FileLock(str(path) + ".lock"):
         if read_stamp(path) == stamp:  # another process built it while we waited
             return path
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             build(tmp)
             (tmp / STAMP).write_text(json.dumps(stamp, indent=1, sort_keys=True))
-            _swap_in(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+
+        atomic_directory_write(path, write)  # a stale build is replaced whole
     return path
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():  # stale build: move aside first, rename cannot replace a non-empty dir
-        old = tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)
-        os.rename(path, old)  # replaces the empty placeholder
-    os.rename(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
