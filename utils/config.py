@@ -199,3 +199,18 @@ def parse_data_split(split: str) -> list[float]:
                           "separated by commas, e.g. 2,4,4")
     total = sum(parts)
     return [p / total for p in parts]
+
+
+def validate_training(cfg, default_output_dir: str) -> None:
+    """Checks and defaults every training step shares (called from each step's validate())."""
+    parse_data_split(cfg.data_split)
+    if not cfg.output_dir:
+        cfg.output_dir = default_output_dir
+    if not cfg.data_output_path:
+        cfg.data_output_path = str(cache_dir() / "data")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "max_seq_len"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.only_optimize_lora and cfg.lora_dim <= 0:
+        raise ConfigError("--only_optimize_lora needs --lora_dim > 0")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -51,3 +52,135 @@ def evaluate_lm(engine, dataloader, device) -> dict:
         engine.train()
     mean = (total[0] / total[1].clamp(min=1)).item()
     return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}
+
+
+# ---------------------------------------------------------------- run set-up shared by the steps
+
+def start_run(cfg) -> torch.device:
+    """Refuse a used output folder, join the process group, settle the dtype, seed everything."""
+    from utils import ds_utils as ds
+    from utils.model import resolve_dtype_name
+
+    ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    device = ds.init_distributed(cfg.local_rank)
+    cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
+    ds.set_seed(cfg.seed)
+    return device
+
+
+def make_loaders(train_ds, eval_ds, collate, cfg):
+    """(train loader, its sampler for set_epoch, eval loader), sharded over the processes."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed)
+    train = DataLoader(train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
+                       collate_fn=collate)
+    evaluation = DataLoader(eval_ds, batch_size=cfg.per_device_eval_batch_size,
+                            sampler=DistributedSampler(eval_ds, shuffle=False), collate_fn=collate)
+    return train, sampler, evaluation
+
+
+def total_optimizer_steps(train_loader, cfg) -> int:
+    return cfg.max_steps or math.ceil(len(train_loader) / cfg.gradient_accumulation_steps) * cfg.num_train_epochs
+
+
+def build_engine(model, cfg, total_steps: int):
+    """DeepSpeed engine with our optimizer and schedule; returns (engine, scheduler)."""
+    import deepspeed
+
+    from utils import ds_utils as ds
+
+    optimizer = ds.build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lora_learning_rate,
+                                   cfg.offload)
+    scheduler = ds.build_scheduler(optimizer, cfg.lr_scheduler_type, cfg.num_warmup_steps, total_steps)
+    config = ds.train_ds_config(
+        micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
+        zero_stage=cfg.zero_stage, offload=cfg.offload, dtype=cfg.dtype, grad_clip=cfg.max_grad_norm,
+        user_config=ds.load_user_ds_config(cfg.deepspeed_config))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return engine, scheduler
+
+
+def run_logger(cfg):
+    from utils import ds_utils as ds
+    from utils.metrics import MetricsLogger
+
+    return MetricsLogger(f"{cfg.output_dir}/{ds.LOG_SUBDIR}", enabled=ds.is_main(),
+                         tensorboard=cfg.enable_tensorboard, tensorboard_dir=cfg.tensorboard_path or None)
+
+
+class ThroughputWindow:
+    """Mean loss and samples/tokens per second since the last flush (this process)."""
+
+    def __init__(self):
+        self._reset()
+
+    def _reset(self):
+        self.start, self.losses, self.samples, self.tokens = time.perf_counter(), [], 0, 0
+
+    def add(self, loss: float, samples: int, tokens: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        self.tokens += tokens
+
+    def flush(self) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"loss": sum(self.losses) / max(len(self.losses), 1),
+               "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
+        self._reset()
+        return out
+
+
+def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_steps: int,
+        loss_fn, evaluate, logger) -> tuple[int, list[dict]]:
+    """The training loop every step shares: epochs, accumulation, logging, evaluation.
+
+    `loss_fn(batch) -> (loss, samples in the batch)`; `evaluate() -> metrics dict` (run before
+    training, after each epoch, and every --eval_interval steps). Returns (optimizer steps
+    taken, the evaluations in order)."""
+    from tqdm import tqdm
+
+    from utils import ds_utils as ds
+
+    say = tqdm.write if ds.is_main() else (lambda *_: None)
+    evals: list[dict] = []
+
+    def run_eval(step: int) -> None:
+        result = evaluate()
+        if result:
+            logger.log(step, result, prefix="eval/")
+            say(f"{name} eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+            evals.append(result)
+
+    run_eval(0)
+    step, window = 0, ThroughputWindow()
+    progress = tqdm(total=total_steps, desc=name, disable=cfg.disable_tqdm or not ds.is_main())
+    engine.train()
+    for epoch in range(cfg.num_train_epochs):
+        train_sampler.set_epoch(epoch)
+        for micro_step, batch in enumerate(train_loader):
+            loss, samples = loss_fn(batch)
+            check_finite(loss, step)
+            engine.backward(loss)
+            engine.step()
+            window.add(loss.item(), samples, int(batch["attention_mask"].sum()))
+            if (micro_step + 1) % cfg.gradient_accumulation_steps:
+                continue
+            step += 1
+            progress.update(1)
+            if cfg.print_loss:
+                say(f"epoch {epoch} step {step} loss {loss.item():.4f}")
+            if step % cfg.log_interval == 0 or step == total_steps:
+                metrics = {**window.flush(), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
+                logger.log(step, metrics, prefix="train/")
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+            if cfg.eval_interval and step % cfg.eval_interval == 0:
+                run_eval(step)
+            if step >= total_steps:
+                break
+        if not cfg.eval_interval or step % cfg.eval_interval:
+            run_eval(step)
+        if step >= total_steps:
+            break
+    progress.close()
+    return step, evals
