@@ -266,11 +266,15 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
     state = gathered_state_dict(engine)
     if is_main():
         module = engine.module
+        if hasattr(module, "hf_model"):  # a wrapper (RewardModel): save the HF model inside it
+            module = module.hf_model
+            state = {k[len("hf_model."):]: v for k, v in state.items() if k.startswith("hf_model.")}
         if _is_peft(module):
             from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
             state = merge_lora_state_dict(state, lora_scaling(module), lora_fan_in_fan_out(module))
             module = module.get_base_model()
         config = module.config
+        config.architectures = [type(module).__name__]
         tied = _tied_keys(module) if getattr(config, "tie_word_embeddings", False) else []
 
         def write(tmp: Path) -> None:

@@ -46,14 +46,26 @@ def load_causal_lm(name_or_path: str, tokenizer, dtype: torch.dtype = torch.floa
                    dropout: float | None = None, trust_remote_code: bool = False,
                    gradient_checkpointing: bool = False):
     """Causal LM whose special ids and embedding size agree with `tokenizer`."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+    return load_hf_model(AutoModelForCausalLM, name_or_path, tokenizer, dtype, dropout,
+                         trust_remote_code, gradient_checkpointing)
+
+
+def load_hf_model(auto_class, name_or_path: str, tokenizer, dtype: torch.dtype = torch.float32,
+                  dropout: float | None = None, trust_remote_code: bool = False,
+                  gradient_checkpointing: bool = False, **config_overrides):
+    """Any Auto* model class, set up the same way: ids from the tokenizer, embeddings resized
+    to fit it, dropout and gradient checkpointing as asked."""
+    from transformers import AutoConfig
     path = resolve_model_path(name_or_path)
     config = _load(AutoConfig, path, name_or_path, trust_remote_code=trust_remote_code)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
-    model = _load(AutoModelForCausalLM, path, name_or_path, config=config, dtype=dtype,
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
+    model = _load(auto_class, path, name_or_path, config=config, dtype=dtype,
                   trust_remote_code=trust_remote_code)
-    if model.generation_config is not None:
+    if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
