@@ -21,7 +21,7 @@ def test_quick_preset_runs_step1_through_deepspeed_launcher(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "deepspeed" in proc.stdout and "--module training.step1_supervised_finetuning.main" in proc.stdout
     summary = json.loads((out / "step1_sft" / "training_summary.json").read_text())
-    assert summary["steps"] == 8 and summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert summary["steps"] == 8 and summary["loss_after"] < summary["loss_before"]
     assert "step1 done" in (out / "step1_sft.log").read_text()
     # a second run into the same folder is refused before any work starts
     again = launch("--preset", "quick", "--output-dir", str(out))

@@ -121,6 +121,8 @@ class LogConfig:
         "TensorBoard folder (default: <output_dir>/tensorboard)."))
     print_loss: bool = field(default=False, metadata=doc("Print the loss of every step."))
     log_interval: int = field(default=10, metadata=doc("Steps between metric log lines."))
+    eval_interval: int = field(default=0, metadata=doc(
+        "Also evaluate every this many optimizer steps (0 = before training and after each epoch)."))
     disable_tqdm: bool = field(default=False, metadata=doc("Hide progress bars."))
 
 

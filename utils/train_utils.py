@@ -184,3 +184,27 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
             break
     progress.close()
     return step, evals
+
+
+def finish_run(engine, tokenizer, cfg, logger, name: str, steps: int, evals: list[dict],
+               headline: str) -> dict:
+    """Save the model with its config and a summary (each eval metric before and after
+    training), print one closing line, close the logs and leave the process group."""
+    from dataclasses import asdict
+
+    from tqdm import tqdm
+
+    from utils import ds_utils as ds
+
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    summary = {"steps": steps, **{f"{k}_before": v for k, v in first.items()},
+               **{f"{k}_after": v for k, v in last.items()}}
+    ds.save_hf_model(engine, tokenizer, cfg.output_dir,
+                     extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
+    if ds.is_main():
+        change = (f"{headline} {first[headline]:.4f} -> {last[headline]:.4f}; "
+                  if evals and headline in first else "")
+        tqdm.write(f"{name} done: {change}model saved to {cfg.output_dir}")
+    logger.close()
+    ds.shutdown_distributed()
+    return summary

@@ -10,7 +10,7 @@ if not __package__:  # started as a file path: the absolute imports below need t
     raise SystemExit("error: run Step 1 from the repository root as "
                      "`python -m training.step1_supervised_finetuning.main`")
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
                           RuntimeConfig, doc, parse_config, validate_training)
@@ -20,9 +20,6 @@ from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelC
 class SFTConfig(LogConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
     response_loss_only: bool = field(default=False, metadata=doc(
         "Take the loss on answer tokens only (prompt tokens are masked out)."))
-    eval_interval: int = field(default=0, metadata=doc(
-        "Also evaluate every this many optimizer steps (0 = before training and after each epoch)."))
-
     def validate(self) -> None:
         validate_training(self, default_output_dir="output/step1_sft")
 
@@ -35,8 +32,8 @@ def main(argv=None) -> None:
     from utils import ds_utils as ds
     from utils.data import DataCollatorSFT, create_prompt_dataset
     from utils.model import apply_lora, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
-    from utils.train_utils import (build_engine, causal_lm_loss, evaluate_lm, fit, make_loaders,
-                                   run_logger, start_run, to_device, total_optimizer_steps)
+    from utils.train_utils import (build_engine, causal_lm_loss, evaluate_lm, finish_run, fit,
+                                   make_loaders, run_logger, start_run, to_device, total_optimizer_steps)
 
     device = start_run(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
@@ -76,15 +73,7 @@ def main(argv=None) -> None:
 
     step, evals = fit(engine, scheduler, cfg, "step1", train_loader, train_sampler, total_steps,
                       loss_fn, evaluate, logger)
-    first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    summary = {"steps": step, "eval_loss_before": first.get("loss"), "eval_loss_after": last.get("loss"),
-               "perplexity_before": first.get("perplexity"), "perplexity_after": last.get("perplexity")}
-    ds.save_hf_model(engine, tokenizer, cfg.output_dir,
-                     extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
-    change = (f"perplexity {first['perplexity']:.2f} -> {last['perplexity']:.2f}; " if evals else "")
-    say(f"step1 done: {change}model saved to {cfg.output_dir}")
-    logger.close()
-    ds.shutdown_distributed()
+    finish_run(engine, tokenizer, cfg, logger, "step1", step, evals, headline="perplexity")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ if not __package__:  # started as a file path: the absolute imports below need t
     raise SystemExit("error: run Step 2 from the repository root as "
                      "`python -m training.step2_reward_model_finetuning.main`")
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
                           RuntimeConfig, doc, parse_config, validate_training)
@@ -28,9 +28,6 @@ class RewardConfig(LogConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfi
     num_padding_at_beginning: int = field(default=1, metadata=doc(
         "Accepted for DeepSpeed-Chat scripts and ignored: the attention mask marks real tokens, "
         "OPT's leading </s> included."))
-    eval_interval: int = field(default=0, metadata=doc(
-        "Also evaluate every this many optimizer steps (0 = before training and after each epoch)."))
-
     def validate(self) -> None:
         validate_training(self, default_output_dir="output/step2_reward")
 
@@ -44,8 +41,8 @@ def main(argv=None) -> None:
     from utils.data import DataCollatorReward, create_prompt_dataset
     from utils.model import (apply_lora, divergence_loss, end_scores, load_reward_model, load_tokenizer,
                              pair_metrics, pairwise_loss, resolve_dtype, resolve_model_path)
-    from utils.train_utils import (build_engine, fit, make_loaders, run_logger, start_run, to_device,
-                                   total_optimizer_steps)
+    from utils.train_utils import (build_engine, finish_run, fit, make_loaders, run_logger, start_run,
+                                   to_device, total_optimizer_steps)
 
     device = start_run(cfg)
     model_path = resolve_model_path(cfg.model_name_or_path)
@@ -106,15 +103,7 @@ def main(argv=None) -> None:
 
     step, evals = fit(engine, scheduler, cfg, "step2", train_loader, train_sampler, total_steps,
                       loss_fn, evaluate, logger)
-    first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    summary = {"steps": step, "loss": cfg.loss, **{f"{k}_before": v for k, v in first.items()},
-               **{f"{k}_after": v for k, v in last.items()}}
-    ds.save_hf_model(engine, tokenizer, cfg.output_dir,
-                     extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
-    change = (f"pair accuracy {first['accuracy']:.3f} -> {last['accuracy']:.3f}; " if evals else "")
-    say(f"step2 done: {change}reward model saved to {cfg.output_dir}")
-    logger.close()
-    ds.shutdown_distributed()
+    finish_run(engine, tokenizer, cfg, logger, "step2", step, evals, headline="accuracy")
 
 
 def _gather(values):
