@@ -23,7 +23,7 @@ VARIANTS = {
 }
 
 
-def batches(model: str, batch_size: int, seq_len: int, count: int, tokenizer):
+def batches(batch_size: int, seq_len: int, count: int, tokenizer):
     """`count` fixed SFT batches of the bundled data, padded to the same length."""
     from utils.config import cache_dir
     from utils.data import DataCollatorSFT, create_prompt_dataset
@@ -49,11 +49,11 @@ def run_variant(args) -> dict:
     dtype = resolve_dtype(args.dtype, "cpu")
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path)
-    data = batches(args.model, args.batch_size, args.seq_len, args.steps + args.warmup, tokenizer)
+    data = batches(args.batch_size, args.seq_len, args.steps + args.warmup, tokenizer)
 
     if args.variant == "deepspeed":
         import deepspeed
-        device = ds.init_distributed()
+        ds.init_distributed()
         model = load_causal_lm(path, tokenizer, dtype=dtype)
         optimizer = ds.build_optimizer(model, 1e-5, 0.0, 1e-4, offload=False)
         config = ds.train_ds_config(micro_batch=args.batch_size, zero_stage=2, dtype=args.dtype)

@@ -63,7 +63,7 @@ class ChatSession:
                 messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
             messages.append({"role": "user", "content": message})
             ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+            return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # BatchEncoding or plain ids
         text = "".join(f" Human: {u} Assistant: {a}" for u, a in turns) + f" Human: {message} Assistant:"
         return self.tokenizer(text)["input_ids"]
 

@@ -26,9 +26,9 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = Fals
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
-def check_finite(loss: torch.Tensor, step: int) -> None:
-    if not torch.isfinite(loss).all():
-        raise ConfigError(f"loss became {loss.item()} at step {step}; lower --learning_rate, use "
+def check_finite(loss: float, step: int) -> None:
+    if not math.isfinite(loss):
+        raise ConfigError(f"loss became {loss} at step {step}; lower --learning_rate, use "
                           "--dtype bf16/fp32, or --compute_fp32_loss")
 
 
@@ -160,16 +160,17 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
         train_sampler.set_epoch(epoch)
         for micro_step, batch in enumerate(train_loader):
             loss, samples = loss_fn(batch)
-            check_finite(loss, step)
+            value = loss.item()  # one device sync per micro-step, shared by the check and the log
+            check_finite(value, step)
             engine.backward(loss)
             engine.step()
-            window.add(loss.item(), samples, int(batch["attention_mask"].sum()))
+            window.add(value, samples, int(batch["attention_mask"].sum()))
             if (micro_step + 1) % cfg.gradient_accumulation_steps:
                 continue
             step += 1
             progress.update(1)
             if cfg.print_loss:
-                say(f"epoch {epoch} step {step} loss {loss.item():.4f}")
+                say(f"epoch {epoch} step {step} loss {value:.4f}")
             if step % cfg.log_interval == 0 or step == total_steps:
                 metrics = {**window.flush(), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
                 logger.log(step, metrics, prefix="train/")
