@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from inference.chat import ChatSession, GenerationSettings
 from utils.model import load_causal_lm, load_tokenizer

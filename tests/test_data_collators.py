@@ -36,6 +36,12 @@ def test_reward_puts_all_chosen_first_then_all_rejected():
                                                 [1, 1, 1, 1]]
 
 
+def test_reward_carries_prompt_lengths_for_both_halves():
+    items = [{"chosen_input_ids": T([1, 2, 3]), "rejected_input_ids": T([1, 4]), "prompt_length": T([1])},
+             {"chosen_input_ids": T([5, 6]), "rejected_input_ids": T([5, 7, 8]), "prompt_length": T([2])}]
+    assert DataCollatorReward(PAD)(items)["prompt_lengths"].tolist() == [1, 2, 1, 2]
+
+
 def test_prompt_is_left_padded():
     items = [{"prompt_input_ids": T([3, 4])}, {"prompt_input_ids": T([5, 6, 7, 8])}]
     batch = DataCollatorPrompt(9)(items)

@@ -152,10 +152,12 @@ def test_step2_pairs(tok, tmp_path):
     raw = load_raw_dataset(PREFS, seed=0)
     train, _ = create_prompt_dataset([PREFS], "0,10,0", tmp_path, 2, 0, tok, 512, eos_token_id=2)
     expect = sorted((tuple(ids(tok, s["prompt"], True) + ids(tok, s["chosen"], False) + [2]),
-                     tuple(ids(tok, s["prompt"], True) + ids(tok, s["rejected"], False) + [2]))
+                     tuple(ids(tok, s["prompt"], True) + ids(tok, s["rejected"], False) + [2]),
+                     len(ids(tok, s["prompt"], True)))
                     for s in raw.train)
     got = sorted((tuple(train[i]["chosen_input_ids"].tolist()),
-                  tuple(train[i]["rejected_input_ids"].tolist())) for i in range(len(train)))
+                  tuple(train[i]["rejected_input_ids"].tolist()),
+                  train[i]["prompt_length"].item()) for i in range(len(train)))
     assert got == expect
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from utils.config import ConfigError
-from utils.model import (RewardModel, end_scores, last_token_index, load_reward_model, load_tokenizer,
-                         pair_metrics, pairwise_loss, resolve_model_path)
+from utils.model import (end_scores, last_token_index, load_reward_model, load_tokenizer,
+                         pair_metrics, pairwise_loss)
 
 
 def test_last_token_for_right_left_and_leading_pad_as_bos():

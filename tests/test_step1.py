@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from utils.metrics import read_jsonl
+
+from tests.helpers import run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "training.step1_supervised_finetuning.main"
@@ -24,12 +25,8 @@ QUICK = ["--model_name_or_path", "tiny-llama", "--num_examples", "400", "--max_s
          "--log_interval", "2"]
 
 
-def run(args, launcher=None, timeout=600) -> subprocess.CompletedProcess:
-    cmd = launcher or [sys.executable, "-m", MODULE]
-    if launcher:
-        cmd = [*launcher, "--module", MODULE]
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def run(args, launcher=None, timeout=600):
+    return run_module(MODULE, args, launcher, timeout)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:

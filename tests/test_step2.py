@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_module
+
 MODULE = "training.step2_reward_model_finetuning.main"
 QUICK = ["--model_name_or_path", "tiny-llama", "--num_examples", "400", "--max_seq_len", "64",
          "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
@@ -18,10 +16,8 @@ QUICK = ["--model_name_or_path", "tiny-llama", "--num_examples", "400", "--max_s
          "--log_interval", "5"]
 
 
-def run(args, launcher=None) -> subprocess.CompletedProcess:
-    cmd = [*launcher, "--module", MODULE] if launcher else [sys.executable, "-m", MODULE]
-    return subprocess.run([*cmd, *args], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def run(args, launcher=None, timeout=600):
+    return run_module(MODULE, args, launcher, timeout)
 
 
 def trained(proc, out: Path) -> dict:

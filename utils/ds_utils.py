@@ -176,8 +176,11 @@ def train_ds_config(*, micro_batch: int, grad_accum: int = 1, zero_stage: int = 
 
 def eval_ds_config(*, micro_batch: int, zero_stage: int = 0, offload: bool = False,
                    dtype: str = "bf16") -> dict:
-    """DeepSpeed config for a frozen (eval-only) engine: reference or reward model."""
-    zero = {"stage": zero_stage if zero_stage == 3 else 0,
+    """DeepSpeed config for a frozen (eval-only) engine: reference or reward model.
+
+    Sharded (ZeRO-3) when the trained models are; `offload` keeps its parameters in CPU memory,
+    which only ZeRO-3 can do, so it implies stage 3."""
+    zero = {"stage": 3 if zero_stage == 3 or offload else 0,
             "stage3_param_persistence_threshold": 1e4,
             "offload_param": {"device": "cpu" if offload else "none"}}
     config = {
@@ -188,6 +191,15 @@ def eval_ds_config(*, micro_batch: int, zero_stage: int = 0, offload: bool = Fal
         **_precision_section(dtype),
     }
     return config
+
+
+def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor's first dimension across processes (equal shapes: samplers pad)."""
+    if world_size() == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, values.contiguous())
+    return torch.cat(parts)
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, lora_lr: float) -> list[dict]:

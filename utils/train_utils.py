@@ -110,23 +110,26 @@ def run_logger(cfg):
 
 
 class ThroughputWindow:
-    """Mean loss and samples/tokens per second since the last flush (this process)."""
+    """Mean loss (and any extra per-batch metrics) and samples/tokens per second since the last
+    flush (this process)."""
 
     def __init__(self):
         self._reset()
 
     def _reset(self):
-        self.start, self.losses, self.samples, self.tokens = time.perf_counter(), [], 0, 0
+        self.start, self.values, self.samples, self.tokens = time.perf_counter(), {}, 0, 0
 
-    def add(self, loss: float, samples: int, tokens: int) -> None:
-        self.losses.append(loss)
+    def add(self, loss: float, samples: int, tokens: int, extras: dict | None = None) -> None:
+        for key, value in {"loss": loss, **(extras or {})}.items():
+            self.values.setdefault(key, []).append(float(value))
         self.samples += samples
         self.tokens += tokens
 
     def flush(self) -> dict:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"loss": sum(self.losses) / max(len(self.losses), 1),
-               "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
+        out = {k: sum(v) / len(v) for k, v in self.values.items()}
+        out.setdefault("loss", 0.0)
+        out.update(samples_per_s=self.samples / elapsed, tokens_per_s=self.tokens / elapsed)
         self._reset()
         return out
 
@@ -135,7 +138,8 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
         loss_fn, evaluate, logger) -> tuple[int, list[dict]]:
     """The training loop every step shares: epochs, accumulation, logging, evaluation.
 
-    `loss_fn(batch) -> (loss, samples in the batch)`; `evaluate() -> metrics dict` (run before
+    `loss_fn(batch) -> (loss, samples in the batch, {extra metric: float})`, the extras averaged
+    into the train/ log lines; `evaluate() -> metrics dict` (run before
     training, after each epoch, and every --eval_interval steps). Returns (optimizer steps
     taken, the evaluations in order)."""
     from tqdm import tqdm
@@ -159,12 +163,12 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
     for epoch in range(cfg.num_train_epochs):
         train_sampler.set_epoch(epoch)
         for micro_step, batch in enumerate(train_loader):
-            loss, samples = loss_fn(batch)
+            loss, samples, extras = loss_fn(batch)
             value = loss.item()  # one device sync per micro-step, shared by the check and the log
             check_finite(value, step)
             engine.backward(loss)
             engine.step()
-            window.add(value, samples, int(batch["attention_mask"].sum()))
+            window.add(value, samples, int(batch["attention_mask"].sum()), extras)
             if (micro_step + 1) % cfg.gradient_accumulation_steps:
                 continue
             step += 1

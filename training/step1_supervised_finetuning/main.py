@@ -66,7 +66,8 @@ def main(argv=None) -> None:
     def loss_fn(batch):
         batch = to_device(batch, device)
         logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return causal_lm_loss(logits, batch["labels"], fp32=cfg.compute_fp32_loss), batch["input_ids"].size(0)
+        loss = causal_lm_loss(logits, batch["labels"], fp32=cfg.compute_fp32_loss)
+        return loss, batch["input_ids"].size(0), {}
 
     def evaluate():
         return evaluate_lm(engine, eval_loader, device) if len(eval_ds) else {}

@@ -85,7 +85,7 @@ def main(argv=None) -> None:
             loss = divergence_loss(ids[:half], ids[half:], values[:half], values[half:], mask[:half], mask[half:])
         else:
             loss = pairwise_loss(chosen, rejected)
-        return loss, half
+        return loss, half, {"accuracy": (chosen > rejected).float().mean().item()}
 
     @torch.no_grad()
     def evaluate():
@@ -98,23 +98,12 @@ def main(argv=None) -> None:
             chosen_all.append(chosen.float())
             rejected_all.append(rejected.float())
         engine.train()
-        chosen, rejected = _gather(torch.cat(chosen_all)), _gather(torch.cat(rejected_all))
+        chosen, rejected = ds.all_gather_cat(torch.cat(chosen_all)), ds.all_gather_cat(torch.cat(rejected_all))
         return {**pair_metrics(chosen, rejected), "loss": pairwise_loss(chosen, rejected).item()}
 
     step, evals = fit(engine, scheduler, cfg, "step2", train_loader, train_sampler, total_steps,
                       loss_fn, evaluate, logger)
     finish_run(engine, tokenizer, cfg, logger, "step2", step, evals, headline="accuracy")
-
-
-def _gather(values):
-    """Concatenate a 1-D tensor from every process (equal lengths: the sampler pads)."""
-    import torch
-    import torch.distributed as dist
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, values)
-    return torch.cat(parts)
 
 
 if __name__ == "__main__":

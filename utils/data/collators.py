@@ -43,12 +43,17 @@ class DataCollatorSFT(_Collator):
 
 
 class DataCollatorReward(_Collator):
-    """Step 2: 2B right-padded rows, the B chosen sequences first, then the B rejected."""
+    """Step 2: 2B right-padded rows, the B chosen sequences first, then the B rejected, plus
+    each row's prompt length (2B,) when the items carry one (DPO scores the answer tokens only)."""
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         seqs = [it["chosen_input_ids"] for it in items] + [it["rejected_input_ids"] for it in items]
         input_ids, mask = self._pad(seqs)
-        return {"input_ids": input_ids, "attention_mask": mask}
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if all("prompt_length" in it for it in items):
+            lengths = torch.cat([torch.as_tensor(it["prompt_length"]).view(1) for it in items])
+            batch["prompt_lengths"] = lengths.repeat(2)
+        return batch
 
 
 class DataCollatorPrompt(_Collator):

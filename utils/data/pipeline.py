@@ -19,7 +19,9 @@ from utils.data.sources import Source, resolve_source
 
 logger = logging.getLogger(__name__)
 
-PHASE_FIELDS = {1: ("input_ids", "labels"), 2: ("chosen_input_ids", "rejected_input_ids"),
+# Phase 2 keeps each prompt's token count (a one-id row) so DPO can score the answer tokens only.
+PHASE_FIELDS = {1: ("input_ids", "labels"),
+                2: ("chosen_input_ids", "rejected_input_ids", "prompt_length"),
                 3: ("prompt_input_ids",)}
 _ENCODE_CHUNK = 2048
 
@@ -87,7 +89,8 @@ def _pair_columns(rows, tokenizer, max_seq_len, eos, stats):
     chosen = encode(tokenizer, [s["chosen"] for _, s in pairs], False)
     rejected = encode(tokenizer, [s["rejected"] for _, s in pairs], False)
     return {"chosen_input_ids": [(p + c + eos)[:max_seq_len] for p, c in zip(prompts, chosen)],
-            "rejected_input_ids": [(p + r + eos)[:max_seq_len] for p, r in zip(prompts, rejected)]}
+            "rejected_input_ids": [(p + r + eos)[:max_seq_len] for p, r in zip(prompts, rejected)],
+            "prompt_length": [[min(len(p), max_seq_len)] for p in prompts]}
 
 
 def _prompt_columns(rows, tokenizer, max_prompt_seq_len, stats):

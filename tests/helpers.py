@@ -1,0 +1,20 @@
+"""Shared by the end-to-end tests: start a step module as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, args, launcher=None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m module args` (or `<launcher> --module module args`) from the repo root."""
+    cmd = [*launcher, "--module", module] if launcher else [sys.executable, "-m", module]
+    return subprocess.run([*cmd, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
