@@ -80,3 +80,101 @@ def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
     loss.backward()
     # d/dx -log s(x) at 0 = -1/2, times +-beta
     assert chosen.grad.item() == -0.5 and rejected.grad.item() == 0.5
+
+
+# ---- PPO
+
+from utils.rl_math import (entropy_from_logits, gae_advantages, group_relative_advantages,  # noqa: E402
+                           kl_penalized_rewards, policy_loss, value_loss, whiten)
+from utils.rl_math import answer_mask as answer_mask_of  # noqa: E402
+
+
+def test_answer_mask_stops_at_the_first_eos_even_when_pad_is_eos():
+    eos = pad = 2
+    answers = torch.tensor([[5, 6, 2, 2], [2, 2, 2, 2], [5, 6, 7, 8]])
+    assert answer_mask_of(answers, eos, pad).long().tolist() == [[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+    assert answer_mask_of(torch.tensor([[5, 0, 0]]), None, 0).long().tolist() == [[1, 0, 0]]
+    assert answer_mask_of(torch.tensor([[5, 9, 3]]), [9, 3], 0).long().tolist() == [[1, 1, 0]]
+
+
+def test_kl_penalized_rewards_by_hand():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, -1.0]])
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    got = kl_penalized_rewards(logp, ref, torch.tensor([2.0, -9.0]), mask, kl_coef=0.1, clip_reward=5.0)
+    # row 0: -0.1 * (0.5, 0), score 2 on the last answer token (index 1); masked token 0
+    # row 1: no KL, score clipped to -5 on index 2
+    torch.testing.assert_close(got, torch.tensor([[-0.05, 2.0, 0.0], [0.0, 0.0, -5.0]]))
+
+
+def test_kl_penalized_rewards_of_a_row_without_answer_tokens_stay_zero():
+    got = kl_penalized_rewards(torch.zeros(1, 2), torch.zeros(1, 2), torch.tensor([3.0]),
+                               torch.zeros(1, 2), kl_coef=0.1, clip_reward=5.0)
+    assert got.abs().sum() == 0
+
+
+def _gae_loop(values, rewards, length, gamma, lam):
+    """cleanrl-style reference: one row, plain Python."""
+    adv, last = [0.0] * len(values), 0.0
+    for t in reversed(range(length)):
+        next_v = values[t + 1] if t + 1 < length else 0.0
+        delta = rewards[t] + gamma * next_v - values[t]
+        last = delta + gamma * lam * last
+        adv[t] = last
+    return adv
+
+
+def test_gae_by_hand_one_token():
+    adv, ret = gae_advantages(torch.tensor([[0.5]]), torch.tensor([[2.0]]), torch.ones(1, 1), 1.0, 0.95)
+    assert adv.item() == 1.5 and ret.item() == 2.0  # delta = 2 + 0 - 0.5; return = reward
+
+
+def test_gae_matches_the_plain_loop_for_rows_of_different_lengths():
+    torch.manual_seed(0)
+    values, rewards = torch.randn(4, 6), torch.randn(4, 6)
+    lengths = [6, 3, 1, 4]
+    mask = (torch.arange(6)[None] < torch.tensor(lengths)[:, None])
+    adv, ret = gae_advantages(values, rewards, mask, gamma=0.9, lam=0.8)
+    for row, n in enumerate(lengths):
+        want = _gae_loop(values[row].tolist(), rewards[row].tolist(), n, 0.9, 0.8)
+        torch.testing.assert_close(adv[row], torch.tensor(want))
+        torch.testing.assert_close(ret[row, :n], adv[row, :n] + values[row, :n])
+        assert ret[row, n:].abs().sum() == 0
+
+
+def test_policy_loss_clips_by_hand():
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1]]))  # ratios 1.5, 0.5, 1.1
+    adv = torch.tensor([[1.0, 1.0, -2.0]])
+    mask = torch.ones(1, 3)
+    # token 0: max(-1.5, -1.2) = -1.2; token 1: max(-0.5, -0.8) = -0.5; token 2: max(2.2, 2.2) = 2.2
+    loss = policy_loss(new, old, adv, mask, clip=0.2)
+    assert abs(loss.item() - (-1.2 - 0.5 + 2.2) / 3) < 1e-6
+    masked = policy_loss(new, old, adv, torch.tensor([[1, 0, 0]]), clip=0.2)
+    assert abs(masked.item() - (-1.2)) < 1e-6
+
+
+def test_value_loss_clips_by_hand():
+    old, ret = torch.tensor([[1.0, 1.0]]), torch.tensor([[2.0, 0.0]])
+    values = torch.tensor([[1.5, 1.5]])
+    # token 0: v-R = -0.5, clipped v = 1.2 -> -0.8: max(0.25, 0.64) = 0.64
+    # token 1: v-R = 1.5, clipped 1.2 -> 1.44: max(2.25, 1.44) = 2.25
+    loss = value_loss(values, old, ret, torch.ones(1, 2), clip=0.2)
+    assert abs(loss.item() - 0.5 * (0.64 + 2.25) / 2) < 1e-6
+
+
+def test_group_relative_advantages():
+    scores = torch.tensor([1.0, 0.0, 0.5, 0.5])
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
+    rloo = group_relative_advantages(scores, 2, mask, "rloo")
+    torch.testing.assert_close(rloo, torch.tensor([[1.0, 1.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    grpo = group_relative_advantages(scores, 2, mask, "grpo")
+    assert grpo[0, 0] > 0 > grpo[1, 0] and grpo[2].abs().sum() == 0
+
+
+def test_whiten_and_entropy():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    w = whiten(x, torch.tensor([[1, 1, 0]]))
+    torch.testing.assert_close(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
+    assert abs(entropy_from_logits(torch.zeros(4)).item() - math.log(4)) < 1e-6
+    assert entropy_from_logits(torch.tensor([0.0, -1e4])).item() < 1e-6

@@ -101,8 +101,13 @@ class OptimConfig:
 
 
 @dataclass
-class RuntimeConfig:
+class ZeroConfig:
+    """One trained model's ZeRO stage (Step 3 has one per model instead)."""
     zero_stage: int = field(default=0, metadata=doc("DeepSpeed ZeRO stage 0-3.", choices=(0, 1, 2, 3)))
+
+
+@dataclass
+class RuntimeConfig:
     offload: bool = field(default=False, metadata=doc(
         "Offload optimizer state (and, with ZeRO-3, parameters) to CPU memory."))
     deepspeed_config: str = field(default="", metadata=doc(

@@ -30,6 +30,11 @@ def on_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def current_device() -> torch.device:
+    """This process's device (after init_distributed has set the CUDA device)."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_cuda() else torch.device("cpu")
+
+
 def init_distributed(local_rank: int = -1) -> torch.device:
     """Start (or join) the process group and return this process's device.
 
@@ -238,6 +243,34 @@ def build_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
                              num_training_steps=max(total_steps, 1))
     except ValueError as err:
         raise ConfigError(f"--lr_scheduler_type {name!r}: {err}") from None
+
+
+def initialize_trained(model: torch.nn.Module, *, lr: float, weight_decay: float, lora_lr: float,
+                       zero_stage: int, offload: bool, dtype: str, micro_batch: int, grad_accum: int,
+                       grad_clip: float, scheduler: str, warmup_steps: int, total_steps: int,
+                       user_config: dict | None = None):
+    """A trained DeepSpeed engine with our optimizer and LR schedule: (engine, scheduler)."""
+    import deepspeed
+
+    optimizer = build_optimizer(model, lr, weight_decay, lora_lr, offload)
+    lr_scheduler = build_scheduler(optimizer, scheduler, warmup_steps, total_steps)
+    config = train_ds_config(micro_batch=micro_batch, grad_accum=grad_accum, zero_stage=zero_stage,
+                             offload=offload, dtype=dtype, grad_clip=grad_clip, user_config=user_config)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                      config=config)
+    return engine, lr_scheduler
+
+
+def initialize_frozen(model: torch.nn.Module, *, zero_stage: int, offload: bool, dtype: str,
+                      micro_batch: int):
+    """An eval-only DeepSpeed engine (reference, reward, EMA): no optimizer, eval mode."""
+    import deepspeed
+
+    model.requires_grad_(False)
+    config = eval_ds_config(micro_batch=micro_batch, zero_stage=zero_stage, offload=offload, dtype=dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
 
 
 def gathered_state_dict(engine) -> dict | None:

@@ -61,3 +61,100 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     margin = chosen_rewards - rejected_rewards
     losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)
     return losses.mean(), chosen_rewards.detach(), rejected_rewards.detach()
+
+
+# ---- PPO (InstructGPT / DeepSpeed-Chat step 3). All (B, A) tensors cover the answer tokens:
+# column t is the t-th generated token; action_mask marks the real ones (up to the first eos).
+
+def answer_mask(answers: torch.Tensor, eos_token_id: int | list[int] | None,
+                pad_token_id: int) -> torch.Tensor:
+    """(B, A) generated ids -> (B, A) bool mask of the answer tokens, the first eos included.
+
+    Decided by the first eos, not by `!= pad`: many tokenizers use eos as pad. Without an eos id
+    the pad tokens end the answer. An answer that never stops is cut at A (all True)."""
+    if eos_token_id is None:
+        return answers != pad_token_id
+    eos = torch.as_tensor(eos_token_id, device=answers.device).view(-1)
+    is_eos = torch.isin(answers, eos)
+    positions = torch.arange(answers.size(1), device=answers.device)
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), answers.size(1) - 1)
+    return positions.unsqueeze(0) <= first.unsqueeze(1)
+
+
+def kl_penalized_rewards(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, scores: torch.Tensor,
+                         action_mask: torch.Tensor, kl_coef: float, clip_reward: float) -> torch.Tensor:
+    """Per-token rewards (B, A): -kl_coef * (log pi - log pi_ref) on every answer token, plus the
+    reward model's score (B,), clipped to +-clip_reward, on the last answer token."""
+    mask = action_mask.to(log_probs.dtype)
+    rewards = -kl_coef * (log_probs - ref_log_probs) * mask
+    last = (action_mask.long() * torch.arange(1, mask.size(1) + 1, device=mask.device)).argmax(1)
+    bonus = scores.to(rewards.dtype).clamp(-clip_reward, clip_reward) * mask.amax(1)
+    return rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
+
+
+def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, action_mask: torch.Tensor,
+                   gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation over each answer, (B, A) -> (advantages, returns).
+
+    The value after an answer's last token is 0 (the episode ends there); positions after it are
+    masked to 0, so they contribute nothing and rows of different lengths share one loop."""
+    mask = action_mask.to(values.dtype)
+    values, rewards = values * mask, rewards * mask
+    advantages = torch.zeros_like(values)
+    running = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.size(1))):
+        next_value = values[:, t + 1] if t + 1 < values.size(1) else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    advantages = advantages * mask
+    return advantages, (advantages + values) * mask
+
+
+def group_relative_advantages(scores: torch.Tensor, group_size: int, action_mask: torch.Tensor,
+                              kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantages for `group_size` answers per prompt (rows grouped consecutively):
+    grpo = (score - group mean) / group std; rloo = score - mean of the other answers. Every
+    token of an answer gets its answer's advantage."""
+    groups = scores.float().view(-1, group_size)
+    if kind == "grpo":
+        adv = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
+    elif kind == "rloo":
+        adv = groups - (groups.sum(1, keepdim=True) - groups) / max(group_size - 1, 1)
+    else:
+        raise ValueError(f"unknown group advantage {kind!r}")
+    return adv.view(-1, 1) * action_mask.float()
+
+
+def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Normalize to zero mean, unit variance over the masked entries (masked ones stay 0)."""
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + eps) * mask.to(values.dtype)
+
+
+def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                action_mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """PPO's clipped surrogate: mean over answer tokens of
+    max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)), ratio = pi / pi_old."""
+    ratio = torch.exp(log_probs - old_log_probs)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
+    return masked_mean(torch.maximum(unclipped, clipped), action_mask)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               action_mask: torch.Tensor, clip: float) -> torch.Tensor:
+    """Clipped value loss: 0.5 * mean over answer tokens of max((v - R)^2, (v_clip - R)^2), where
+    v_clip stays within +-clip of the value at generation time."""
+    values = values.float()
+    clipped = old_values + (values - old_values).clamp(-clip, clip)
+    worst = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+    return 0.5 * masked_mean(worst, action_mask)
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) logits -> (...) entropy of the softmax, in fp32."""
+    logits = logits.float()
+    log_z = torch.logsumexp(logits, dim=-1)
+    return log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)

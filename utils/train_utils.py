@@ -86,19 +86,14 @@ def total_optimizer_steps(train_loader, cfg) -> int:
 
 def build_engine(model, cfg, total_steps: int):
     """DeepSpeed engine with our optimizer and schedule; returns (engine, scheduler)."""
-    import deepspeed
-
     from utils import ds_utils as ds
 
-    optimizer = ds.build_optimizer(model, cfg.learning_rate, cfg.weight_decay, cfg.lora_learning_rate,
-                                   cfg.offload)
-    scheduler = ds.build_scheduler(optimizer, cfg.lr_scheduler_type, cfg.num_warmup_steps, total_steps)
-    config = ds.train_ds_config(
+    return ds.initialize_trained(
+        model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, lora_lr=cfg.lora_learning_rate,
+        zero_stage=cfg.zero_stage, offload=cfg.offload, dtype=cfg.dtype,
         micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
-        zero_stage=cfg.zero_stage, offload=cfg.offload, dtype=cfg.dtype, grad_clip=cfg.max_grad_norm,
-        user_config=ds.load_user_ds_config(cfg.deepspeed_config))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    return engine, scheduler
+        grad_clip=cfg.max_grad_norm, scheduler=cfg.lr_scheduler_type, warmup_steps=cfg.num_warmup_steps,
+        total_steps=total_steps, user_config=ds.load_user_ds_config(cfg.deepspeed_config))
 
 
 def run_logger(cfg):

@@ -17,11 +17,11 @@ if not __package__:  # started as a file path: the absolute imports below need t
 from dataclasses import dataclass, field
 
 from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
-                          RuntimeConfig, doc, parse_config, validate_training)
+                          RuntimeConfig, ZeroConfig, doc, parse_config, validate_training)
 
 
 @dataclass
-class DPOConfig(LogConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+class DPOConfig(LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
     beta: float = field(default=0.1, metadata=doc(
         "Strength of the pull towards the reference: implicit reward = beta * log(pi / pi_ref)."))
     label_smoothing: float = field(default=0.0, metadata=doc(
@@ -135,26 +135,17 @@ def main(argv=None) -> None:
 
 def _reference_engine(cfg, model_path, tokenizer, dtype):
     """The frozen reference as a DeepSpeed inference engine (ZeRO-3 sharded when the policy is)."""
-    import deepspeed
-
     from utils import ds_utils as ds
-    from utils.model import load_causal_lm, load_tokenizer, resolve_model_path, tokenizers_match
+    from utils.model import load_causal_lm, require_same_tokenizer, resolve_model_path
 
     ref_path = resolve_model_path(cfg.ref_model_name_or_path) if cfg.ref_model_name_or_path else model_path
     if ref_path != model_path:
-        ref_tokenizer = load_tokenizer(ref_path, trust_remote_code=cfg.trust_remote_code)
-        if not tokenizers_match(tokenizer, ref_tokenizer):
-            raise ConfigError(f"the reference model's tokenizer ({cfg.ref_model_name_or_path}) differs "
-                              f"from the policy's ({cfg.model_name_or_path}): DPO compares their "
-                              "log-probs token by token, so both need the same tokenizer")
+        require_same_tokenizer(tokenizer, ref_path, "reference model", f"the policy ({cfg.model_name_or_path})",
+                               cfg.trust_remote_code)
     model = load_causal_lm(ref_path, tokenizer, dtype=dtype, dropout=0.0,
                            trust_remote_code=cfg.trust_remote_code)
-    model.requires_grad_(False)
-    config = ds.eval_ds_config(micro_batch=2 * cfg.per_device_train_batch_size, zero_stage=cfg.zero_stage,
-                               offload=cfg.offload_reference_model, dtype=cfg.dtype)
-    engine, *_ = deepspeed.initialize(model=model, config=config)
-    engine.eval()
-    return engine
+    return ds.initialize_frozen(model, zero_stage=cfg.zero_stage, offload=cfg.offload_reference_model,
+                                dtype=cfg.dtype, micro_batch=2 * cfg.per_device_train_batch_size)
 
 
 if __name__ == "__main__":

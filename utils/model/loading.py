@@ -153,3 +153,14 @@ def tokenizers_match(tok_a, tok_b) -> bool:
     (two classes over one vocabulary can still split text differently)."""
     return (tok_a.get_vocab() == tok_b.get_vocab() and _specials(tok_a) == _specials(tok_b)
             and tok_a(PROBE)["input_ids"] == tok_b(PROBE)["input_ids"])
+
+
+def require_same_tokenizer(tokenizer, name_or_path: str, role: str, reference_name: str,
+                           trust_remote_code: bool = False) -> None:
+    """Models that exchange token ids (actor, reference, critic, reward) must share a tokenizer:
+    raise one clear ConfigError when `name_or_path`'s differs from `tokenizer`."""
+    other = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+    if not tokenizers_match(tokenizer, other):
+        raise ConfigError(f"the {role} ({name_or_path}) has a different tokenizer from "
+                          f"{reference_name}: they exchange token ids, so both must use the same "
+                          "tokenizer (train the reward model from the actor's Step 1 output)")

@@ -11,6 +11,8 @@ padding, left padding, and OPT, whose leading BOS `</s>` has the pad id yet is r
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -77,10 +79,15 @@ class RewardModel(nn.Module):
             model = model.get_base_model()
         return model.base_model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """(B, L) ids -> (B, L) values."""
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) ids -> (B, L) values. Pass position_ids for left-padded rows (see
+        utils/model/forward.py); families without them (BLOOM) follow the mask anyway."""
+        extra = {}
+        if position_ids is not None and "position_ids" in inspect.signature(self.backbone.forward).parameters:
+            extra["position_ids"] = position_ids
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state
+                               use_cache=False, **extra).last_hidden_state
         return self.hf_model.score(hidden).squeeze(-1)
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""Exponential moving average of the actor (Step 3's `--enable_ema`).
+
+ema <- decay * ema + (1 - decay) * actor, parameter by parameter, after every actor update.
+The EMA model is a plain HF model (LoRA, if the actor has it, is folded in: W + s * B @ A).
+
+Under ZeRO-3 both models are partitioned the same way (same world, one partition per rank per
+parameter), so each rank averages only its own partition: nothing is gathered except the small
+LoRA factors. Otherwise the parameters are whole on every rank and averaged as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from utils import ds_utils as ds
+from utils.model.lora import ADAPTER, PEFT_PREFIX, lora_fan_in_fan_out, lora_scaling
+
+
+def _is_peft(model: nn.Module) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def _source_params(actor: nn.Module) -> dict[str, tuple[nn.Parameter, tuple | None]]:
+    """EMA parameter name -> (actor parameter, (lora_A, lora_B) or None)."""
+    params = dict(actor.named_parameters())
+    out = {}
+    for key, param in params.items():
+        if ".lora_" in key:
+            continue
+        lora = None
+        if key.endswith(".base_layer.weight"):
+            stem = key[: -len(".base_layer.weight")]
+            pair = (params.get(f"{stem}.lora_A.{ADAPTER}.weight"), params.get(f"{stem}.lora_B.{ADAPTER}.weight"))
+            lora = pair if None not in pair else None
+        out[key.replace(".base_layer.", ".").removeprefix(PEFT_PREFIX)] = (param, lora)
+    return out
+
+
+def _lora_delta(lora: tuple, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(list(lora), enabled=hasattr(lora[0], "ds_id")):
+        delta = scaling * (lora[1].float() @ lora[0].float())
+    return delta.T if fan_in_fan_out else delta
+
+
+def _partition(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """This rank's ZeRO-3 slice of a whole tensor, shaped like the local partition `part`."""
+    flat = full.reshape(-1)
+    start = ds.rank() * part.numel()
+    piece = flat[start:start + part.numel()]
+    if piece.numel() < part.numel():  # the last partition is padded
+        piece = torch.cat([piece, piece.new_zeros(part.numel() - piece.numel())])
+    return piece.view_as(part)
+
+
+@torch.no_grad()
+def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
+    """Move `ema` (module of the EMA engine) towards `actor` (module of the actor engine)."""
+    sources = _source_params(actor)
+    peft = _is_peft(actor)
+    scaling = lora_scaling(actor) if peft and any(lora for _, lora in sources.values()) else 0.0
+    fan_in_fan_out = lora_fan_in_fan_out(actor) if peft else False
+    for name, target in ema.named_parameters():
+        source, lora = sources[name]
+        if lora is None and not source.requires_grad:
+            continue  # frozen and not LoRA-wrapped: EMA already equals it
+        sharded = hasattr(target, "ds_tensor")
+        value = source.ds_tensor if sharded else source.data
+        if lora is not None:
+            delta = _lora_delta(lora, scaling, fan_in_fan_out)
+            value = value.float() + (_partition(delta, value) if sharded else delta)
+        goal = target.ds_tensor if sharded else target.data
+        goal.lerp_(value.to(goal.dtype), 1.0 - decay)
