@@ -1,0 +1,44 @@
+"""Every example script's command line parses with its step's flags (no typo'd or removed flag)."""
+from __future__ import annotations
+
+import importlib
+import shlex
+from pathlib import Path
+
+import pytest
+
+from utils.config import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(ROOT.glob("training/*/training_scripts/*/*.sh"))
+CONFIGS = {"training.step1_supervised_finetuning.main": "SFTConfig",
+           "training.step2_reward_model_finetuning.main": "RewardConfig",
+           "training.step2_dpo_finetuning.main": "DPOConfig",
+           "training.step3_rlhf_finetuning.main": "Step3Config"}
+
+
+def command(script: Path) -> tuple[str, list[str]]:
+    """(module, its arguments) of the python/deepspeed line of a script."""
+    text = script.read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        words = shlex.split(line, comments=True)
+        for flag in ("--module", "-m"):
+            if flag in words and words[words.index(flag) + 1] in CONFIGS:
+                i = words.index(flag)
+                return words[i + 1], words[i + 2:]
+    raise AssertionError(f"{script}: no step command found")
+
+
+def test_there_are_scripts_for_every_step_and_deployment():
+    found = {(p.parts[-4], p.parts[-2]) for p in (s.relative_to(ROOT) for s in SCRIPTS)}
+    for step in ("step1_supervised_finetuning", "step2_reward_model_finetuning", "step3_rlhf_finetuning"):
+        for deployment in ("single_gpu", "single_node", "multi_node", "cpu"):
+            assert (step, deployment) in found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT / "training")))
+def test_script_flags_parse(script):
+    module, args = command(script)
+    config_cls = getattr(importlib.import_module(module), CONFIGS[module])
+    namespace = build_parser(config_cls).parse_args(args)  # exits (SystemExit) on an unknown flag
+    assert namespace.output_dir
