@@ -18,3 +18,9 @@ def run_module(module: str, args, launcher=None, timeout: int = 600) -> subproce
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line a refused run ends with (exit 2, no traceback)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc.stderr.strip().splitlines()[-1]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_ok, run_module
+from tests.helpers import assert_ok, error_line, run_module
 from utils.metrics import read_jsonl
 
 MODULE = "training.step2_dpo_finetuning.main"
@@ -77,11 +77,6 @@ def test_dpo_zero3_two_processes(tmp_path):
                launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29741"])
     assert "2 process(es)" in proc.stdout + proc.stderr
     assert trained(proc, out)["margin_after"] > 0
-
-
-def error_line(proc) -> str:
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc.stderr.strip().splitlines()[-1]
 
 
 def test_reference_with_another_tokenizer_is_refused(tmp_path):

@@ -1,0 +1,124 @@
+"""Step 3 end to end on tiny models: PPO raises a programmatic reward; ZeRO 2/3, LoRA, EMA, ptx,
+offloaded reference and reward model, two processes; outputs load for chat; bad input."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import assert_ok, error_line, run_module
+from utils.metrics import read_jsonl
+
+MODULE = "training.step3_rlhf_finetuning.main"
+QUICK = ["--actor_model_name_or_path", "tiny-llama", "--critic_model_name_or_path", "tiny-llama",
+         "--num_examples", "600", "--per_device_generation_batch_size", "4",
+         "--per_device_training_batch_size", "2", "--max_prompt_seq_len", "32",
+         "--max_answer_seq_len", "8", "--num_warmup_steps", "0", "--actor_learning_rate", "1e-3",
+         "--critic_learning_rate", "1e-3", "--dtype", "fp32", "--enable_test_mode",
+         "--test_stop_step", "2", "--disable_tqdm", "--log_interval", "1"]
+
+
+def rounds(out: Path) -> list[dict]:
+    return [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r]
+
+
+def finished(proc, out: Path, n_rounds: int = 2) -> list[dict]:
+    assert_ok(proc)
+    logged = rounds(out)
+    assert len(logged) == n_rounds
+    for key in ("reward", "kl", "actor_loss", "critic_loss", "entropy", "answer_len", "generation_s",
+                "training_s", "generation_tflops", "training_tflops", "samples_per_s"):
+        assert all(f"train/{key}" in r for r in logged), key
+    assert logged[0]["train/kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
+    assert logged[0]["train/first_policy_shift"] == pytest.approx(0.0, abs=1e-4)  # rollout == update policy
+    for folder in ("actor", "critic"):
+        assert (out / folder / "model.safetensors").is_file()
+    return logged
+
+
+def assert_chats(actor: Path) -> None:
+    from inference.chat import ChatSession, GenerationSettings
+    from utils.model import load_causal_lm, load_tokenizer
+    tokenizer = load_tokenizer(str(actor))
+    session = ChatSession(load_causal_lm(str(actor), tokenizer), tokenizer,
+                          GenerationSettings(max_new_tokens=4, do_sample=False), prompt_format="auto")
+    assert isinstance(session.reply("What is 2 + 3?"), str)
+
+
+def test_ppo_raises_a_programmatic_reward(tmp_path):
+    """30 rounds against tests/step3_toy_reward.py's reward (share of answer tokens from a
+    half of the vocabulary the policy can reach); sampled at temperature 0.2 so a random tiny
+    model has a distribution sharp enough to move in a few dozen updates."""
+    out = tmp_path / "toy"
+    proc = run_module("tests.step3_toy_reward", [
+        *QUICK, "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "8",
+        "--max_answer_seq_len", "4", "--num_examples", "2000", "--test_stop_step", "30",
+        "--temperature", "0.2", "--lr_scheduler_type", "constant", "--actor_zero_stage", "2",
+        "--critic_zero_stage", "2", "--output_dir", out])
+    logged = finished(proc, out, n_rounds=30)
+    reward = [r["train/reward"] for r in logged]
+    first, last = sum(reward[:5]) / 5, sum(reward[-10:]) / 10
+    assert last > first + 0.15, reward
+
+
+def test_zero3_lora_ema_ptx_and_offloaded_frozen_models(tmp_path):
+    out = tmp_path / "z3"
+    proc = run_module(MODULE, [*QUICK, "--actor_zero_stage", "3", "--critic_zero_stage", "3",
+                               "--actor_lora_dim", "8", "--critic_lora_dim", "8", "--enable_ema",
+                               "--unsupervised_dataset_name", "bundled", "--offload_reference_model",
+                               "--offload_reward_model", "--output_dir", out])
+    logged = finished(proc, out)
+    assert all("train/unsup_loss" in r for r in logged)
+    assert (out / "actor_ema" / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+    assert not any("lora" in k for k in load_file(out / "actor" / "model.safetensors"))
+    for actor in ("actor", "actor_ema"):
+        assert_chats(out / actor)
+
+
+def test_zero2_plain_generate_and_whitened_advantages(tmp_path):
+    out = tmp_path / "z2"
+    finished(run_module(MODULE, [*QUICK, "--actor_zero_stage", "2", "--critic_zero_stage", "2",
+                                 "--no-enable_hybrid_engine", "--whiten_advantages", "--output_dir", out]), out)
+
+
+@pytest.mark.slow
+def test_zero3_two_processes_with_ema(tmp_path):
+    out = tmp_path / "z3_2p"
+    proc = run_module(MODULE, [*QUICK, "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_ema",
+                               "--output_dir", out],
+                      launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29751"])
+    assert "x 2 process(es)" in proc.stdout + proc.stderr
+    finished(proc, out)
+    assert_chats(out / "actor_ema")
+
+
+def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
+    from utils.model import load_tokenizer, resolve_model_path
+    critic = tmp_path / "critic"
+    shutil.copytree(resolve_model_path("tiny-llama"), critic)
+    tokenizer = load_tokenizer(str(critic))
+    tokenizer.add_tokens(["<not-in-the-actor-vocabulary>"])
+    tokenizer.save_pretrained(critic)
+    proc = run_module(MODULE, [*QUICK, "--critic_model_name_or_path", critic, "--output_dir", tmp_path / "x"])
+    assert "different tokenizer" in error_line(proc)
+
+
+def test_batch_sizes_that_do_not_divide_are_refused(tmp_path):
+    proc = run_module(MODULE, [*QUICK, "--per_device_generation_batch_size", "3",
+                               "--per_device_training_batch_size", "2", "--output_dir", tmp_path / "x"])
+    assert "must divide" in error_line(proc)
+
+
+def test_long_prompts_are_cut_from_the_left_and_reported_once(tmp_path):
+    data = tmp_path / "prompts.jsonl"
+    long_prompt = "word " * 80 + "What is 2 + 2?"
+    data.write_text("".join(json.dumps({"prompt": f"{i} {long_prompt}", "chosen": "4"}) + "\n" for i in range(40)))
+    out = tmp_path / "long"
+    proc = run_module(MODULE, [*QUICK, "--data_path", data, "--data_split", "0,0,1", "--test_stop_step", "1",
+                               "--output_dir", out])
+    assert_ok(proc)
+    said = [line for line in (proc.stdout + proc.stderr).splitlines() if "longer than 32 tokens" in line]
+    assert len(said) == 1 and "cut from the left" in said[0], said

@@ -1,0 +1,223 @@
+"""Step 3's outer loop: data, engines, rollout -> PPO update rounds, metrics, saving."""
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import asdict
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
+
+from training.step3_rlhf_finetuning.ppo_trainer import (DeepSpeedPPOTrainer,
+                                                        DeepSpeedPPOTrainerUnsupervised, Experience)
+from training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
+from utils import ds_utils as ds
+from utils import flops
+from utils.config import ConfigError
+from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
+from utils.ema import update_ema
+from utils.metrics import MetricsLogger
+from utils.model import load_tokenizer, resolve_dtype_name, resolve_model_path
+from utils.train_utils import check_finite
+
+
+def prompt_loader(cfg, tokenizer):
+    """Step 3's share of the prompts, left-padded, whole generation batches only."""
+    train, _ = create_prompt_dataset(
+        cfg.data_path, cfg.data_split, cfg.data_output_path, 3, cfg.seed, tokenizer,
+        cfg.max_prompt_seq_len, num_examples=cfg.num_examples, max_prompt_seq_len=cfg.max_prompt_seq_len)
+    per_round = cfg.per_device_generation_batch_size * ds.world_size()
+    if len(train) < per_round:
+        raise ConfigError(f"Step 3 has {len(train)} prompts, fewer than one generation batch "
+                          f"({per_round}): check --data_path/--data_split or lower "
+                          "--per_device_generation_batch_size")
+    sampler = DistributedSampler(train, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(train, batch_size=cfg.per_device_generation_batch_size, sampler=sampler,
+                        collate_fn=DataCollatorPrompt(tokenizer.pad_token_id), drop_last=True)
+    return loader, sampler
+
+
+def unsupervised_batches(cfg, tokenizer):
+    """Endless ptx micro-batches (the text source is cycled), or None when ptx is off."""
+    if not cfg.unsupervised_dataset_name:
+        return None
+    data = get_unsupervised_dataset(cfg.unsupervised_dataset_name, tokenizer, cfg.max_seq_len,
+                                    cfg.data_output_path, cfg.seed,
+                                    config_name=cfg.unsupervised_dataset_config_name or None)
+    sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(data, batch_size=cfg.per_device_training_batch_size, sampler=sampler,
+                        collate_fn=DataCollatorSFT(tokenizer.pad_token_id), drop_last=False)
+
+    def forever():
+        for epoch in itertools.count():
+            sampler.set_epoch(epoch)
+            yield from loader
+    return forever()
+
+
+def total_iterations(cfg, loader) -> tuple[int, int]:
+    """(rollout rounds, optimizer steps of each trained model) for the whole run."""
+    rounds = len(loader) // cfg.generation_batches * cfg.num_train_epochs
+    if cfg.enable_test_mode:
+        rounds = min(rounds, cfg.test_stop_step)
+    micro_per_round = cfg.per_device_generation_batch_size * cfg.generation_batches \
+        // cfg.per_device_training_batch_size * cfg.ppo_epochs
+    return rounds, max(1, math.ceil(rounds * micro_per_round / cfg.gradient_accumulation_steps))
+
+
+class PhaseFlops:
+    """FLOPs of one round's phases (DeepSpeed-Chat paper counting), per process."""
+
+    def __init__(self, engine: DeepSpeedRLHFEngine, cfg):
+        self.actor_cfg = engine.actor.module.config
+        self.critic_cfg = engine.critic.module.config
+        self.actor_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                for p in engine.ref.module.parameters())
+        self.cfg = cfg
+
+    def of(self, exps: list[Experience]) -> dict:
+        c = self.cfg
+        gen = score = train = 0.0
+        for exp in exps:
+            b, p, seq_len = len(exp), exp.prompt_len, exp.seq.size(1)
+            decoded = int(exp.action_mask.sum(1).max())
+            gen += flops.generation_flops(self.actor_cfg, self.actor_params, b, p, decoded)
+            score += 2 * (flops.forward_flops(self.actor_cfg, b, seq_len) + flops.forward_flops(self.critic_cfg, b, seq_len))
+            train += c.ppo_epochs * (
+                flops.training_flops(self.actor_cfg, b, seq_len, c.actor_gradient_checkpointing)
+                + flops.training_flops(self.critic_cfg, b, seq_len, c.critic_gradient_checkpointing))
+        return {"generation": gen, "scoring": score, "training": train}
+
+
+def ppo_update(trainer, cfg, exps: list[Experience], unsup) -> dict:
+    """ppo_epochs passes over the rounds' experience in micro-batches; mean losses."""
+    engine = trainer.rlhf_engine
+    actor_losses, critic_losses, unsup_losses, entropies, shifts = [], [], [], [], []
+    for _ in range(cfg.ppo_epochs):
+        for micro in (m for exp in exps for m in exp.split(cfg.per_device_training_batch_size)):
+            actor_loss, critic_loss = trainer.train_rlhf(micro)
+            actor_losses.append(actor_loss.item())
+            critic_losses.append(critic_loss.item())
+            entropies.append(trainer.last_entropy)
+            shifts.append(trainer.last_policy_shift)
+            check_finite(actor_losses[-1] + critic_losses[-1], len(actor_losses))
+            if unsup is not None:
+                unsup_losses.append(trainer.train_unsupervised(next(unsup), cfg.unsup_coef).item())
+            if engine.actor_ema is not None:
+                update_ema(engine.actor.module, engine.actor_ema.module, cfg.ema_decay)
+    out = {"actor_loss": _mean(actor_losses), "critic_loss": _mean(critic_losses), "entropy": _mean(entropies),
+           "policy_shift": _mean(shifts), "first_policy_shift": shifts[0]}
+    if unsup_losses:
+        out["unsup_loss"] = _mean(unsup_losses)
+    return out
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(len(xs), 1)
+
+
+def _reduce_mean(metrics: dict) -> dict:
+    """Average each metric over the processes (each rolled out its own prompts)."""
+    if ds.world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=ds.current_device())
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, (t / ds.world_size()).tolist()))
+
+
+def print_answer(tokenizer, exp: Experience, say) -> None:
+    prompt = tokenizer.decode(exp.prompts[0][exp.prompts[0] != tokenizer.pad_token_id])
+    answer = tokenizer.decode(exp.seq[0, exp.prompt_len:][exp.action_mask[0]], skip_special_tokens=True)
+    say(f"--- prompt: {prompt!r}\n--- answer: {answer!r} (score {exp.scores[0].item():.3f})")
+
+
+def save_models(engine, tokenizer, cfg, summary: dict) -> None:
+    extra = {"training_config.json": asdict(cfg), "training_summary.json": summary}
+    ds.save_hf_model(engine.actor, tokenizer, f"{cfg.output_dir}/actor", extra_json=extra)
+    if engine.actor_ema is not None:
+        ds.save_hf_model(engine.actor_ema, tokenizer, f"{cfg.output_dir}/actor_ema", extra_json=extra)
+    ds.save_hf_model(engine.critic, tokenizer, f"{cfg.output_dir}/critic", extra_json=extra)
+
+
+def run(cfg, reward_fn=None) -> dict:
+    """The whole of Step 3; returns the summary (first/last round metrics)."""
+    ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    device = ds.init_distributed(cfg.local_rank)
+    cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
+    ds.set_seed(cfg.seed)
+    tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
+                               trust_remote_code=cfg.trust_remote_code)
+    loader, sampler = prompt_loader(cfg, tokenizer)
+    unsup = unsupervised_batches(cfg, tokenizer)
+    rounds, optimizer_steps = total_iterations(cfg, loader)
+    engine = DeepSpeedRLHFEngine(cfg.actor_model_name_or_path, cfg.critic_model_name_or_path, tokenizer,
+                                 cfg, optimizer_steps, reward_model_name_or_path=cfg.reward_model_name_or_path or None)
+    trainer_cls = DeepSpeedPPOTrainerUnsupervised if unsup is not None else DeepSpeedPPOTrainer
+    trainer = trainer_cls(engine, cfg, reward_fn=reward_fn)
+    phase_flops = PhaseFlops(engine, cfg)
+    logger = MetricsLogger(f"{cfg.output_dir}/{ds.LOG_SUBDIR}", enabled=ds.is_main(),
+                           tensorboard=cfg.enable_tensorboard, tensorboard_dir=cfg.tensorboard_path or None)
+    say = tqdm.write if ds.is_main() else (lambda *_: None)
+    say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of "
+        f"{cfg.per_device_generation_batch_size * cfg.generation_batches} answers x {ds.world_size()} "
+        f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
+        f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
+
+    history = []
+    progress = tqdm(total=rounds, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
+    batches = ((epoch, batch) for epoch in range(cfg.num_train_epochs)
+               for batch in _epoch(loader, sampler, epoch))
+    for round_index in range(rounds):
+        metrics = one_round(trainer, cfg, [next(batches)[1] for _ in range(cfg.generation_batches)],
+                            unsup, phase_flops, round_index, say)
+        history.append(metrics)
+        logger.log(round_index + 1, metrics, prefix="train/")
+        progress.update(1)
+        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+        if cfg.print_loss or (round_index + 1) % cfg.log_interval == 0:
+            say(f"step3 round {round_index + 1}: " + ", ".join(
+                f"{k} {metrics[k]:.4g}" for k in ("reward", "kl", "actor_loss", "critic_loss", "answer_len")))
+    progress.close()
+    summary = {"rounds": rounds, **{f"{k}_first": v for k, v in history[0].items()},
+               **{f"{k}_last": v for k, v in history[-1].items()}} if history else {"rounds": 0}
+    save_models(engine, tokenizer, cfg, summary)
+    if ds.is_main() and history:
+        say(f"step3 done: reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}, "
+            f"KL {history[-1]['kl']:.4f}; actor saved to {cfg.output_dir}/actor")
+    logger.close()
+    ds.shutdown_distributed()
+    return summary
+
+
+def _epoch(loader, sampler, epoch: int):
+    sampler.set_epoch(epoch)
+    yield from loader
+
+
+def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, round_index: int, say) -> dict:
+    """Roll out generation_batches prompt batches, then update; one metrics row."""
+    start = time.perf_counter()
+    exps, gen_s = [], 0.0
+    for batch in prompt_batches:
+        exps.append(trainer.generate_experience(batch, step=round_index))
+        gen_s += trainer.last_generation_s
+    scoring_s = time.perf_counter() - start - gen_s
+    if cfg.print_answers and ds.is_main() and round_index % cfg.print_answers_interval == 0:
+        print_answer(trainer.tokenizer, exps[0], say)
+    stats = {k: _mean([DeepSpeedPPOTrainer.experience_stats(e)[k] for e in exps])
+             for k in ("reward", "kl", "shaped_return", "answer_len")}
+    train_start = time.perf_counter()
+    losses = ppo_update(trainer, cfg, exps, unsup)
+    train_s = time.perf_counter() - train_start
+    work = phase_flops.of(exps)
+    total_s = time.perf_counter() - start
+    timing = {"generation_s": gen_s, "scoring_s": scoring_s, "training_s": train_s, "round_s": total_s,
+              "samples_per_s": sum(len(e) for e in exps) / total_s,
+              "generation_tokens_per_s": sum(int(e.action_mask.sum()) for e in exps) / max(gen_s, 1e-9),
+              "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
+              "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,
+              "tflops": sum(work.values()) / total_s / 1e12}
+    return _reduce_mean({**stats, **losses, **timing, "lr_actor": trainer.rlhf_engine.actor_scheduler.get_last_lr()[0]})

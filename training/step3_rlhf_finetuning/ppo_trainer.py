@@ -1,0 +1,203 @@
+"""PPO for Step 3: roll out answers, score them, update actor and critic.
+
+`generate_experience` is the rollout + scoring phase (no gradients): the actor answers a batch
+of prompts through the hybrid engine, then actor, reference, critic and reward model each read
+the prompt + answer once. `train_rlhf` is one PPO update of actor and critic on (a micro-batch
+of) that experience. The math lives in utils/rl_math.py as small tested functions.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from utils import ds_utils as ds
+from utils.model.forward import lm_logits, position_ids_from_mask
+from utils.model.reward_model import end_scores
+from utils.rl_math import (answer_mask, entropy_from_logits, gae_advantages, kl_penalized_rewards,
+                           log_probs_from_logits, masked_mean, masked_sum, policy_loss, value_loss,
+                           whiten)
+from utils.train_utils import causal_lm_loss, to_device
+
+# reward_fn(prompts (B, P), seq (B, P + A), attention_mask (B, P + A), action_mask (B, A)) -> (B,)
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Experience:
+    """One rollout batch with all PPO needs; (B, A) tensors cover the answer tokens."""
+    prompts: torch.Tensor         # (B, P) left-padded prompt ids
+    seq: torch.Tensor             # (B, P + A) prompt + answer, pads after the answer
+    attention_mask: torch.Tensor  # (B, P + A) real tokens of prompt and answer
+    action_mask: torch.Tensor     # (B, A) answer tokens up to and including the first eos
+    log_probs: torch.Tensor       # (B, A) actor when generating (PPO's "old" policy)
+    ref_log_probs: torch.Tensor   # (B, A) reference model
+    values: torch.Tensor          # (B, A) critic when generating
+    scores: torch.Tensor          # (B,) reward model score of each whole answer
+    rewards: torch.Tensor         # (B, A) KL-penalized per-token rewards
+    advantages: torch.Tensor      # (B, A)
+    returns: torch.Tensor         # (B, A)
+
+    def __len__(self) -> int:
+        return self.seq.size(0)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompts.size(1)
+
+    def split(self, size: int) -> list["Experience"]:
+        """Micro-batches of `size` rows for the PPO updates."""
+        parts = {f.name: getattr(self, f.name).split(size) for f in fields(self)}
+        return [Experience(**{name: chunks[i] for name, chunks in parts.items()})
+                for i in range(len(parts["seq"]))]
+
+
+def pad_answers(seq: torch.Tensor, prompt_len: int, width: int, eos_token_id, pad_token_id: int) -> torch.Tensor:
+    """HF generate output -> exactly prompt_len + width columns, pads after each answer's eos."""
+    answers = seq[:, prompt_len:prompt_len + width]
+    if answers.size(1) < width:
+        answers = torch.cat([answers, answers.new_full((answers.size(0), width - answers.size(1)), pad_token_id)], 1)
+    keep = answer_mask(answers, eos_token_id, pad_token_id)
+    return torch.cat([seq[:, :prompt_len], answers.masked_fill(~keep, pad_token_id)], 1)
+
+
+class DeepSpeedPPOTrainer:
+    """PPO on a DeepSpeedRLHFEngine (DeepSpeed-Chat's API). `reward_fn` replaces the reward
+    model with a programmatic score (the engine's reward model is then not used)."""
+
+    def __init__(self, engine, args, reward_fn: RewardFn | None = None):
+        self.rlhf_engine = engine
+        self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
+        self.args = args
+        self.tokenizer = engine.tokenizer
+        self.pad_token_id = self.tokenizer.pad_token_id
+        self.eos_token_id = self.tokenizer.eos_token_id
+        self.reward_fn = reward_fn
+        self.hybrid = None
+        if args.enable_hybrid_engine:
+            from inference.hybrid_engine import HybridEngine
+            self.hybrid = HybridEngine(
+                self.actor, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                inference_tp_size=args.inference_tp_size,
+                release_inference_cache=args.release_inference_cache,
+                tp_gather_partition_size=args.tp_gather_partition_size)
+        self.last_generation_s = 0.0
+
+    # ---------------------------------------------------------------- rollout
+
+    @torch.no_grad()
+    def _generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        a = self.args
+        sampling = {"do_sample": True, "temperature": a.temperature, "top_k": a.top_k, "top_p": a.top_p}
+        if self.hybrid is not None:
+            return self.hybrid.generate(prompts, mask, max_new_tokens=a.max_answer_seq_len, **sampling)
+        was_training = self.actor.module.training
+        self.actor.eval()
+        out = self.actor.module.generate(
+            input_ids=prompts, attention_mask=mask, max_new_tokens=a.max_answer_seq_len,
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+            synced_gpus=self.actor.zero_optimization_stage() == 3 and ds.world_size() > 1, **sampling)
+        self.actor.train(was_training)
+        return pad_answers(out, prompts.size(1), a.max_answer_seq_len, self.eos_token_id, self.pad_token_id)
+
+    def _answer_log_probs(self, model, seq, attention_mask, prompt_len: int, with_entropy: bool = False):
+        """(B, A) log-probs of the answer tokens (and their entropy) under `model`."""
+        answers = seq[:, prompt_len:]
+        logits = lm_logits(model, seq, attention_mask, last=answers.size(1) + 1)[:, :-1]
+        if self.args.temperature != 1.0:  # score the distribution the answers were sampled from
+            logits = logits / self.args.temperature
+        log_probs = log_probs_from_logits(logits, answers)
+        if not with_entropy:
+            return log_probs
+        with torch.no_grad():
+            return log_probs, entropy_from_logits(logits)
+
+    def _values(self, model, seq, attention_mask, prompt_len: int) -> torch.Tensor:
+        """(B, A) critic values of the states before each answer token."""
+        values = model(seq, attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        return values[:, prompt_len - 1:-1].float()
+
+    def _scores(self, prompts, seq, attention_mask, action_mask) -> torch.Tensor:
+        if self.reward_fn is not None:
+            return self.reward_fn(prompts, seq, attention_mask, action_mask).to(seq.device).float()
+        values = self.reward(seq, attention_mask, position_ids=position_ids_from_mask(attention_mask))
+        return end_scores(values, attention_mask).float()
+
+    @torch.no_grad()
+    def generate_experience(self, prompts, mask: torch.Tensor | None = None, step: int = 0) -> Experience:
+        """Answer a prompt batch and score it. `prompts` is a DataCollatorPrompt batch
+        ({"prompt", "prompt_att_mask"}) or, as in DeepSpeed-Chat, the two tensors."""
+        if isinstance(prompts, dict):
+            prompts, mask = prompts["prompt"], prompts["prompt_att_mask"]
+        device = ds.current_device()
+        prompts, mask = prompts.to(device), mask.to(device)
+        start = time.perf_counter()
+        seq = self._generate(prompts, mask)
+        self.last_generation_s = time.perf_counter() - start
+        prompt_len = prompts.size(1)
+        action_mask = answer_mask(seq[:, prompt_len:], self.eos_token_id, self.pad_token_id)
+        attention_mask = torch.cat([mask, action_mask.long()], 1)
+
+        self.actor.eval()
+        self.critic.eval()
+        log_probs = self._answer_log_probs(self.actor, seq, attention_mask, prompt_len)
+        ref_log_probs = self._answer_log_probs(self.ref, seq, attention_mask, prompt_len)
+        values = self._values(self.critic, seq, attention_mask, prompt_len) * action_mask
+        scores = self._scores(prompts, seq, attention_mask, action_mask)
+        self.actor.train()
+        self.critic.train()
+
+        a = self.args
+        rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, a.kl_ctl, a.clip_reward_value)
+        advantages, returns = gae_advantages(values, rewards, action_mask, a.gamma, a.lam)
+        if a.whiten_advantages:
+            advantages = whiten(advantages, action_mask)
+        return Experience(prompts=prompts, seq=seq, attention_mask=attention_mask, action_mask=action_mask,
+                          log_probs=log_probs, ref_log_probs=ref_log_probs, values=values, scores=scores,
+                          rewards=rewards, advantages=advantages, returns=returns)
+
+    # ---------------------------------------------------------------- update
+
+    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
+        """One PPO step of actor and critic on `exp`; returns (actor loss, critic loss)."""
+        a = self.args
+        log_probs, entropy = self._answer_log_probs(self.actor, exp.seq, exp.attention_mask,
+                                                    exp.prompt_len, with_entropy=True)
+        actor_loss = policy_loss(log_probs, exp.log_probs, exp.advantages, exp.action_mask, a.cliprange)
+        self.actor.backward(actor_loss)
+        self.actor.step()
+        self.last_entropy = masked_mean(entropy, exp.action_mask).item()
+        # how far this update's policy already is from the rollout's (0 on the first micro-step)
+        self.last_policy_shift = masked_mean((exp.log_probs - log_probs.detach()).abs(), exp.action_mask).item()
+
+        values = self._values(self.critic, exp.seq, exp.attention_mask, exp.prompt_len)
+        critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, a.cliprange_value)
+        self.critic.backward(critic_loss)
+        self.critic.step()
+        return actor_loss.detach(), critic_loss.detach()
+
+    @staticmethod
+    def experience_stats(exp: Experience) -> dict:
+        """Means over the batch: reward model score, KL to the reference (summed over each
+        answer), total shaped reward, answer length."""
+        mask = exp.action_mask
+        return {"reward": exp.scores.mean().item(),
+                "kl": masked_sum(exp.log_probs - exp.ref_log_probs, mask, dim=1).mean().item(),
+                "shaped_return": masked_sum(exp.rewards, mask, dim=1).mean().item(),
+                "answer_len": mask.float().sum(1).mean().item()}
+
+
+class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
+    """PPO plus InstructGPT's "ptx" term: a language-model loss on plain text, weighted by
+    `--unsup_coef`, taken as a separate actor step after each PPO step."""
+
+    def train_unsupervised(self, batch: dict, unsup_coef: float) -> torch.Tensor:
+        batch = to_device(batch, ds.current_device())
+        logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                            use_cache=False).logits
+        loss = causal_lm_loss(logits, batch["labels"], fp32=self.args.compute_fp32_loss)
+        self.actor.backward(unsup_coef * loss)
+        self.actor.step()
+        return loss.detach()
