@@ -85,11 +85,12 @@ def test_zero2_plain_generate_and_whitened_advantages(tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_two_processes_with_ema(tmp_path):
-    out = tmp_path / "z3_2p"
-    proc = run_module(MODULE, [*QUICK, "--actor_zero_stage", "3", "--critic_zero_stage", "3", "--enable_ema",
-                               "--output_dir", out],
-                      launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29751"])
+@pytest.mark.parametrize("stage,port", [(2, 29752), (3, 29751)])
+def test_two_processes_with_ema(tmp_path, stage, port):
+    out = tmp_path / f"z{stage}_2p"
+    proc = run_module(MODULE, [*QUICK, "--actor_zero_stage", str(stage), "--critic_zero_stage", str(stage),
+                               "--enable_ema", "--output_dir", out],
+                      launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(port)])
     assert "x 2 process(es)" in proc.stdout + proc.stderr
     finished(proc, out)
     assert_chats(out / "actor_ema")
