@@ -114,6 +114,14 @@ def ppo_update(trainer, cfg, exps: list[Experience], unsup) -> dict:
     return out
 
 
+def peak_memory_gb() -> float:
+    """Peak accelerator memory on GPU, else this process's peak resident memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def _mean(xs: list[float]) -> float:
     return sum(xs) / max(len(xs), 1)
 
@@ -219,5 +227,5 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
               "generation_tokens_per_s": sum(int(e.action_mask.sum()) for e in exps) / max(gen_s, 1e-9),
               "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
               "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,
-              "tflops": sum(work.values()) / total_s / 1e12}
+              "tflops": sum(work.values()) / total_s / 1e12, "peak_memory_gb": peak_memory_gb()}
     return _reduce_mean({**stats, **losses, **timing, "lr_actor": trainer.rlhf_engine.actor_scheduler.get_last_lr()[0]})
