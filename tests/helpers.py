@@ -24,3 +24,15 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `error: ...` line a refused run ends with (exit 2, no traceback)."""
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return proc.stderr.strip().splitlines()[-1]
+
+
+def model_with_other_tokenizer(folder: Path, base: str = "tiny-llama") -> Path:
+    """A copy of built-in `base` whose tokenizer has one extra token (a mismatch to refuse)."""
+    import shutil
+
+    from utils.model import load_tokenizer, resolve_model_path
+    shutil.copytree(resolve_model_path(base), folder)
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.add_tokens(["<not-in-the-other-vocabulary>"])
+    tokenizer.save_pretrained(folder)
+    return folder

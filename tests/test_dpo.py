@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_ok, error_line, run_module
+from tests.helpers import assert_ok, error_line, model_with_other_tokenizer, run_module
 from utils.metrics import read_jsonl
 
 MODULE = "training.step2_dpo_finetuning.main"
@@ -80,14 +80,7 @@ def test_dpo_zero3_two_processes(tmp_path):
 
 
 def test_reference_with_another_tokenizer_is_refused(tmp_path):
-    import shutil
-
-    from utils.model import load_tokenizer, resolve_model_path
-    ref = tmp_path / "ref"
-    shutil.copytree(resolve_model_path("tiny-llama"), ref)
-    tokenizer = load_tokenizer(str(ref))
-    tokenizer.add_tokens(["<not-in-the-policy-vocabulary>"])
-    tokenizer.save_pretrained(ref)
+    ref = model_with_other_tokenizer(tmp_path / "ref")
     proc = run(["--ref_model_name_or_path", ref, "--output_dir", tmp_path / "x"])
     assert "tokenizer" in error_line(proc)
 

@@ -3,12 +3,11 @@ offloaded reference and reward model, two processes; outputs load for chat; bad 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_ok, error_line, run_module
+from tests.helpers import assert_ok, error_line, model_with_other_tokenizer, run_module
 from utils.metrics import read_jsonl
 
 MODULE = "training.step3_rlhf_finetuning.main"
@@ -97,12 +96,7 @@ def test_two_processes_with_ema(tmp_path, stage, port):
 
 
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
-    from utils.model import load_tokenizer, resolve_model_path
-    critic = tmp_path / "critic"
-    shutil.copytree(resolve_model_path("tiny-llama"), critic)
-    tokenizer = load_tokenizer(str(critic))
-    tokenizer.add_tokens(["<not-in-the-actor-vocabulary>"])
-    tokenizer.save_pretrained(critic)
+    critic = model_with_other_tokenizer(tmp_path / "critic")
     proc = run_module(MODULE, [*QUICK, "--critic_model_name_or_path", critic, "--output_dir", tmp_path / "x"])
     assert "different tokenizer" in error_line(proc)
 
