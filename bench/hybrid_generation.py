@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import time
+
+from bench.child import report_result, run_child
 
 VARIANTS = {
     "hybrid": "hybrid engine, actor under ZeRO-3",
@@ -136,17 +135,6 @@ def measure(args, generate, step, hybrid) -> dict:
             "threads": torch.get_num_threads(), "tokens": first_tokens}
 
 
-def run_child(name: str, args) -> dict:
-    skip = ("variant", "out", "repeats", "variants")
-    cmd = [sys.executable, "-m", "bench.hybrid_generation", "--variant", name,
-           *[f"--{k}={v}" for k, v in vars(args).items() if k not in skip and v is not None]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
-    if line is None:
-        sys.exit(f"{name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return json.loads(line[len("RESULT "):])
-
-
 def report(args, best: dict) -> dict:
     print(f"\nGeneration throughput, {args.model}, {args.dtype}, batch {args.batch}, prompt "
           f"{args.prompt_len} + {args.new_tokens} new tokens (greedy, eos off), best of "
@@ -187,13 +175,14 @@ def main() -> None:
     from utils.model import resolve_dtype_name
     args.dtype = resolve_dtype_name(args.dtype, "cpu")
     if args.variant:  # child process: measure one variant, print one JSON line
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        report_result(run_variant(args))
         return
 
     runs = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name in VARIANTS:
-            runs[name].append(run_child(name, args))
+            runs[name].append(run_child("bench.hybrid_generation", name, args,
+                                        skip=("out", "repeats", "variants")))
     best = {name: max(r, key=lambda x: x["tokens_per_s"]) for name, r in runs.items()}
     summary = report(args, best)
     if args.out:

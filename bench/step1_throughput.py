@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
+
+from bench.child import report_result, run_child
 
 VARIANTS = {
     "plain": "plain PyTorch loop, torch AdamW(fused)",
@@ -121,19 +121,13 @@ def main() -> None:
     from utils.model import resolve_dtype_name
     args.dtype = resolve_dtype_name(args.dtype, "cpu")
     if args.variant:  # child process: measure one variant, print one JSON line
-        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        report_result(run_variant(args))
         return
 
     results = {name: [] for name in VARIANTS}
     for _ in range(args.repeats):
         for name in VARIANTS:
-            cmd = [sys.executable, "-m", "bench.step1_throughput", "--variant", name,
-                   *[f"--{k}={v}" for k, v in vars(args).items() if k not in ("variant", "json", "repeats")]]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"{name} run failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
-            results[name].append(json.loads(line[len("RESULT "):]))
+            results[name].append(run_child("bench.step1_throughput", name, args, skip=("json", "repeats")))
 
     best = {name: max(runs, key=lambda r: r["tokens_per_s"]) for name, runs in results.items()}
     print(f"\nStep 1 throughput, {args.model}, {args.dtype}, batch {args.batch_size}, {args.steps} steps "
