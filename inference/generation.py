@@ -48,13 +48,13 @@ def pad_to_width(tokens: torch.Tensor, width: int, pad_token_id: int) -> torch.T
 
 
 def answer_lengths(answers: torch.Tensor, eos_token_id) -> torch.Tensor:
-    """(B,) tokens each row really generated: up to and including its first eos."""
+    """(B,) tokens each row really generated: up to and including its first eos (all of them
+    without an eos id, as generate then never stops early)."""
     if eos_token_id is None:
         return torch.full((answers.shape[0],), answers.shape[1], device=answers.device)
-    eos = torch.as_tensor(eos_token_id, device=answers.device).reshape(-1)
-    is_eos = torch.isin(answers, eos).int()
-    ended_before = (is_eos.cumsum(dim=1) - is_eos) > 0  # an eos earlier in the row
-    return (~ended_before).sum(dim=1)
+    from utils.rl_math import answer_mask
+    # the one first-eos rule of the toolkit; its pad id is only read when there is no eos id
+    return answer_mask(answers, eos_token_id, pad_token_id=-1).sum(dim=1)
 
 
 def draw_seed(generator: torch.Generator | None) -> int:

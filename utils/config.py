@@ -208,16 +208,22 @@ def parse_data_split(split: str) -> list[float]:
     return [p / total for p in parts]
 
 
-def validate_training(cfg, default_output_dir: str) -> None:
-    """Checks and defaults every training step shares (called from each step's validate())."""
+def validate_run(cfg, default_output_dir: str, positive: tuple[str, ...]) -> None:
+    """Checks and defaults every step shares: the data split, the output and data-cache
+    folders, and the flags in `positive` at least 1."""
     parse_data_split(cfg.data_split)
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir
     if not cfg.data_output_path:
         cfg.data_output_path = str(cache_dir() / "data")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "max_seq_len"):
+    for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+
+
+def validate_training(cfg, default_output_dir: str) -> None:
+    """validate_run for the one-model steps (1, 2, DPO), plus their LoRA check."""
+    validate_run(cfg, default_output_dir, ("per_device_train_batch_size", "per_device_eval_batch_size",
+                                           "gradient_accumulation_steps", "max_seq_len"))
     if cfg.only_optimize_lora and cfg.lora_dim <= 0:
         raise ConfigError("--only_optimize_lora needs --lora_dim > 0")

@@ -18,9 +18,8 @@ from utils import flops
 from utils.config import ConfigError
 from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
 from utils.ema import update_ema
-from utils.metrics import MetricsLogger
-from utils.model import load_tokenizer, resolve_dtype_name, resolve_model_path
-from utils.train_utils import check_finite
+from utils.model import load_tokenizer, resolve_model_path
+from utils.train_utils import check_finite, run_logger, start_run
 
 
 def prompt_loader(cfg, tokenizer):
@@ -152,10 +151,7 @@ def save_models(engine, tokenizer, cfg, summary: dict) -> None:
 
 def run(cfg, reward_fn=None) -> dict:
     """The whole of Step 3; returns the summary (first/last round metrics)."""
-    ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
-    device = ds.init_distributed(cfg.local_rank)
-    cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
-    ds.set_seed(cfg.seed)
+    start_run(cfg)
     tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
                                trust_remote_code=cfg.trust_remote_code)
     loader, sampler = prompt_loader(cfg, tokenizer)
@@ -166,8 +162,7 @@ def run(cfg, reward_fn=None) -> dict:
     trainer_cls = DeepSpeedPPOTrainerUnsupervised if unsup is not None else DeepSpeedPPOTrainer
     trainer = trainer_cls(engine, cfg, reward_fn=reward_fn)
     phase_flops = PhaseFlops(engine, cfg)
-    logger = MetricsLogger(f"{cfg.output_dir}/{ds.LOG_SUBDIR}", enabled=ds.is_main(),
-                           tensorboard=cfg.enable_tensorboard, tensorboard_dir=cfg.tensorboard_path or None)
+    logger = run_logger(cfg)
     say = tqdm.write if ds.is_main() else (lambda *_: None)
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of "
         f"{cfg.per_device_generation_batch_size * cfg.generation_batches} answers x {ds.world_size()} "
@@ -215,8 +210,8 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
     scoring_s = time.perf_counter() - start - gen_s
     if cfg.print_answers and ds.is_main() and round_index % cfg.print_answers_interval == 0:
         print_answer(trainer.tokenizer, exps[0], say)
-    stats = {k: _mean([DeepSpeedPPOTrainer.experience_stats(e)[k] for e in exps])
-             for k in ("reward", "kl", "shaped_return", "answer_len")}
+    per_exp = [DeepSpeedPPOTrainer.experience_stats(e) for e in exps]
+    stats = {k: _mean([st[k] for st in per_exp]) for k in per_exp[0]}
     train_start = time.perf_counter()
     losses = ppo_update(trainer, cfg, exps, unsup)
     train_s = time.perf_counter() - train_start

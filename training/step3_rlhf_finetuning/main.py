@@ -16,8 +16,8 @@ if not __package__:  # started as a file path: the absolute imports below need t
 
 from dataclasses import dataclass, field
 
-from utils.config import (ConfigError, DataConfig, LogConfig, RuntimeConfig, cache_dir, doc,
-                          parse_config, parse_data_split)
+from utils.config import (ConfigError, DataConfig, LogConfig, RuntimeConfig, doc, parse_config,
+                          validate_run)
 
 
 @dataclass
@@ -127,14 +127,10 @@ class Step3Config(LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoop
     test_stop_step: int = field(default=3, metadata=doc("Iterations run in test mode."))
 
     def validate(self) -> None:
-        parse_data_split(self.data_split)
-        self.output_dir = self.output_dir or "output/step3_rlhf"
-        self.data_output_path = self.data_output_path or str(cache_dir() / "data")
-        for name in ("per_device_generation_batch_size", "per_device_training_batch_size",
-                     "generation_batches", "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len",
-                     "gradient_accumulation_steps", "inference_tp_size", "num_train_epochs"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be at least 1 (got {getattr(self, name)})")
+        validate_run(self, "output/step3_rlhf", (
+            "per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
+            "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len", "gradient_accumulation_steps",
+            "inference_tp_size", "num_train_epochs"))
         rollout = self.per_device_generation_batch_size * self.generation_batches
         if rollout % self.per_device_training_batch_size:
             raise ConfigError(

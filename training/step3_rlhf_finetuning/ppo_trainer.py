@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from inference.generation import pad_to_width
 from utils import ds_utils as ds
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.reward_model import end_scores
@@ -54,15 +55,6 @@ class Experience:
                 for i in range(len(parts["seq"]))]
 
 
-def pad_answers(seq: torch.Tensor, prompt_len: int, width: int, eos_token_id, pad_token_id: int) -> torch.Tensor:
-    """HF generate output -> exactly prompt_len + width columns, pads after each answer's eos."""
-    answers = seq[:, prompt_len:prompt_len + width]
-    if answers.size(1) < width:
-        answers = torch.cat([answers, answers.new_full((answers.size(0), width - answers.size(1)), pad_token_id)], 1)
-    keep = answer_mask(answers, eos_token_id, pad_token_id)
-    return torch.cat([seq[:, :prompt_len], answers.masked_fill(~keep, pad_token_id)], 1)
-
-
 class DeepSpeedPPOTrainer:
     """PPO on a DeepSpeedRLHFEngine (DeepSpeed-Chat's API). `reward_fn` replaces the reward
     model with a programmatic score (the engine's reward model is then not used)."""
@@ -100,7 +92,8 @@ class DeepSpeedPPOTrainer:
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
             synced_gpus=self.actor.zero_optimization_stage() == 3 and ds.world_size() > 1, **sampling)
         self.actor.train(was_training)
-        return pad_answers(out, prompts.size(1), a.max_answer_seq_len, self.eos_token_id, self.pad_token_id)
+        # generate pads rows that ended early; it stops once all have ended, so pad to the width
+        return pad_to_width(out, prompts.size(1) + a.max_answer_seq_len, self.pad_token_id)
 
     def _answer_log_probs(self, model, seq, attention_mask, prompt_len: int, with_entropy: bool = False):
         """(B, A) log-probs of the answer tokens (and their entropy) under `model`."""
