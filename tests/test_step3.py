@@ -117,3 +117,13 @@ def test_long_prompts_are_cut_from_the_left_and_reported_once(tmp_path):
     assert_ok(proc)
     said = [line for line in (proc.stdout + proc.stderr).splitlines() if "longer than 32 tokens" in line]
     assert len(said) == 1 and "cut from the left" in said[0], said
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--ema_decay", "1.0"], "--ema_decay must be in (0, 1)"),
+    (["--only_optimize_lora"], "--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim"),
+    (["--ppo_epochs", "0"], "--ppo_epochs must be at least 1"),
+])
+def test_impossible_flag_values_are_refused(tmp_path, flags, message):
+    line = error_line(run_module(MODULE, [*QUICK, *flags, "--output_dir", tmp_path / "x"]))
+    assert line.startswith("error: ") and message in line
