@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from utils.config import ConfigError
 
@@ -34,7 +33,7 @@ def main(argv=None) -> None:
     import torch
     from transformers import TextStreamer
 
-    from inference.chat import ChatSession, GenerationSettings
+    from inference.chat import ChatSession, GenerationSettings, default_prompt_format
     from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,10 +42,8 @@ def main(argv=None) -> None:
                            trust_remote_code=args.trust_remote_code).to(device).eval()
     settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                                   args.top_k, args.repetition_penalty)
-    prompt_format = args.prompt_format
-    if prompt_format == "auto" and (Path(args.path) / "training_config.json").exists():
-        prompt_format = "human_assistant"
-    session = ChatSession(model, tokenizer, settings, prompt_format=prompt_format)
+    session = ChatSession(model, tokenizer, settings,
+                          prompt_format=default_prompt_format(args.path, args.prompt_format))
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     print(f"Chatting with {args.path}. Type `clear` to start over, `quit` to leave.", flush=True)
     while True:

@@ -1,111 +1,329 @@
-"""One launcher for the InstructGPT pipeline; each step runs through the deepspeed launcher.
+"""One launcher for the InstructGPT pipeline: Step 1 (supervised fine-tuning), Step 2 (reward
+model) and Step 3 (PPO), each started through the deepspeed launcher, each step's output passed on.
 
     python train.py                                  # embedded default: smollm2-135m, bundled data
-    python train.py --preset quick                   # tiny model, about a minute
-    python train.py --actor-model facebook/opt-1.3b --num-gpus 8 --step1-args "--learning_rate 1e-5"
+    python train.py --preset quick                   # tiny random models, about 2 minutes
+    python train.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m --num-gpus 8
+    python train.py --step 3                         # Step 3 on the Step 1/2 outputs in --output-dir
+    python train.py --hostfile hosts --num-gpus 8    # several machines (a DeepSpeed hostfile;
+                                                     # the launcher reaches them by passwordless ssh)
 
 On a machine without GPUs, --num-gpus N starts N CPU processes (gloo).
+Outputs: <output-dir>/step1_sft, step2_reward, step3_rlhf/{actor,actor_ema,critic}; each finished
+step keeps its console log in <its folder>/logs/console.log.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import free_port
-from utils.config import ConfigError
+from utils.config import ConfigError, parse_config
 
-# Step 1 flags per preset. "default" is sized for minutes on a 2-core CPU with the real
-# pretrained SmolLM2-135M; "quick" uses a tiny random model and is what the tests run.
+
+@dataclass(frozen=True)
+class Preset:
+    actor_model: str
+    data: tuple[str, ...]  # data flags all steps share: the same split keeps their shares disjoint
+    steps: dict  # step number -> that step's flags
+
+
+# "default" is sized to finish all three steps in under 20 minutes on a 2-core CPU with the
+# real pretrained SmolLM2-135M; "quick" uses tiny random models and is what the tests run.
 PRESETS = {
-    "default": {
-        "actor_model": "smollm2-135m",
-        "step1": ["--num_examples", "3000", "--max_seq_len", "128", "--per_device_train_batch_size", "8",
-                  "--learning_rate", "5e-5", "--num_train_epochs", "1", "--lr_scheduler_type", "cosine",
-                  "--num_warmup_steps", "5", "--log_interval", "5"],
-    },
-    "quick": {
-        "actor_model": "tiny-llama",
-        "step1": ["--num_examples", "600", "--max_seq_len", "96", "--per_device_train_batch_size", "8",
-                  "--learning_rate", "1e-3", "--num_train_epochs", "1", "--dtype", "fp32",
-                  "--log_interval", "5"],
-    },
+    "default": Preset(
+        actor_model="smollm2-135m",
+        data=("--data_path", "bundled", "--num_examples", "3000", "--data_split", "2,4,4"),
+        steps={
+            1: ("--max_seq_len", "128", "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
+                "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--log_interval", "5"),
+            2: ("--max_seq_len", "128", "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
+                "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--max_steps", "60",
+                "--log_interval", "5"),
+            3: ("--max_prompt_seq_len", "64", "--max_answer_seq_len", "32",
+                "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "8",
+                "--actor_learning_rate", "5e-6", "--critic_learning_rate", "1e-5", "--num_warmup_steps", "2",
+                "--max_rounds", "12", "--enable_ema", "--log_interval", "2"),
+        }),
+    "quick": Preset(
+        actor_model="tiny-llama",
+        data=("--data_path", "bundled", "--num_examples", "600", "--data_split", "2,4,4"),
+        steps={
+            1: ("--max_seq_len", "96", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                "--dtype", "fp32", "--log_interval", "5"),
+            2: ("--max_seq_len", "96", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3",
+                "--dtype", "fp32", "--max_steps", "10", "--log_interval", "5"),
+            3: ("--max_prompt_seq_len", "64", "--max_answer_seq_len", "16",
+                "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
+                "--num_warmup_steps", "0", "--max_rounds", "4", "--enable_ema", "--dtype", "fp32",
+                "--log_interval", "1"),
+        }),
 }
-STEP_MODULES = {1: "training.step1_supervised_finetuning.main"}
-STEP_DIRS = {1: "step1_sft"}
+
+
+@dataclass(frozen=True)
+class Step:
+    number: int
+    folder: str
+    module: str
+    config: str  # the step's config class, to check its flags before anything runs
+    model: str  # where its model lands inside the folder
+    headline: tuple[str, str, str]  # (metric, before-suffix, after-suffix) for the summary line
+
+    def done(self, root: Path) -> bool:
+        return (root / self.folder / self.model / "training_summary.json").is_file()
+
+
+STEPS = {
+    1: Step(1, "step1_sft", "training.step1_supervised_finetuning.main", "SFTConfig", "",
+            ("perplexity", "_before", "_after")),
+    2: Step(2, "step2_reward", "training.step2_reward_model_finetuning.main", "RewardConfig", "",
+            ("accuracy", "_before", "_after")),
+    3: Step(3, "step3_rlhf", "training.step3_rlhf_finetuning.main", "Step3Config", "actor",
+            ("reward", "_first", "_last")),
+}
+# Set by train.py itself: passing them through a step's flags would break the chaining.
+RESERVED = ("--output_dir", "--model_name_or_path", "--actor_model_name_or_path",
+            "--critic_model_name_or_path", "--zero_stage", "--actor_zero_stage", "--critic_zero_stage")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step", type=int, nargs="+", default=[1], help="steps to run, in order "
-                        "(step 1 is available in this version)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
-    parser.add_argument("--actor-model", default=None, help="actor model (default: the preset's)")
+    parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], help="steps to run, in order")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
+                        help="default: smollm2-135m on the bundled task (~20 min on 2 CPU cores); "
+                        "quick: tiny random models (~2 min)")
+    parser.add_argument("--actor-model", default=None, help="Step 1's starting model (default: the preset's)")
+    parser.add_argument("--reward-model", default=None,
+                        help="Step 2's starting model (default: Step 1's output, so actor and reward model "
+                        "share a tokenizer); with --step 3 alone, the trained reward model to use")
     parser.add_argument("--actor-zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
-    parser.add_argument("--num-gpus", type=int, default=1,
-                        help="processes on this machine: GPUs, or CPU processes where there is no GPU")
+    parser.add_argument("--reward-zero-stage", type=int, default=2, choices=(0, 1, 2, 3),
+                        help="ZeRO stage of Step 2 and of Step 3's critic")
+    parser.add_argument("--num-gpus", type=int, default=None,
+                        help="processes per machine: one per GPU, or N CPU processes on a machine "
+                        "without GPUs (default 1; with --hostfile, the hostfile's slots)")
+    parser.add_argument("--deployment-type", choices=("single_gpu", "single_node", "multi_node"),
+                        default=None, help="inferred when not given: multi_node with --hostfile, "
+                        "single_node with --num-gpus > 1, else single_gpu")
+    parser.add_argument("--hostfile", default=None,
+                        help="DeepSpeed hostfile ('host slots=N' per line) for runs on several machines")
+    parser.add_argument("--launcher-args", default="",
+                        help="extra flags for the deepspeed launcher, quoted (e.g. \"--master_addr 10.0.0.1 "
+                        "--ssh_port 2222\" with --hostfile)")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --output-dir")
-    parser.add_argument("--step1-args", default="", help="extra flags for Step 1, quoted")
+    parser.add_argument("--resume", action="store_true",
+                        help="skip the steps already finished in --output-dir and run the rest "
+                        "(an unfinished step starts over)")
+    for n in STEPS:
+        parser.add_argument(f"--step{n}-args", default="", help=f"extra flags for Step {n}, quoted")
     args = parser.parse_args(argv)
-    for step in args.step:
-        if step not in STEP_MODULES:
-            raise ConfigError(f"--step {step} is not available (available: {sorted(STEP_MODULES)})")
-    if args.num_gpus < 1:
-        raise ConfigError("--num-gpus must be at least 1")
+    validate(args)
     return args
 
 
-def step_command(step: int, args: argparse.Namespace, out_dir: Path) -> list[str]:
+def validate(args: argparse.Namespace) -> None:
+    for step in args.step:
+        if step not in STEPS:
+            raise ConfigError(f"--step {step} does not exist (steps: {', '.join(map(str, STEPS))})")
+    if args.step != sorted(set(args.step)):
+        raise ConfigError(f"--step {' '.join(map(str, args.step))}: list each step once, in order")
+    if args.overwrite and args.resume:
+        raise ConfigError("--overwrite and --resume contradict each other: pick one")
+    if args.num_gpus is not None and args.num_gpus < 1:
+        raise ConfigError("--num-gpus must be at least 1")
+    if args.hostfile and not Path(args.hostfile).is_file():
+        raise ConfigError(f"--hostfile {args.hostfile} does not exist")
+    kind = args.deployment_type or ("multi_node" if args.hostfile else
+                                    "single_node" if (args.num_gpus or 1) > 1 else "single_gpu")
+    if kind == "single_gpu" and (args.num_gpus or 1) != 1:
+        raise ConfigError(f"--deployment-type single_gpu runs one process, not --num-gpus {args.num_gpus}")
+    if kind == "multi_node" and not args.hostfile:
+        raise ConfigError("--deployment-type multi_node needs --hostfile (the machines and their slots)")
+    if args.hostfile and kind != "multi_node":
+        raise ConfigError(f"--hostfile is for multi_node runs, not --deployment-type {kind}")
+    args.deployment_type = kind
+
+
+@dataclass
+class Plan:
+    """What runs, from which models, into which folders."""
+    root: Path
+    run: list[int]  # steps to run (finished ones dropped under --resume)
+    sft: str  # the actor Steps 2/3 start from: Step 1's output, or the actor model without Step 1
+    models: dict  # step number -> {flag: model path}
+
+    def folder(self, step: int) -> Path:
+        return self.root / STEPS[step].folder
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    root = Path(args.output_dir)
+    run = [s for s in args.step if not (args.resume and STEPS[s].done(root))]
+    available = lambda s: s in run or STEPS[s].done(root)  # noqa: E731  (runs now or ran before)
+    actor = args.actor_model or PRESETS[args.preset].actor_model
+    sft = str(root / STEPS[1].folder) if available(1) else actor
+    models = {1: {"--model_name_or_path": actor},
+              2: {"--model_name_or_path": args.reward_model or sft}}
+    if 3 in run:
+        if available(2):
+            reward = str(root / STEPS[2].folder)
+        elif args.reward_model:
+            reward = args.reward_model
+        else:
+            raise ConfigError("Step 3 needs a trained reward model: run Step 2 too (--step 2 3) or pass "
+                              f"--reward-model; {root / STEPS[2].folder} holds none")
+        models[3] = {"--actor_model_name_or_path": sft, "--critic_model_name_or_path": reward}
+    return Plan(root, run, sft, models)
+
+
+def check_outputs(args: argparse.Namespace, plan: Plan) -> None:
+    """Refuse, before any work, to write over another run's outputs unless asked to."""
+    for step in plan.run:
+        folder = plan.folder(step)
+        if folder.exists() and any(folder.iterdir()) and not (args.overwrite or args.resume):
+            raise ConfigError(f"{folder} already holds a run; pass --overwrite to replace it, --resume to "
+                              "continue it, or choose another --output-dir")
+
+
+def check_tokenizers(args: argparse.Namespace, plan: Plan) -> None:
+    """Actor and reward model exchange token ids in Step 3: compare them before Step 1 starts."""
+    if not {2, 3} & set(plan.run):
+        return
+    actor_model = args.actor_model or PRESETS[args.preset].actor_model
+
+    def source(path: str) -> str:  # Step 1's output keeps its starting model's tokenizer
+        return actor_model if path == str(plan.folder(1)) and 1 in plan.run else path
+
+    actor = source(plan.models[1]["--model_name_or_path"] if 1 in plan.run else plan.sft)
+    reward = source(plan.models[3]["--critic_model_name_or_path"] if 2 not in plan.run
+                    else plan.models[2]["--model_name_or_path"])
+    if actor == reward:
+        return
+    from utils.model import load_tokenizer, require_same_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(actor), trust_remote_code=False)
+    require_same_tokenizer(tokenizer, resolve_model_path(reward), "reward model", f"the actor ({actor})")
+
+
+def step_flags(step: int, args: argparse.Namespace, plan: Plan) -> list[str]:
     preset = PRESETS[args.preset]
-    flags = [*preset[f"step{step}"], "--model_name_or_path", args.actor_model or preset["actor_model"],
-             "--zero_stage", str(args.actor_zero_stage), "--output_dir", str(out_dir)]
-    if args.overwrite:
+    user = shlex.split(getattr(args, f"step{step}_args"))
+    for flag in user:
+        if flag.startswith("--") and "--" + flag[2:].split("=")[0].replace("-", "_") in RESERVED:
+            raise ConfigError(f"--step{step}-args: {flag} is set by train.py (use --actor-model, --reward-model, "
+                              "--actor-zero-stage, --reward-zero-stage or --output-dir)")
+    zero = ({"--zero_stage": args.actor_zero_stage} if step == 1 else
+            {"--zero_stage": args.reward_zero_stage} if step == 2 else
+            {"--actor_zero_stage": args.actor_zero_stage, "--critic_zero_stage": args.reward_zero_stage})
+    flags = [*preset.data, *preset.steps[step]]
+    for name, value in {**plan.models[step], **zero, "--output_dir": plan.folder(step)}.items():
+        flags += [name, str(value)]
+    if args.overwrite or (args.resume and plan.folder(step).exists()):
         flags.append("--overwrite_output_dir")
-    flags += shlex.split(getattr(args, f"step{step}_args"))
+    return flags + user
+
+
+def check_step_flags(step: int, flags: list[str]) -> None:
+    """Parse the flags with the step's own config, so a typo stops the pipeline before Step 1."""
+    import importlib
+
+    config_cls = getattr(importlib.import_module(STEPS[step].module), STEPS[step].config)
+    try:
+        parse_config(config_cls, flags, exit_on_error=False)
+    except ConfigError as err:
+        raise ConfigError(f"Step {step} flags: {err}") from None
+
+
+def launcher_command(step: int, args: argparse.Namespace, flags: list[str]) -> list[str]:
     launcher = shutil.which("deepspeed")
     if launcher is None:
         raise ConfigError("the `deepspeed` launcher is not on PATH; run `bash install.sh`")
-    return [launcher, "--num_gpus", str(args.num_gpus), "--master_port", str(free_port()),
-            "--module", STEP_MODULES[step], *flags]
+    where = ["--hostfile", args.hostfile] if args.hostfile else []
+    if args.num_gpus or not args.hostfile:
+        where += ["--num_gpus", str(args.num_gpus or 1)]
+    return [launcher, *where, "--master_port", str(free_port()), *shlex.split(args.launcher_args),
+            "--module", STEPS[step].module, *flags]
 
 
-def run_step(step: int, cmd: list[str], out_dir: Path) -> None:
-    """Stream the step's output to the console and to <out_dir>.log; stop the pipeline on failure."""
-    log_path = out_dir.with_suffix(".log")
+def run_step(step: int, cmd: list[str], folder: Path) -> float:
+    """Stream the step's output to the console and a log; stop the pipeline on failure.
+    The log is written beside the folder (the step refuses a non-empty one) and moved into
+    <folder>/logs/ once the step has finished."""
+    log_path = folder.with_name(folder.name + ".log")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     print(f"==> step {step}: {shlex.join(cmd)}", flush=True)
     start = time.time()
+    last_error = ""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                                       text=True, env=env) as proc:
         for line in proc.stdout:
             sys.stdout.write(line)
             log.write(line)
+            if line.lstrip().startswith("error:"):
+                last_error = line.strip()
         code = proc.wait()
     minutes = (time.time() - start) / 60
     if code != 0:
-        sys.exit(f"error: step {step} failed (exit {code}) after {minutes:.1f} min; log: {log_path}")
-    print(f"==> step {step} done in {minutes:.1f} min; model: {out_dir}; log: {log_path}", flush=True)
+        reason = f": {last_error}" if last_error else ""
+        raise SystemExit(f"error: step {step} failed (exit {code}) after {minutes:.1f} min{reason}; "
+                         f"log: {log_path}")
+    kept = folder / "logs" / "console.log"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(log_path), kept)
+    return minutes
+
+
+def summary_line(step: int, folder: Path, minutes: float) -> str:
+    meta = STEPS[step]
+    model = folder / meta.model if meta.model else folder
+    summary = json.loads((model / "training_summary.json").read_text())
+    metric, before, after = meta.headline
+    change = ""
+    if metric + before in summary and metric + after in summary:
+        change = f"{metric} {summary[metric + before]:.4g} -> {summary[metric + after]:.4g}; "
+    if step == 3 and "kl_last" in summary:
+        change += f"KL {summary['kl_last']:.4g}; "
+    return f"step {step} done in {minutes:.1f} min: {change}model: {model}; log: {folder / 'logs' / 'console.log'}"
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    root = Path(args.output_dir)
+    plan = make_plan(args)
+    check_outputs(args, plan)
+    commands = {}
+    for step in plan.run:
+        flags = step_flags(step, args, plan)
+        check_step_flags(step, flags)
+        commands[step] = launcher_command(step, args, flags)
+    check_tokenizers(args, plan)
     for step in args.step:
-        out_dir = root / STEP_DIRS[step]
-        if out_dir.exists() and any(out_dir.iterdir()) and not args.overwrite:
-            raise ConfigError(f"{out_dir} already holds a run; pass --overwrite to replace it or "
-                              "choose another --output-dir")
-    for step in args.step:
-        out_dir = root / STEP_DIRS[step]
-        run_step(step, step_command(step, args, out_dir), out_dir)
+        if step not in plan.run:
+            print(f"==> step {step}: already finished in {plan.folder(step)} (--resume), skipped", flush=True)
+    start, lines = time.time(), []
+    for step in plan.run:
+        minutes = run_step(step, commands[step], plan.folder(step))
+        lines.append(summary_line(step, plan.folder(step), minutes))
+        print(f"==> {lines[-1]}", flush=True)
+    if plan.run:
+        print(f"==> pipeline done in {(time.time() - start) / 60:.1f} min", flush=True)
+        for line in lines:
+            print(f"    {line}", flush=True)
+    last = 3 if STEPS[3].done(plan.root) else 1 if STEPS[1].done(plan.root) else None
+    if last:
+        chat_path = plan.folder(last) / STEPS[last].model if STEPS[last].model else plan.folder(last)
+        print(f"==> chat with it: python chat.py --path {chat_path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ the prompt plus the new answer fit the model's context window.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -79,8 +80,19 @@ class ChatSession:
                                   max_new_tokens=s.max_new_tokens, repetition_penalty=s.repetition_penalty,
                                   pad_token_id=self.tokenizer.pad_token_id,
                                   eos_token_id=self.tokenizer.eos_token_id, streamer=streamer, **sampling)
-        answer = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        # A model trained on the Human/Assistant format may run on into the next turn.
-        answer = answer.split(" Human:")[0].split("\nHuman:")[0].strip()
+        answer = self.cut_answer(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
         self.history.append((message, answer))
         return answer
+
+    @staticmethod
+    def cut_answer(text: str) -> str:
+        """A model trained on the Human/Assistant format may run on into the next turn."""
+        return text.split(" Human:")[0].split("\nHuman:")[0].strip()
+
+
+def default_prompt_format(path: str, requested: str = "auto") -> str:
+    """'auto' means Human/Assistant turns for a model trained here (the format the pipeline
+    trains on; its folder holds training_config.json), else the tokenizer's template if any."""
+    if requested == "auto" and (Path(path) / "training_config.json").exists():
+        return "human_assistant"
+    return requested

@@ -1,4 +1,5 @@
-"""train.py: the one-line launcher, on the quick preset, and its refusals."""
+"""train.py: the quick preset through all three steps, then chat and prompt_eval on its outputs,
+Step 3 alone on earlier outputs, --resume, and the refusals that must come before any work."""
 from __future__ import annotations
 
 import json
@@ -7,28 +8,173 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
+
+from tests.helpers import ROOT, assert_ok, error_line, model_with_other_tokenizer, run_module
+
+STEP_FOLDERS = ("step1_sft", "step2_reward", "step3_rlhf")
 
 
-def launch(*args, timeout=600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+def launch(*args, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def test_quick_preset_runs_step1_through_deepspeed_launcher(tmp_path):
+QUICK = ("--preset", "quick", "--step1-args", "--max_steps 8 --disable_tqdm",
+         "--step2-args", "--max_steps 6 --disable_tqdm", "--step3-args", "--max_rounds 2 --disable_tqdm")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """One quick run of steps 1-3 in one process, shared by the tests that read its outputs."""
+    out = tmp_path_factory.mktemp("pipeline") / "run"
+    proc = launch(*QUICK, "--output-dir", out)
+    assert_ok(proc)
+    return out, proc
+
+
+def summary(folder: Path) -> dict:
+    return json.loads((folder / "training_summary.json").read_text())
+
+
+def test_quick_preset_runs_all_steps_through_deepspeed_launcher(pipeline):
+    out, proc = pipeline
+    for module in ("step1_supervised_finetuning", "step2_reward_model_finetuning", "step3_rlhf_finetuning"):
+        assert f"--module training.{module}.main" in proc.stdout
+    assert proc.stdout.count("deepspeed") >= 3
+    # each step starts from the previous one's output
+    assert f"--model_name_or_path {out / 'step1_sft'}" in proc.stdout  # Step 2 from Step 1
+    assert f"--actor_model_name_or_path {out / 'step1_sft'}" in proc.stdout
+    assert f"--critic_model_name_or_path {out / 'step2_reward'}" in proc.stdout
+    assert summary(out / "step1_sft")["steps"] == 8
+    assert summary(out / "step2_reward")["steps"] == 6
+    assert summary(out / "step3_rlhf" / "actor")["rounds"] == 2
+    for folder in STEP_FOLDERS:  # logs kept in each step's folder, nothing left beside them
+        assert "done" in (out / folder / "logs" / "console.log").read_text()
+        assert not (out / f"{folder}.log").exists()
+    for step in (1, 2, 3):
+        assert f"==> step {step} done in" in proc.stdout
+    assert "perplexity" in proc.stdout and "accuracy" in proc.stdout and "reward" in proc.stdout
+    assert f"python chat.py --path {out / 'step3_rlhf' / 'actor'}" in proc.stdout
+
+
+def test_second_run_into_the_same_folder_is_refused_before_work(pipeline):
+    out, _ = pipeline
+    before = (out / "step1_sft" / "model.safetensors").stat().st_mtime_ns
+    proc = launch("--preset", "quick", "--output-dir", out)
+    assert "already holds a run" in error_line(proc) and "deepspeed" not in proc.stdout
+    assert (out / "step1_sft" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_resume_skips_finished_steps(pipeline):
+    out, _ = pipeline
+    proc = launch("--preset", "quick", "--output-dir", out, "--resume")
+    assert_ok(proc)
+    assert proc.stdout.count("(--resume), skipped") == 3 and "--module" not in proc.stdout
+
+
+@pytest.mark.parametrize("model", ["actor", "actor_ema"])
+def test_chat_on_step3_outputs(pipeline, model):
+    out, _ = pipeline
+    script = "What is 2 plus 3? Answer with the number only.\nIs 7 odd?\nclear\nAnd 4 + 4?\nquit\n"
+    proc = subprocess.run([sys.executable, "chat.py", "--path", out / "step3_rlhf" / model,
+                           "--max_new_tokens", "4"], cwd=ROOT, input=script, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Assistant: ") == 3 and "(history cleared)" in proc.stdout
+
+
+def test_prompt_eval_on_two_saved_models(pipeline, tmp_path):
+    out, _ = pipeline
+    report = tmp_path / "eval.json"
+    proc = run_module("inference.prompt_eval", [
+        "--model_name_or_path_baseline", out / "step1_sft",
+        "--model_name_or_path_finetune", out / "step3_rlhf" / "actor",
+        "--num_prompts", 6, "--max_new_tokens", 6, "--output_json", report])
+    assert_ok(proc)
+    rows = json.loads(report.read_text())
+    assert len(rows["prompts"]) == 6 and [m["name"] for m in rows["models"]] == [
+        str(out / "step1_sft"), str(out / "step3_rlhf" / "actor")]
+    for model in rows["models"]:
+        assert len(model["answers"]) == 6 and all(s in (0.0, 0.5, 1.0) for s in model["scores"])
+        assert model["mean_score"] == pytest.approx(sum(model["scores"]) / 6)
+    assert proc.stdout.count("==> prompt ") == 6 and "mean ground-truth score on 6 prompts" in proc.stdout
+
+
+def test_step3_alone_reuses_earlier_outputs(pipeline, tmp_path):
+    out, _ = pipeline
+    run = tmp_path / "run"
+    run.mkdir()
+    for folder in ("step1_sft", "step2_reward"):
+        (run / folder).symlink_to(out / folder, target_is_directory=True)
+    proc = launch("--preset", "quick", "--step", 3, "--output-dir", run,
+                  "--step3-args", "--max_rounds 1 --disable_tqdm")
+    assert_ok(proc)
+    assert "--module training.step1" not in proc.stdout and "--module training.step2" not in proc.stdout
+    assert f"--actor_model_name_or_path {run / 'step1_sft'}" in proc.stdout
+    assert f"--critic_model_name_or_path {run / 'step2_reward'}" in proc.stdout
+    assert summary(run / "step3_rlhf" / "actor")["rounds"] == 1
+
+
+def test_failed_step_stops_the_pipeline_with_its_error_and_log(tmp_path):
     out = tmp_path / "run"
-    proc = launch("--preset", "quick", "--output-dir", str(out), "--step1-args", "--max_steps 8 --disable_tqdm")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "deepspeed" in proc.stdout and "--module training.step1_supervised_finetuning.main" in proc.stdout
-    summary = json.loads((out / "step1_sft" / "training_summary.json").read_text())
-    assert summary["steps"] == 8 and summary["loss_after"] < summary["loss_before"]
-    assert "step1 done" in (out / "step1_sft.log").read_text()
-    # a second run into the same folder is refused before any work starts
-    again = launch("--preset", "quick", "--output-dir", str(out))
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    proc = launch("--preset", "quick", "--output-dir", out, "--step1-args", f"--data_path {tmp_path / 'none.jsonl'}")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step 1 failed") and "none.jsonl" in last
+    assert f"log: {out / 'step1_sft.log'}" in last and (out / "step1_sft.log").is_file()
+    assert "--module training.step2" not in proc.stdout
 
 
-def test_unknown_step_is_refused():
-    proc = launch("--step", "7")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("error: --step 7")
+@pytest.mark.slow
+def test_quick_preset_with_two_processes(tmp_path):
+    out = tmp_path / "run"
+    proc = launch(*QUICK, "--output-dir", out, "--num-gpus", 2)
+    assert_ok(proc)
+    assert "--num_gpus 2" in proc.stdout and "2 process(es)" in proc.stdout
+    assert summary(out / "step3_rlhf" / "actor")["rounds"] == 2
+
+
+@pytest.mark.slow
+def test_hostfile_goes_through_the_deepspeed_launcher(tmp_path):
+    """A one-host hostfile: the launcher's multi-node path, minus ssh (no other machine here)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    out = tmp_path / "run"
+    proc = launch("--preset", "quick", "--step", 1, "--output-dir", out, "--hostfile", hostfile,
+                  "--launcher-args", "--no_ssh_check --master_addr 127.0.0.1",
+                  "--step1-args", "--max_steps 4 --disable_tqdm")
+    assert_ok(proc)
+    assert f"--hostfile {hostfile}" in proc.stdout and "2 process(es)" in proc.stdout
+    assert summary(out / "step1_sft")["steps"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--step", "7"], "error: --step 7 does not exist"),
+    (["--step", "3", "1"], "list each step once, in order"),
+    (["--hostfile", "/no/such/hostfile"], "--hostfile /no/such/hostfile does not exist"),
+    (["--num-gpus", "2", "--deployment-type", "single_gpu"], "single_gpu runs one process"),
+    (["--deployment-type", "multi_node"], "multi_node needs --hostfile"),
+    (["--step2-args", "--bogus_flag 1"], "Step 2 flags: unrecognized arguments: --bogus_flag"),
+    (["--step1-args", "--output_dir elsewhere"], "--output_dir is set by train.py"),
+    (["--overwrite", "--resume"], "contradict"),
+])
+def test_bad_input_is_refused_before_any_work(tmp_path, args, message):
+    out = tmp_path / "run"
+    proc = launch("--preset", "quick", "--output-dir", out, *args)
+    assert message in error_line(proc)
+    assert not out.exists()
+
+
+def test_step3_without_a_reward_model_is_refused(tmp_path):
+    proc = launch("--preset", "quick", "--step", 3, "--output-dir", tmp_path / "run")
+    assert "Step 3 needs a trained reward model" in error_line(proc)
+
+
+def test_reward_model_with_another_tokenizer_is_refused_before_step1(tmp_path):
+    other = model_with_other_tokenizer(tmp_path / "other")
+    out = tmp_path / "run"
+    proc = launch("--preset", "quick", "--output-dir", out, "--reward-model", other)
+    line = error_line(proc)
+    assert "different tokenizer" in line and str(other) in line
+    assert not out.exists() and "--module" not in proc.stdout

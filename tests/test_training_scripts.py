@@ -42,3 +42,25 @@ def test_script_flags_parse(script):
     config_cls = getattr(importlib.import_module(module), CONFIGS[module])
     namespace = build_parser(config_cls).parse_args(args)  # exits (SystemExit) on an unknown flag
     assert namespace.output_dir
+
+
+TINY_CPU = sorted(ROOT.glob("training/*/training_scripts/cpu/run_tiny.sh"))
+
+
+@pytest.mark.parametrize("script", TINY_CPU, ids=lambda p: p.parts[-4])
+def test_cpu_tiny_script_runs(script, tmp_path):
+    """The CPU example scripts are run, not only parsed (the SmolLM2 ones take minutes: parsed)."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(script), str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    model = out / "actor" if "step3" in script.parts[-4] else out
+    assert (model / "training_summary.json").is_file() and (model / "model.safetensors").is_file()
+
+
+def test_every_step_has_a_tiny_cpu_script():
+    assert {p.parts[-4] for p in TINY_CPU} == {
+        "step1_supervised_finetuning", "step2_reward_model_finetuning", "step3_rlhf_finetuning"}

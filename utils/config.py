@@ -150,9 +150,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
-    parser = _Parser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class _RaisingParser(_Parser):
+    """For checking flags inside another program (train.py): a bad flag raises ConfigError."""
+
+    def error(self, message):
+        raise ConfigError(message)
+
+
+def build_parser(config_cls, description: str = "", parser_cls=_Parser) -> argparse.ArgumentParser:
+    parser = parser_cls(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(config_cls)
     for f in dataclasses.fields(config_cls):
         tp = hints[f.name]
@@ -171,9 +177,10 @@ def build_parser(config_cls, description: str = "") -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(config_cls, argv=None, description: str = ""):
-    """Parse argv into an instance of `config_cls`, then run its `validate()` if it has one."""
-    parser = build_parser(config_cls, description)
+def parse_config(config_cls, argv=None, description: str = "", exit_on_error: bool = True):
+    """Parse argv into an instance of `config_cls`, then run its `validate()` if it has one.
+    With exit_on_error=False a bad flag raises ConfigError instead of exiting."""
+    parser = build_parser(config_cls, description, _Parser if exit_on_error else _RaisingParser)
     ns = parser.parse_args(_underscore_flags(parser, sys.argv[1:] if argv is None else list(argv)))
     cfg = config_cls(**vars(ns))
     if hasattr(cfg, "validate"):

@@ -61,6 +61,8 @@ def total_iterations(cfg, loader) -> tuple[int, int]:
     rounds = len(loader) // cfg.generation_batches * cfg.num_train_epochs
     if cfg.enable_test_mode:
         rounds = min(rounds, cfg.test_stop_step)
+    if cfg.max_rounds:
+        rounds = min(rounds, cfg.max_rounds)
     micro_per_round = cfg.per_device_generation_batch_size * cfg.generation_batches \
         // cfg.per_device_training_batch_size * cfg.ppo_epochs
     return rounds, max(1, math.ceil(rounds * micro_per_round / cfg.gradient_accumulation_steps))

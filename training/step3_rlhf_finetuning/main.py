@@ -69,6 +69,9 @@ class PPOLoopConfig:
         "Longer prompts are cut from the left (the question's end is kept); the count is reported once."))
     max_answer_seq_len: int = field(default=256, metadata=doc("Generated tokens per answer (at most)."))
     num_train_epochs: int = field(default=1, metadata=doc("Passes over the prompt data."))
+    max_rounds: int = field(default=0, metadata=doc(
+        "Stop after this many rollout rounds (0 = all the prompt data); the learning-rate "
+        "schedules span the rounds actually run."))
     gradient_accumulation_steps: int = field(default=1, metadata=doc("Micro-batches per optimizer step."))
     actor_learning_rate: float = field(default=9.65e-6, metadata=doc("Actor peak learning rate."))
     critic_learning_rate: float = field(default=5e-6, metadata=doc("Critic peak learning rate."))
@@ -123,7 +126,8 @@ class HybridConfig:
 class Step3Config(LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoopConfig, ModelsConfig, DataConfig):
     print_answers: bool = field(default=False, metadata=doc("Print a prompt and its answer now and then."))
     print_answers_interval: int = field(default=1, metadata=doc("Iterations between printed answers."))
-    enable_test_mode: bool = field(default=False, metadata=doc("Stop after --test_stop_step iterations."))
+    enable_test_mode: bool = field(default=False, metadata=doc(
+        "Stop after --test_stop_step iterations (DeepSpeed-Chat's name; --max_rounds does the same)."))
     test_stop_step: int = field(default=3, metadata=doc("Iterations run in test mode."))
 
     def validate(self) -> None:
@@ -131,6 +135,8 @@ class Step3Config(LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoop
             "per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
             "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len", "gradient_accumulation_steps",
             "inference_tp_size", "num_train_epochs"))
+        if self.max_rounds < 0:
+            raise ConfigError(f"--max_rounds must be >= 0, got {self.max_rounds}")
         rollout = self.per_device_generation_batch_size * self.generation_batches
         if rollout % self.per_device_training_batch_size:
             raise ConfigError(

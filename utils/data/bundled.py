@@ -348,7 +348,7 @@ def generate_examples(num: int = 6000, seed: int = 0) -> list[dict]:
 
 # ----------------------------------------------------------------------------- checking
 
-def _unwrap(prompt: str) -> str:
+def question_of(prompt: str) -> str:
     """Strip the DeepSpeed-Chat " Human: ... Assistant:" wrapper (last turn) if present."""
     text = prompt
     if "Human:" in text:
@@ -361,7 +361,7 @@ def _unwrap(prompt: str) -> str:
 
 def _parse(prompt: str):
     """(task, params, fields, suffix) for a bundled prompt, or None."""
-    text = _unwrap(prompt)
+    text = question_of(prompt)
     for suffix, candidates in _PARSERS.items():
         if not text.endswith(" " + suffix):
             continue
