@@ -44,14 +44,15 @@ PRESETS = {
         data=("--data_path", "bundled", "--num_examples", "3000", "--data_split", "2,4,4"),
         steps={
             1: ("--max_seq_len", "128", "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
-                "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--log_interval", "5"),
-            2: ("--max_seq_len", "128", "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
                 "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--max_steps", "60",
+                "--log_interval", "5"),
+            2: ("--max_seq_len", "128", "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
+                "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--max_steps", "40",
                 "--log_interval", "5"),
             3: ("--max_prompt_seq_len", "64", "--max_answer_seq_len", "32",
                 "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "8",
                 "--actor_learning_rate", "5e-6", "--critic_learning_rate", "1e-5", "--num_warmup_steps", "2",
-                "--max_rounds", "12", "--enable_ema", "--log_interval", "2"),
+                "--max_rounds", "10", "--enable_ema", "--log_interval", "2"),
         }),
     "quick": Preset(
         actor_model="tiny-llama",
@@ -293,8 +294,10 @@ def summary_line(step: int, folder: Path, minutes: float) -> str:
     change = ""
     if metric + before in summary and metric + after in summary:
         change = f"{metric} {summary[metric + before]:.4g} -> {summary[metric + after]:.4g}; "
-    if step == 3 and "kl_last" in summary:
-        change += f"KL {summary['kl_last']:.4g}; "
+    if step == 3:
+        if "gt_score_first" in summary:
+            change += f"ground-truth score {summary['gt_score_first']:.3f} -> {summary['gt_score_last']:.3f}; "
+        change += f"KL {summary.get('kl_last', float('nan')):.4g}; "
     return f"step {step} done in {minutes:.1f} min: {change}model: {model}; log: {folder / 'logs' / 'console.log'}"
 
 

@@ -48,7 +48,8 @@ def test_quick_preset_runs_all_steps_through_deepspeed_launcher(pipeline):
     assert f"--critic_model_name_or_path {out / 'step2_reward'}" in proc.stdout
     assert summary(out / "step1_sft")["steps"] == 8
     assert summary(out / "step2_reward")["steps"] == 6
-    assert summary(out / "step3_rlhf" / "actor")["rounds"] == 2
+    step3 = summary(out / "step3_rlhf" / "actor")
+    assert step3["rounds"] == 2 and 0 <= step3["gt_score_last"] <= 1  # checker score of the rollouts
     for folder in STEP_FOLDERS:  # logs kept in each step's folder, nothing left beside them
         assert "done" in (out / folder / "logs" / "console.log").read_text()
         assert not (out / f"{folder}.log").exists()
@@ -178,3 +179,51 @@ def test_reward_model_with_another_tokenizer_is_refused_before_step1(tmp_path):
     line = error_line(proc)
     assert "different tokenizer" in line and str(other) in line
     assert not out.exists() and "--module" not in proc.stdout
+
+
+# ---- the plan: which steps run, from which models (in-process, no training) -------------------
+
+def plan_for(*argv):
+    import train
+    args = train.parse_args([str(a) for a in argv])
+    return args, train.make_plan(args)
+
+
+def finished(folder: Path, model: str = "") -> None:
+    (folder / model).mkdir(parents=True)
+    (folder / model / "training_summary.json").write_text("{}")
+
+
+def test_plan_chains_each_step_to_the_previous_output(tmp_path):
+    _, plan = plan_for("--output-dir", tmp_path, "--actor-model", "tiny-opt")
+    assert plan.run == [1, 2, 3]
+    assert plan.models[1] == {"--model_name_or_path": "tiny-opt"}
+    assert plan.models[2] == {"--model_name_or_path": str(tmp_path / "step1_sft")}
+    assert plan.models[3] == {"--actor_model_name_or_path": str(tmp_path / "step1_sft"),
+                              "--critic_model_name_or_path": str(tmp_path / "step2_reward")}
+
+
+def test_plan_with_a_reward_model_and_without_step1(tmp_path):
+    _, plan = plan_for("--output-dir", tmp_path, "--step", 2, 3, "--actor-model", "tiny-opt",
+                       "--reward-model", "tiny-opt-350")
+    assert plan.models[2] == {"--model_name_or_path": "tiny-opt-350"}
+    assert plan.models[3]["--actor_model_name_or_path"] == "tiny-opt"  # no Step 1 output: the model itself
+
+
+def test_resume_plans_only_unfinished_steps(tmp_path):
+    finished(tmp_path / "step1_sft")
+    finished(tmp_path / "step2_reward")
+    (tmp_path / "step3_rlhf" / "logs").mkdir(parents=True)  # a Step 3 that died
+    import train
+    args, plan = plan_for("--output-dir", tmp_path, "--resume", "--preset", "quick")
+    assert plan.run == [3]
+    assert "--overwrite_output_dir" in train.step_flags(3, args, plan)  # its leftovers are replaced
+
+
+def test_step_flags_put_the_users_flags_last(tmp_path):
+    import train
+    args, plan = plan_for("--output-dir", tmp_path, "--preset", "quick", "--step2-args", "--learning_rate 7e-4")
+    flags = train.step_flags(2, args, plan)
+    assert flags[-2:] == ["--learning_rate", "7e-4"] and flags.index("--learning_rate") < len(flags) - 2
+    assert flags[flags.index("--zero_stage") + 1] == "2" and flags[flags.index("--output_dir") + 1] == str(
+        tmp_path / "step2_reward")

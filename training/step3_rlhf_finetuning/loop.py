@@ -138,9 +138,30 @@ def _reduce_mean(metrics: dict) -> dict:
 
 
 def print_answer(tokenizer, exp: Experience, say) -> None:
-    prompt = tokenizer.decode(exp.prompts[0][exp.prompts[0] != tokenizer.pad_token_id])
-    answer = tokenizer.decode(exp.seq[0, exp.prompt_len:][exp.action_mask[0]], skip_special_tokens=True)
-    say(f"--- prompt: {prompt!r}\n--- answer: {answer!r} (score {exp.scores[0].item():.3f})")
+    prompts, answers = decoded(tokenizer, exp)
+    say(f"--- prompt: {prompts[0]!r}\n--- answer: {answers[0]!r} (score {exp.scores[0].item():.3f})")
+
+
+def decoded(tokenizer, exp: Experience) -> tuple[list[str], list[str]]:
+    """(prompt texts, answer texts) of a rollout, special tokens and padding dropped."""
+    prompts = [tokenizer.decode(row[row != tokenizer.pad_token_id], skip_special_tokens=True)
+               for row in exp.prompts]
+    answers = [tokenizer.decode(row[mask], skip_special_tokens=True)
+               for row, mask in zip(exp.seq[:, exp.prompt_len:], exp.action_mask)]
+    return prompts, answers
+
+
+def ground_truth_score(tokenizer, exps: list[Experience]) -> dict:
+    """Mean checker score of the answers (bundled task prompts only): the number that says
+    whether the policy really got better, not only the reward model's view of it."""
+    from utils.data import bundled
+
+    scores = []
+    for exp in exps:
+        for prompt, answer in zip(*decoded(tokenizer, exp)):
+            if bundled.is_task_prompt(prompt):  # a prompt cut from the left no longer parses
+                scores.append(bundled.score(prompt, answer))
+    return {"gt_score": _mean(scores) if scores else float("nan")}
 
 
 def save_models(engine, tokenizer, cfg, summary: dict) -> None:
@@ -184,7 +205,8 @@ def run(cfg, reward_fn=None) -> dict:
         progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
         if cfg.print_loss or (round_index + 1) % cfg.log_interval == 0:
             say(f"step3 round {round_index + 1}: " + ", ".join(
-                f"{k} {metrics[k]:.4g}" for k in ("reward", "kl", "actor_loss", "critic_loss", "answer_len")))
+                f"{k} {metrics[k]:.4g}" for k in ("reward", "gt_score", "kl", "actor_loss", "critic_loss",
+                                                   "answer_len") if k in metrics))
     progress.close()
     summary = {"rounds": rounds, **{f"{k}_first": v for k, v in history[0].items()},
                **{f"{k}_last": v for k, v in history[-1].items()}} if history else {"rounds": 0}
@@ -214,6 +236,8 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
         print_answer(trainer.tokenizer, exps[0], say)
     per_exp = [DeepSpeedPPOTrainer.experience_stats(e) for e in exps]
     stats = {k: _mean([st[k] for st in per_exp]) for k in per_exp[0]}
+    if all(path == "bundled" for path in cfg.data_path):  # the same on every rank (all-reduced)
+        stats.update(ground_truth_score(trainer.tokenizer, exps))
     train_start = time.perf_counter()
     losses = ppo_update(trainer, cfg, exps, unsup)
     train_s = time.perf_counter() - train_start
