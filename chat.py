@@ -30,16 +30,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    import torch
     from transformers import TextStreamer
 
-    from inference.chat import ChatSession, GenerationSettings, default_prompt_format
-    from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
+    from inference.chat import ChatSession, GenerationSettings, default_prompt_format, load_for_generation
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = load_tokenizer(args.path, trust_remote_code=args.trust_remote_code)
-    model = load_causal_lm(args.path, tokenizer, dtype=resolve_dtype(args.dtype, device),
-                           trust_remote_code=args.trust_remote_code).to(device).eval()
+    model, tokenizer = load_for_generation(args.path, args.dtype, args.trust_remote_code)
     settings = GenerationSettings(args.max_new_tokens, args.do_sample, args.temperature, args.top_p,
                                   args.top_k, args.repetition_penalty)
     session = ChatSession(model, tokenizer, settings,

@@ -90,6 +90,17 @@ class ChatSession:
         return text.split(" Human:")[0].split("\nHuman:")[0].strip()
 
 
+def load_for_generation(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """(model on the GPU if there is one else the CPU, in eval mode; its tokenizer)."""
+    from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, tokenizer, dtype=resolve_dtype(dtype, device),
+                           trust_remote_code=trust_remote_code).to(device).eval()
+    return model, tokenizer
+
+
 def default_prompt_format(path: str, requested: str = "auto") -> str:
     """'auto' means Human/Assistant turns for a model trained here (the format the pipeline
     trains on; its folder holds training_config.json), else the tokenizer's template if any."""

@@ -66,20 +66,18 @@ def load_questions(args: argparse.Namespace) -> list[str]:
 
 
 def read_prompt_file(path: str) -> list[str]:
+    from utils.data.sources import read_jsonl
+
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--prompt_file {path} does not exist")
-    lines = file.read_text(encoding="utf-8").splitlines()
     if file.suffix != ".jsonl":
-        return lines
-    out = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line)["prompt"])
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path} line {i}: expected a JSON object with a 'prompt' field") from None
-    return out
+        return file.read_text(encoding="utf-8").splitlines()
+    rows = read_jsonl(file)
+    for i, row in enumerate(rows, 1):
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ConfigError(f"{path} record {i}: expected a JSON object with a 'prompt' field")
+    return [row["prompt"] for row in rows]
 
 
 def generate_answers(path: str, questions: list[str], max_new_tokens: int = 32, batch_size: int = 8,
@@ -87,14 +85,10 @@ def generate_answers(path: str, questions: list[str], max_new_tokens: int = 32, 
     """Greedy answers of one model, in batches of left-padded prompts built as chat.py builds them."""
     import torch
 
-    from inference.chat import ChatSession, GenerationSettings, default_prompt_format
+    from inference.chat import ChatSession, GenerationSettings, default_prompt_format, load_for_generation
     from utils.data.collators import pad_sequences
-    from utils.model import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model_path = resolve_model_path(path)
-    tokenizer = load_tokenizer(model_path)
-    model = load_causal_lm(model_path, tokenizer, dtype=resolve_dtype("auto", device)).to(device).eval()
+    model, tokenizer = load_for_generation(path)
     session = ChatSession(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens),
                           prompt_format=default_prompt_format(path, prompt_format))
     answers = []
@@ -103,7 +97,7 @@ def generate_answers(path: str, questions: list[str], max_new_tokens: int = 32, 
         ids, mask = pad_sequences(rows, tokenizer.pad_token_id, left=True)
         width = ids.shape[1]
         with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+            out = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
                                  max_new_tokens=max_new_tokens,
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)

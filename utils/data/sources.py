@@ -39,7 +39,7 @@ def file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
@@ -56,7 +56,7 @@ def _read_json(path: Path) -> list[dict]:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         if e.msg == "Extra data":  # JSON Lines saved as .json
-            return _read_jsonl(path)
+            return read_jsonl(path)
         raise ConfigError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
         lengths = {len(v) for v in data.values()}  # {"prompt": [...], "chosen": [...]} columns
@@ -86,7 +86,7 @@ def _read_parquet(path: Path) -> list[dict]:
         raise ConfigError(f"{path}: not a readable parquet file ({e})") from e
 
 
-_READERS = {".json": _read_json, ".jsonl": _read_jsonl, ".csv": _read_csv,
+_READERS = {".json": _read_json, ".jsonl": read_jsonl, ".csv": _read_csv,
             ".parquet": _read_parquet}
 
 
