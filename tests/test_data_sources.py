@@ -312,6 +312,14 @@ def test_bundled_source():
     assert bundled.score(body, s["chosen"].strip()) == 1.0
 
 
+def test_bundled_test_split_does_not_follow_the_seed():
+    """Runs with different seeds must share one held-out set, or each evaluates on the other's
+    training pairs."""
+    a, b = load_raw_dataset("bundled", seed=0), load_raw_dataset("bundled", seed=4321)
+    assert [r["prompt"] for r in a.eval] == [r["prompt"] for r in b.eval]
+    assert not {r["prompt"] for r in a.eval} & {r["prompt"] for r in b.train}
+
+
 # ---- bad input --------------------------------------------------------------------------------
 
 def error_of(spec):

@@ -77,10 +77,13 @@ def test_zero3_lora_ema_ptx_and_offloaded_frozen_models(tmp_path):
         assert_chats(out / actor)
 
 
-def test_zero2_plain_generate_and_whitened_advantages(tmp_path):
+def test_zero2_plain_generate_whitened_advantages_and_ignored_eos(tmp_path):
     out = tmp_path / "z2"
-    finished(run_module(MODULE, [*QUICK, "--actor_zero_stage", "2", "--critic_zero_stage", "2",
-                                 "--no-enable_hybrid_engine", "--whiten_advantages", "--output_dir", out]), out)
+    logged = finished(run_module(MODULE, [*QUICK, "--actor_zero_stage", "2", "--critic_zero_stage", "2",
+                                          "--no-enable_hybrid_engine", "--whiten_advantages", "--ignore_eos",
+                                          "--output_dir", out]), out)
+    for row in logged:  # --ignore_eos: every answer is exactly --max_answer_seq_len tokens
+        assert row["train/answer_len"] == 8 and row["train/generated_tokens"] == 4 * 8
 
 
 @pytest.mark.slow

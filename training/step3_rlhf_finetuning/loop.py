@@ -243,9 +243,10 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
     train_s = time.perf_counter() - train_start
     work = phase_flops.of(exps)
     total_s = time.perf_counter() - start
+    generated = sum(int(e.action_mask.sum()) for e in exps)
     timing = {"generation_s": gen_s, "scoring_s": scoring_s, "training_s": train_s, "round_s": total_s,
-              "samples_per_s": sum(len(e) for e in exps) / total_s,
-              "generation_tokens_per_s": sum(int(e.action_mask.sum()) for e in exps) / max(gen_s, 1e-9),
+              "samples_per_s": sum(len(e) for e in exps) / total_s, "generated_tokens": generated,
+              "generation_tokens_per_s": generated / max(gen_s, 1e-9),
               "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
               "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,
               "tflops": sum(work.values()) / total_s / 1e12, "peak_memory_gb": peak_memory_gb()}

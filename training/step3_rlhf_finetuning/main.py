@@ -101,6 +101,9 @@ class PPOAlgoConfig:
         "same temperature, so PPO's ratio and the KL refer to the sampled distribution."))
     top_k: int = field(default=0, metadata=doc("Top-k sampling of rollouts (0 = off)."))
     top_p: float = field(default=1.0, metadata=doc("Nucleus sampling of rollouts (1 = off)."))
+    ignore_eos: bool = field(default=False, metadata=doc(
+        "Generate exactly --max_answer_seq_len tokens per answer, eos included as an ordinary token "
+        "(benchmarks: fixed work per rollout, as compared with other toolkits)."))
     enable_ema: bool = field(default=False, metadata=doc("Keep an exponential moving average of the actor."))
     ema_decay: float = field(default=0.992, metadata=doc("EMA decay per actor update."))
     unsupervised_dataset_name: str = field(default="", metadata=doc(

@@ -65,7 +65,8 @@ class DeepSpeedPPOTrainer:
         self.args = args
         self.tokenizer = engine.tokenizer
         self.pad_token_id = self.tokenizer.pad_token_id
-        self.eos_token_id = self.tokenizer.eos_token_id
+        # with ignore_eos nothing ends an answer early: every answer is max_answer_seq_len tokens
+        self.eos_token_id = None if getattr(args, "ignore_eos", False) else self.tokenizer.eos_token_id
         self.reward_fn = reward_fn
         self.hybrid = None
         if args.enable_hybrid_engine:
@@ -130,7 +131,9 @@ class DeepSpeedPPOTrainer:
         seq = self._generate(prompts, mask)
         self.last_generation_s = time.perf_counter() - start
         prompt_len = prompts.size(1)
-        action_mask = answer_mask(seq[:, prompt_len:], self.eos_token_id, self.pad_token_id)
+        answers = seq[:, prompt_len:]
+        action_mask = (torch.ones_like(answers, dtype=torch.bool) if self.eos_token_id is None
+                       else answer_mask(answers, self.eos_token_id, self.pad_token_id))
         attention_mask = torch.cat([mask, action_mask.long()], 1)
 
         self.actor.eval()
