@@ -6,7 +6,7 @@ task also each answer's ground-truth score (utils.data.bundled.score) and each m
     python -m inference.prompt_eval ... --prompts "What is 2 plus 3? Answer with the number only."
 
 Without --prompts / --prompt_file it takes --num_prompts held-out prompts of the bundled task
-(the eval share no step trains on, split with --seed as training does). Decoding is greedy.
+(the task's fixed test split, which no step trains on, whatever its --seed). Decoding is greedy.
 """
 from __future__ import annotations
 
@@ -38,7 +38,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt_file", default="", help="a .txt file (one question per line) or .jsonl "
                         "with a 'prompt' field")
     parser.add_argument("--num_prompts", type=int, default=20, help="held-out bundled prompts to use")
-    parser.add_argument("--seed", type=int, default=1234, help="the training --seed (held-out split)")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--prompt_format", default="auto", choices=("auto", "template", "human_assistant"),
@@ -57,7 +56,7 @@ def load_questions(args: argparse.Namespace) -> list[str]:
         questions = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     else:
         from utils.data import bundled, load_raw_dataset
-        held_out = load_raw_dataset("bundled", seed=args.seed).eval[:args.num_prompts]
+        held_out = load_raw_dataset("bundled", seed=0).eval  # a fixed split: any seed[:args.num_prompts]
         questions = [bundled.question_of(row["prompt"]) for row in held_out]
     questions = [q.strip() for q in questions if q.strip()]
     if not questions:

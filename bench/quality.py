@@ -1,0 +1,207 @@
+"""Learning quality on the bundled verifiable task: does RLHF really improve the model?
+
+Runs the pipeline with one preset of train.py: Steps 1 and 2 once (or takes --sft / --reward),
+Step 3 once per --seeds value (only PPO's randomness changes: same SFT model, reward model and
+data), Step 3 with the ptx loss for the first seed, and DPO from the same SFT model. Then, on
+--num_prompts held-out prompts of the bundled task (its fixed test split, which no step trains
+on), greedy answers of every model are scored by the task's checker (utils.data.bundled.score):
+the base model, the SFT model, each seed's final actor and EMA actor, the ptx actor and the DPO
+actor. Also reported: the reward model's held-out pair accuracy, each Step 3 run's reward and
+KL to the reference, and the LM loss on the plain-text corpus (the ptx data) with and without ptx.
+Writes quality.json, a table (quality.md) and quality_curves.png (reward, KL, losses and the
+rollouts' ground-truth score against iterations, one line per seed) into --output_dir.
+
+    python -m bench.quality                                   # smollm2-135m, default preset
+    python -m bench.quality --reward output/step2_reward      # reuse a trained reward model
+    python -m bench.quality --preset quick --seeds 1 2 --num_prompts 16   # tiny models, minutes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils.metrics import read_jsonl
+
+CURVES = ("reward", "kl", "actor_loss", "critic_loss", "gt_score")
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """One pipeline stage in a subprocess, its console kept in `log`; stop on failure."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}).returncode
+    if code:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {code}); log {log}:\n{tail}")
+    print(f"  {log.stem}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
+
+
+def module(name: str, *flags) -> list[str]:
+    return [sys.executable, "-m", name, *map(str, flags)]
+
+
+def build_models(args, preset) -> dict[str, Path]:
+    """Train (or reuse) every model the comparison needs; name -> folder."""
+    out = args.output_dir
+    sft = Path(args.sft) if args.sft else out / "step1_sft"
+    reward = Path(args.reward) if args.reward else out / "step2_reward"
+    if not args.sft and not (sft / "training_summary.json").is_file():
+        run([sys.executable, "train.py", "--preset", args.preset, "--step", "1", "--output-dir", str(out),
+             "--overwrite"], out / "step1.log")
+    if not args.reward and not (reward / "training_summary.json").is_file():
+        run([sys.executable, "train.py", "--preset", args.preset, "--step", "2", "--output-dir", str(out),
+             "--overwrite"], out / "step2.log")
+    models = {"base": Path(preset.actor_model), "sft": sft}
+    step3 = [*preset.data, *preset.steps[3], "--actor_model_name_or_path", sft,
+             "--critic_model_name_or_path", reward, "--actor_zero_stage", "2", "--critic_zero_stage", "2"]
+    runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
+    runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0], "--unsupervised_dataset_name", "bundled"]))
+    for name, extra in runs:
+        folder = out / f"step3_{name}"
+        if not (folder / "actor" / "training_summary.json").is_file():
+            run(module("training.step3_rlhf_finetuning.main", *step3, *extra, "--output_dir", folder,
+                       "--overwrite_output_dir", "--disable_tqdm"), out / f"step3_{name}.log")
+        models[f"ppo_{name}"] = folder / "actor"
+        if name.endswith("_ptx"):
+            continue
+        models[f"ppo_{name}_ema"] = folder / "actor_ema"
+    dpo = out / "dpo"
+    if not (dpo / "training_summary.json").is_file():
+        run(module("training.step2_dpo_finetuning.main", *preset.data, *preset.steps[2],
+                   "--model_name_or_path", sft, "--learning_rate", "5e-6", "--beta", "0.1",
+                   "--output_dir", dpo, "--overwrite_output_dir", "--disable_tqdm"), out / "dpo.log")
+    models["dpo"] = dpo
+    return models
+
+
+def lm_loss(path: str, texts: list[str], max_len: int = 128, batch_size: int = 8) -> float:
+    """Mean next-token loss of a model on `texts` (each cut to max_len tokens)."""
+    import torch
+
+    from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
+    tokenizer = load_tokenizer(resolve_model_path(path))
+    model = load_causal_lm(path, tokenizer).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_len,
+                            padding=True, return_tensors="pt")
+            labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(**enc, labels=labels).loss.item() * n
+            count += n
+    return total / count
+
+
+def summaries(args) -> dict:
+    out = args.output_dir
+    reward = Path(args.reward) if args.reward else out / "step2_reward"
+    rm = json.loads((reward / "training_summary.json").read_text())
+    runs = {}
+    for folder in sorted(p for p in out.glob("step3_seed*") if p.is_dir()):
+        s = json.loads((folder / "actor" / "training_summary.json").read_text())
+        rows = [r for r in read_jsonl(folder / "logs" / "metrics.jsonl") if "train/reward" in r]
+        runs[folder.name] = {"reward_first": s.get("reward_first"), "reward_last": s.get("reward_last"),
+                             "kl_last": s.get("kl_last"), "rounds": s.get("rounds"),
+                             "curves": {k: [r.get(f"train/{k}") for r in rows] for k in CURVES}}
+    return {"reward_model": {k: rm.get(k) for k in ("accuracy_before", "accuracy_after") if k in rm}, "step3": runs}
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
+
+
+def plot(step3: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
+    for ax, key in zip(axes, CURVES):
+        for name, r in step3.items():
+            ys = r["curves"][key]
+            if any(y is not None for y in ys):
+                ax.plot(range(1, len(ys) + 1), ys, marker="o", markersize=3, label=name.replace("step3_", ""))
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("PPO iteration", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def table(result: dict) -> str:
+    lines = ["| model | ground-truth score (held-out) |", "|---|---|"]
+    lines += [f"| {name} | {score:.3f} |" for name, score in result["scores"].items()]
+    for key, s in result["groups"].items():
+        lines.append(f"| {key}: mean over {s['n']} seeds | {s['mean']:.3f} (min {s['min']:.3f}, "
+                     f"max {s['max']:.3f}, stdev {s['stdev']:.3f}) |")
+    lines += ["", "| other | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["other"].items()]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", help="train.py preset: default or quick")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
+    parser.add_argument("--sft", default="", help="use this Step 1 output instead of training one")
+    parser.add_argument("--reward", default="", help="use this reward model instead of training one")
+    parser.add_argument("--num_prompts", type=int, default=100, help="held-out bundled prompts scored")
+    parser.add_argument("--max_new_tokens", type=int, default=32)
+    parser.add_argument("--output_dir", type=Path, default=Path("output/quality"))
+    args = parser.parse_args(argv)
+
+    from inference.prompt_eval import evaluate
+    from train import PRESETS
+    from utils.data import bundled, load_raw_dataset
+
+    if args.preset not in PRESETS:
+        raise SystemExit(f"error: unknown --preset {args.preset!r} (one of {', '.join(PRESETS)})")
+    preset = PRESETS[args.preset]
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    models = build_models(args, preset)
+
+    held_out = load_raw_dataset("bundled", seed=0).eval[:args.num_prompts]
+    questions = [bundled.question_of(row["prompt"]) for row in held_out]
+    answers = evaluate([str(p) for p in models.values()], questions, max_new_tokens=args.max_new_tokens)
+    scores = {name: a.mean_score for name, a in zip(models, answers)}
+    texts = bundled.plain_text_corpus()[:64]
+    ptx = f"ppo_seed{args.seeds[0]}_ptx"
+    info = summaries(args)
+    other = {"reward model held-out accuracy": info["reward_model"].get("accuracy_after"),
+             "held-out prompts": len(questions),
+             "LM loss on plain text: SFT": lm_loss(str(models["sft"]), texts),
+             f"LM loss on plain text: PPO seed {args.seeds[0]}": lm_loss(str(models[f"ppo_seed{args.seeds[0]}"]), texts),
+             f"LM loss on plain text: PPO seed {args.seeds[0]} + ptx": lm_loss(str(models[ptx]), texts)}
+    for name, r in info["step3"].items():
+        other[f"{name}: reward first -> last, KL last"] = (
+            f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}, KL {r['kl_last']:.3f}")
+    groups = {kind: spread([scores[f"ppo_seed{s}{suffix}"] for s in args.seeds])
+              for kind, suffix in (("PPO actor", ""), ("PPO EMA actor", "_ema"))}
+    result = {"preset": args.preset, "seeds": args.seeds, "scores": scores, "groups": groups, "other": other,
+              "step3": info["step3"], "machine": f"{os.cpu_count()} CPU threads",
+              "date": time.strftime("%Y-%m-%d %H:%M")}
+    margin = groups["PPO actor"]["mean"] - scores["sft"]
+    seed_range = groups["PPO actor"]["max"] - groups["PPO actor"]["min"]
+    result["verdict"] = (f"PPO actor - SFT = {margin:+.3f}; seed-to-seed range {seed_range:.3f}: "
+                         + ("improvement larger than the spread" if margin > seed_range else "NOT larger than the spread"))
+    (args.output_dir / "quality.json").write_text(json.dumps(result, indent=2))
+    (args.output_dir / "quality.md").write_text(table(result) + "\n")
+    plot(info["step3"], args.output_dir / "quality_curves.png")
+    print(table(result))
+    print(result["verdict"])
+    print(f"written: {args.output_dir}/quality.json, quality.md, quality_curves.png")
+
+
+if __name__ == "__main__":
+    main()
