@@ -60,7 +60,8 @@ def build_models(args, preset) -> dict[str, Path]:
              "--overwrite"], out / "step2.log")
     models = {"base": Path(preset.actor_model), "sft": sft}
     step3 = [*preset.data, *preset.steps[3], "--actor_model_name_or_path", sft,
-             "--critic_model_name_or_path", reward, "--actor_zero_stage", "2", "--critic_zero_stage", "2"]
+             "--critic_model_name_or_path", reward, "--actor_zero_stage", "2", "--critic_zero_stage", "2",
+             *(("--max_rounds", args.rounds) if args.rounds else ())]
     runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
     runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0], "--unsupervised_dataset_name", "bundled"]))
     for name, extra in runs:
@@ -156,6 +157,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
     parser.add_argument("--sft", default="", help="use this Step 1 output instead of training one")
     parser.add_argument("--reward", default="", help="use this reward model instead of training one")
+    parser.add_argument("--rounds", type=int, default=0, help="Step 3 iterations (default: the preset's)")
     parser.add_argument("--num_prompts", type=int, default=100, help="held-out bundled prompts scored")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("output/quality"))

@@ -50,7 +50,7 @@ def assert_reloads_and_generates(out: Path) -> None:
 
 @pytest.mark.parametrize("zero_stage,extra", [
     (0, ["--gradient_checkpointing", "--dropout", "0.0"]),
-    (2, []),
+    (2, ["--gradient_accumulation_steps", "2"]),
     (3, []),
     (2, ["--offload"]),
     (3, ["--offload", "--dtype", "bf16"]),

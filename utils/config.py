@@ -120,6 +120,22 @@ class RuntimeConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    save_steps: int = field(default=0, metadata=doc(
+        "Write a resumable checkpoint (engines, optimizer, scheduler, RNG, data position) to "
+        "<output_dir>/checkpoints every this many optimizer steps and at the end (0 = none; "
+        "SIGTERM/SIGINT always write one before exiting)."))
+    save_total_limit: int = field(default=2, metadata=doc(
+        "Keep only the newest this many checkpoints (0 = keep all)."))
+    resume: bool = field(default=False, metadata=doc(
+        "Continue from the newest complete checkpoint in --output_dir, at the same data position "
+        "(a fresh start when there is none)."))
+    max_nonfinite_steps: int = field(default=5, metadata=doc(
+        "Micro-batches in a row whose loss is NaN/inf that are skipped (counted and logged) "
+        "before the run stops."))
+
+
+@dataclass
 class LogConfig:
     enable_tensorboard: bool = field(default=False, metadata=doc("Write TensorBoard events."))
     tensorboard_path: str = field(default="", metadata=doc(
@@ -234,3 +250,6 @@ def validate_training(cfg, default_output_dir: str) -> None:
                                            "gradient_accumulation_steps", "max_seq_len"))
     if cfg.only_optimize_lora and cfg.lora_dim <= 0:
         raise ConfigError("--only_optimize_lora needs --lora_dim > 0")
+    for name in ("save_steps", "save_total_limit", "max_nonfinite_steps"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.checkpoint import CHECKPOINTS
 from utils.cli import free_port
 from utils.config import ConfigError
 from utils.fs import atomic_directory_write
@@ -333,7 +334,7 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
                 for name, payload in extra_json.items():
                     (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
 
-        atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR,))
+        atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR, CHECKPOINTS))
     barrier()
 
 

@@ -28,6 +28,22 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(tensorboard_dir or self.log_dir / "tensorboard"))
 
+    def truncate_after(self, step: int) -> None:
+        """Resuming from a checkpoint at `step`: drop records logged after it (the crashed run
+        got further than its last checkpoint) and reload the rest for the final curves."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        path = self.log_dir / "metrics.jsonl"
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self.history.clear()
+        for row in kept:
+            for key, value in row.items():
+                if key not in ("step", "time"):
+                    self.history[key].append((row["step"], value))
+        self._jsonl = open(path, "a", encoding="utf-8")
+
     def log(self, step: int, metrics: dict, prefix: str = "") -> None:
         if not self.enabled:
             return

@@ -61,7 +61,8 @@ def start_run(cfg) -> torch.device:
     from utils import ds_utils as ds
     from utils.model import resolve_dtype_name
 
-    ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir)
+    # --resume continues in the folder it left, so a used folder is expected there
+    ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or getattr(cfg, "resume", False))
     device = ds.init_distributed(cfg.local_rank)
     cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
     ds.set_seed(cfg.seed)
@@ -129,61 +130,155 @@ class ThroughputWindow:
         return out
 
 
+class StopRequest:
+    """SIGTERM/SIGINT while training: remember it, so the loop can save a checkpoint at the next
+    step boundary and exit cleanly instead of dying mid-update."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __enter__(self):
+        import signal
+        self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def requested(self) -> bool:
+        """Whether any rank was asked to stop (all ranks must agree, to save together)."""
+        import torch.distributed as dist
+        flag = torch.tensor([float(self.signal is not None)])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            from utils import ds_utils as ds
+            flag = flag.to(ds.current_device())
+            dist.all_reduce(flag)
+        return bool(flag.item())
+
+
+class NonFinite:
+    """Counts micro-batches skipped for a NaN/inf loss; too many in a row stop the run."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def skip(self, value: float, step: int) -> bool:
+        if math.isfinite(value):
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row > self.limit:
+            raise ConfigError(f"loss was {value} for {self.in_a_row} micro-batches in a row at step {step}; "
+                              "the last checkpoint is intact. Lower --learning_rate, use --dtype fp32 "
+                              "or --compute_fp32_loss")
+        return True
+
+
+def resume_state(engines: dict, cfg, logger, say):
+    """The LoopState to start from: the newest checkpoint's with --resume, else a fresh one."""
+    from utils import checkpoint
+
+    folder = checkpoint.latest(cfg.output_dir) if getattr(cfg, "resume", False) else None
+    if folder is None:
+        return checkpoint.LoopState(), False
+    state = checkpoint.load(engines, folder)
+    logger.truncate_after(state.step)
+    say(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, {state.batches_done} batches in)")
+    return state, True
+
+
 def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_steps: int,
         loss_fn, evaluate, logger) -> tuple[int, list[dict]]:
-    """The training loop every step shares: epochs, accumulation, logging, evaluation.
+    """The training loop every step shares: epochs, accumulation, logging, evaluation,
+    checkpoints (--save_steps, --resume, SIGTERM/SIGINT) and skipping non-finite losses.
 
     `loss_fn(batch) -> (loss, samples in the batch, {extra metric: float})`, the extras averaged
     into the train/ log lines; `evaluate() -> metrics dict` (run before
     training, after each epoch, and every --eval_interval steps). Returns (optimizer steps
     taken, the evaluations in order)."""
+    import itertools
+
     from tqdm import tqdm
 
+    from utils import checkpoint
     from utils import ds_utils as ds
 
     say = tqdm.write if ds.is_main() else (lambda *_: None)
-    evals: list[dict] = []
+    engines = {"model": engine}
+    state, resumed = resume_state(engines, cfg, logger, say)
+    save_steps = getattr(cfg, "save_steps", 0)
+    nonfinite = NonFinite(getattr(cfg, "max_nonfinite_steps", 0))
 
     def run_eval(step: int) -> None:
         result = evaluate()
         if result:
             logger.log(step, result, prefix="eval/")
             say(f"{name} eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            evals.append(result)
+            state.evals.append(result)
 
-    run_eval(0)
-    step, window = 0, ThroughputWindow()
-    progress = tqdm(total=total_steps, desc=name, disable=cfg.disable_tqdm or not ds.is_main())
+    def save() -> None:
+        folder = checkpoint.save(engines, state, cfg.output_dir, keep=getattr(cfg, "save_total_limit", 0))
+        say(f"{name} checkpoint: {folder}")
+
+    if not resumed:
+        run_eval(0)
+    window = ThroughputWindow()
+    progress = tqdm(total=total_steps, initial=state.step, desc=name, disable=cfg.disable_tqdm or not ds.is_main())
     engine.train()
-    for epoch in range(cfg.num_train_epochs):
-        train_sampler.set_epoch(epoch)
-        for micro_step, batch in enumerate(train_loader):
-            loss, samples, extras = loss_fn(batch)
-            value = loss.item()  # one device sync per micro-step, shared by the check and the log
-            check_finite(value, step)
-            engine.backward(loss)
-            engine.step()
-            window.add(value, samples, int(batch["attention_mask"].sum()), extras)
-            if (micro_step + 1) % cfg.gradient_accumulation_steps:
-                continue
-            step += 1
-            progress.update(1)
-            if cfg.print_loss:
-                say(f"epoch {epoch} step {step} loss {value:.4f}")
-            if step % cfg.log_interval == 0 or step == total_steps:
-                metrics = {**window.flush(), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
-                logger.log(step, metrics, prefix="train/")
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}")
-            if cfg.eval_interval and step % cfg.eval_interval == 0:
-                run_eval(step)
-            if step >= total_steps:
+    with StopRequest() as stop:
+        for epoch in range(state.epoch, cfg.num_train_epochs):
+            if state.step >= total_steps:
                 break
-        if not cfg.eval_interval or step % cfg.eval_interval:
-            run_eval(step)
-        if step >= total_steps:
-            break
+            train_sampler.set_epoch(epoch)
+            if epoch != state.epoch:
+                state.epoch, state.batches_done = epoch, 0
+            accepted = 0  # micro-batches backpropagated since the last optimizer step
+            for batch in itertools.islice(train_loader, state.batches_done, None):
+                state.batches_done += 1
+                loss, samples, extras = loss_fn(batch)
+                value = loss.item()  # one device sync per micro-step, shared by the check and the log
+                if nonfinite.skip(value, state.step):
+                    logger.log(state.step, {"skipped_nonfinite": nonfinite.total}, prefix="train/")
+                    say(f"{name}: skipped a micro-batch with loss {value} at step {state.step}")
+                    continue
+                engine.backward(loss)
+                engine.step()
+                window.add(value, samples, int(batch["attention_mask"].sum()), extras)
+                accepted += 1
+                if accepted % cfg.gradient_accumulation_steps:
+                    continue
+                state.step += 1
+                progress.update(1)
+                step = state.step
+                if cfg.print_loss:
+                    say(f"epoch {epoch} step {step} loss {value:.4f}")
+                if step % cfg.log_interval == 0 or step == total_steps:
+                    metrics = {**window.flush(), "lr": scheduler.get_last_lr()[0], "epoch": epoch}
+                    logger.log(step, metrics, prefix="train/")
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}")
+                if cfg.eval_interval and step % cfg.eval_interval == 0:
+                    run_eval(step)
+                stopping = stop.requested()
+                if (save_steps and step % save_steps == 0) or stopping:
+                    save()
+                if stopping:
+                    progress.close()
+                    say(f"{name}: stopped by signal at step {step}; rerun with --resume to continue")
+                    raise SystemExit(128 + (stop.signal or 15))
+                if step >= total_steps:
+                    break
+            if not cfg.eval_interval or state.step % cfg.eval_interval:
+                run_eval(state.step)
+    if save_steps and state.step % save_steps:
+        save()  # the end of training, unless the last step just saved
     progress.close()
-    return step, evals
+    return state.step, state.evals
 
 
 def finish_run(engine, tokenizer, cfg, logger, name: str, steps: int, evals: list[dict],

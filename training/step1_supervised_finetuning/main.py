@@ -12,12 +12,12 @@ if not __package__:  # started as a file path: the absolute imports below need t
 
 from dataclasses import dataclass, field
 
-from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
+from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
                           RuntimeConfig, ZeroConfig, doc, parse_config, validate_training)
 
 
 @dataclass
-class SFTConfig(LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+class SFTConfig(CheckpointConfig, LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
     response_loss_only: bool = field(default=False, metadata=doc(
         "Take the loss on answer tokens only (prompt tokens are masked out)."))
     def validate(self) -> None:

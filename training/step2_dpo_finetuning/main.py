@@ -16,12 +16,12 @@ if not __package__:  # started as a file path: the absolute imports below need t
 
 from dataclasses import dataclass, field
 
-from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
+from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
                           RuntimeConfig, ZeroConfig, doc, parse_config, validate_training)
 
 
 @dataclass
-class DPOConfig(LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+class DPOConfig(CheckpointConfig, LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
     beta: float = field(default=0.1, metadata=doc(
         "Strength of the pull towards the reference: implicit reward = beta * log(pi / pi_ref)."))
     label_smoothing: float = field(default=0.0, metadata=doc(

@@ -15,12 +15,12 @@ if not __package__:  # started as a file path: the absolute imports below need t
 
 from dataclasses import dataclass, field
 
-from utils.config import (ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
+from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, LoRAConfig, ModelConfig, OptimConfig,
                           RuntimeConfig, ZeroConfig, doc, parse_config, validate_training)
 
 
 @dataclass
-class RewardConfig(LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+class RewardConfig(CheckpointConfig, LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
     loss: str = field(default="pairwise", metadata=doc(
         "pairwise: -log sigmoid(r_chosen - r_rejected) on the last-token rewards; divergence: "
         "DeepSpeed-Chat's variant, averaged over the tokens after chosen and rejected diverge.",

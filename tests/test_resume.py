@@ -1,0 +1,141 @@
+"""Checkpoints and --resume: a run killed (SIGKILL) at a random step and resumed logs the same
+losses as an uninterrupted run; SIGTERM saves and exits cleanly; a crash while writing a
+checkpoint leaves the previous one loadable; non-finite losses are skipped, then stop the run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, assert_ok, run_module
+from utils import checkpoint
+from utils.config import ConfigError
+from utils.metrics import read_jsonl
+from utils.train_utils import NonFinite
+
+MODULE = "training.step1_supervised_finetuning.main"
+STEPS = 16
+RUN = ["--model_name_or_path", "tiny-llama", "--num_examples", "400", "--max_seq_len", "64",
+       "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--learning_rate", "2e-3",
+       "--dtype", "fp32", "--max_steps", str(STEPS), "--zero_stage", "2", "--disable_tqdm",
+       "--log_interval", "1", "--save_steps", "3"]
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/loss" in r}
+
+
+def start(out: Path, *extra) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", MODULE, *RUN, "--output_dir", str(out), *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
+    """Until the run has logged `step` (or fail if it ended first)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        log = out / "logs" / "metrics.jsonl"
+        if log.is_file() and max(losses(out), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    out = tmp_path_factory.mktemp("resume") / "straight"
+    assert_ok(run_module(MODULE, [*RUN, "--output_dir", out]))
+    got = losses(out)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [p.name for p in checkpoint.complete(out)] == ["step-00000015", "step-00000016"]  # limit 2, end
+    return got
+
+
+def test_sigkill_at_a_random_step_then_resume_matches(tmp_path, uninterrupted):
+    kill_at = random.Random(os.getpid()).randint(4, STEPS - 6)
+    out = tmp_path / "killed"
+    proc = start(out)
+    wait_for_step(proc, out, kill_at)
+    proc.kill()  # SIGKILL: no chance to save
+    proc.wait()
+    saved = checkpoint.latest(out)
+    assert saved is not None and int(saved.name.split("-")[1]) <= kill_at
+    assert not (out / "training_summary.json").exists()
+    assert_ok(run_module(MODULE, [*RUN, "--output_dir", out, "--resume"]))
+    resumed = losses(out)
+    assert sorted(resumed) == list(range(1, STEPS + 1)), f"killed at {kill_at}"  # no step twice
+    for step, loss in uninterrupted.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (step, kill_at)
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == STEPS
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
+    out = tmp_path / "termed"
+    proc = start(out, "--save_steps", "0")  # no periodic checkpoints: the signal alone saves
+    wait_for_step(proc, out, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
+    saved = checkpoint.latest(out)
+    assert saved is not None
+    assert_ok(run_module(MODULE, [*RUN, "--output_dir", out, "--resume"]))
+    resumed = losses(out)
+    for step, loss in uninterrupted.items():
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
+
+
+class FakeEngine:
+    """Stands in for a DeepSpeed engine: writes one file per tag, or dies half-way."""
+
+    def __init__(self, fail: bool = False):
+        self.fail, self.loaded = fail, None
+
+    def save_checkpoint(self, folder, tag, save_latest=True):
+        Path(folder, tag).mkdir(parents=True)
+        Path(folder, tag, "part-1").write_text("x")
+        if self.fail:
+            raise OSError(28, "No space left on device")
+
+    def load_checkpoint(self, folder, tag, **_):
+        self.loaded = Path(folder, tag)
+        return (str(self.loaded), {}) if self.loaded.is_dir() else (None, None)
+
+
+def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
+    checkpoint.save({"model": FakeEngine()}, checkpoint.LoopState(step=4, epoch=0, batches_done=4), tmp_path)
+    with pytest.raises(OSError):
+        checkpoint.save({"model": FakeEngine(fail=True)}, checkpoint.LoopState(step=6), tmp_path)
+    assert (tmp_path / "checkpoints" / ".tmp-step-00000006").is_dir()  # the torn attempt, aside
+    newest = checkpoint.latest(tmp_path)
+    assert newest.name == "step-00000004"
+    engine = FakeEngine()
+    state = checkpoint.load({"model": engine}, newest)
+    assert (state.step, state.batches_done) == (4, 4) and engine.loaded == newest / "model"
+
+
+def test_rng_state_round_trips_through_json():
+    import numpy as np
+    import torch
+    saved = json.loads(json.dumps(checkpoint.rng_state()))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    checkpoint.set_rng_state(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run():
+    guard = NonFinite(limit=2)
+    assert not guard.skip(1.0, 0)
+    assert guard.skip(float("nan"), 1) and guard.skip(float("inf"), 1)
+    assert not guard.skip(0.5, 1) and guard.total == 2  # a good loss resets the streak
+    guard.skip(float("nan"), 2)
+    guard.skip(float("nan"), 2)
+    with pytest.raises(ConfigError, match="3 micro-batches in a row"):
+        guard.skip(float("nan"), 2)
