@@ -220,6 +220,16 @@ def test_resume_plans_only_unfinished_steps(tmp_path):
     assert "--overwrite_output_dir" in train.step_flags(3, args, plan)  # its leftovers are replaced
 
 
+def test_resume_continues_an_unfinished_step2_from_its_checkpoints(tmp_path):
+    finished(tmp_path / "step1_sft")
+    (tmp_path / "step2_reward" / "checkpoints").mkdir(parents=True)  # a Step 2 that died
+    import train
+    args, plan = plan_for("--output-dir", tmp_path, "--resume", "--preset", "quick")
+    assert plan.run == [2, 3]
+    flags = train.step_flags(2, args, plan)
+    assert "--resume" in flags and "--overwrite_output_dir" not in flags
+
+
 def test_step_flags_put_the_users_flags_last(tmp_path):
     import train
     args, plan = plan_for("--output-dir", tmp_path, "--preset", "quick", "--step2-args", "--learning_rate 7e-4")

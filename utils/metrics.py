@@ -35,7 +35,7 @@ class MetricsLogger:
             return
         self._jsonl.close()
         path = self.log_dir / "metrics.jsonl"
-        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step] if path.is_file() else []
         path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         self.history.clear()
         for row in kept:

@@ -184,8 +184,11 @@ def resume_state(engines: dict, cfg, logger, say):
     """The LoopState to start from: the newest checkpoint's with --resume, else a fresh one."""
     from utils import checkpoint
 
-    folder = checkpoint.latest(cfg.output_dir) if getattr(cfg, "resume", False) else None
+    resume = getattr(cfg, "resume", False)
+    folder = checkpoint.latest(cfg.output_dir) if resume else None
     if folder is None:
+        if resume:  # nothing saved yet: start over, without the earlier attempt's log lines
+            logger.truncate_after(-1)
         return checkpoint.LoopState(), False
     state = checkpoint.load(engines, folder)
     logger.truncate_after(state.step)
