@@ -91,7 +91,6 @@ STEPS = {
     3: Step(3, "step3_rlhf", "training.step3_rlhf_finetuning.main", "Step3Config", "actor",
             ("reward", "_first", "_last")),
 }
-RESUMABLE = (1, 2)  # steps that continue from their own checkpoints; Step 3 restarts
 # Set by train.py itself: passing them through a step's flags would break the chaining.
 RESERVED = ("--output_dir", "--model_name_or_path", "--actor_model_name_or_path",
             "--critic_model_name_or_path", "--zero_stage", "--actor_zero_stage", "--critic_zero_stage")
@@ -231,9 +230,9 @@ def step_flags(step: int, args: argparse.Namespace, plan: Plan) -> list[str]:
     flags = [*preset.data, *preset.steps[step]]
     for name, value in {**plan.models[step], **zero, "--output_dir": plan.folder(step)}.items():
         flags += [name, str(value)]
-    if args.resume and plan.folder(step).exists() and step in RESUMABLE:
+    if args.resume and plan.folder(step).exists():
         flags.append("--resume")  # from the step's newest checkpoint (--stepN-args "--save_steps N")
-    elif args.overwrite or (args.resume and plan.folder(step).exists()):
+    elif args.overwrite:
         flags.append("--overwrite_output_dir")
     return flags + user
 

@@ -139,3 +139,45 @@ def test_non_finite_losses_are_skipped_then_stop_the_run():
     guard.skip(float("nan"), 2)
     with pytest.raises(ConfigError, match="3 micro-batches in a row"):
         guard.skip(float("nan"), 2)
+
+
+STEP3 = "training.step3_rlhf_finetuning.main"
+ROUNDS = 8
+STEP3_RUN = ["--actor_model_name_or_path", "tiny-llama", "--critic_model_name_or_path", "tiny-llama",
+             "--num_examples", "600", "--per_device_generation_batch_size", "4",
+             "--per_device_training_batch_size", "2", "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8",
+             "--num_warmup_steps", "0", "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
+             "--dtype", "fp32", "--max_rounds", str(ROUNDS), "--enable_ema", "--disable_tqdm",
+             "--log_interval", "1", "--save_steps", "2"]
+KEYS = ("train/reward", "train/actor_loss", "train/critic_loss", "train/kl")
+
+
+def step3_rows(out: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r}
+
+
+@pytest.mark.parametrize("stage,extra", [(2, ["--unsupervised_dataset_name", "bundled"]), (3, [])])
+def test_step3_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, stage, extra):
+    flags = [*STEP3_RUN, "--actor_zero_stage", str(stage), "--critic_zero_stage", str(stage), *extra]
+    straight = tmp_path / "straight"
+    assert_ok(run_module(STEP3, [*flags, "--output_dir", straight]))
+    expected = step3_rows(straight)
+    assert sorted(expected) == list(range(1, ROUNDS + 1))
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", STEP3, *flags, "--output_dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (checkpoint.latest(out) and max(step3_rows(out), default=0) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert_ok(run_module(STEP3, [*flags, "--output_dir", out, "--resume"]))
+    resumed = step3_rows(out)
+    assert sorted(resumed) == list(range(1, ROUNDS + 1))
+    for step, row in expected.items():
+        for key in KEYS:
+            assert resumed[step][key] == pytest.approx(row[key], rel=1e-3, abs=1e-4), (step, key)
+    for folder in ("actor", "actor_ema", "critic"):
+        assert (out / folder / "model.safetensors").is_file()

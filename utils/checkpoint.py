@@ -89,7 +89,10 @@ def save(engines: dict, state: LoopState, output_dir: str | Path, keep: int = 0)
         tmp.mkdir(parents=True)
     ds.barrier()
     for engine_name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=engine_name, save_latest=False)
+        if _has_checkpointing(engine):
+            engine.save_checkpoint(str(tmp), tag=engine_name, save_latest=False)
+        else:
+            _save_weights(engine, tmp / f"{engine_name}.safetensors")
     (tmp / f"rng-rank{ds.rank()}.json").write_text(json.dumps(rng_state()))
     ds.barrier()
     if ds.is_main():
@@ -110,6 +113,9 @@ def load(engines: dict, folder: Path) -> LoopState:
     from utils.config import ConfigError
 
     for engine_name, engine in engines.items():
+        if not _has_checkpointing(engine):
+            _load_weights(engine, folder / f"{engine_name}.safetensors")
+            continue
         path, _ = engine.load_checkpoint(str(folder), tag=engine_name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
@@ -118,3 +124,37 @@ def load(engines: dict, folder: Path) -> LoopState:
     if rng.is_file():  # absent when resuming with more processes than saved
         set_rng_state(json.loads(rng.read_text()))
     return LoopState(**json.loads((folder / STATE).read_text()))
+
+
+def _has_checkpointing(engine) -> bool:
+    """Frozen ZeRO-3 engines (the EMA actor) have no DeepSpeed checkpoint engine: their weights
+    are all there is to keep, so they are saved as one safetensors file instead."""
+    return getattr(engine, "checkpoint_engine", None) is not None
+
+
+def _save_weights(engine, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from utils import ds_utils as ds
+    state = ds.gathered_state_dict(engine)  # a collective under ZeRO-3: every rank calls it
+    if ds.is_main():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+
+
+def _load_weights(engine, path: Path) -> None:
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from utils import ds_utils as ds
+    from utils.config import ConfigError
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} is missing")
+    state = load_file(str(path))
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather, set on rank 0, re-shard
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if ds.is_main():
+                        param.copy_(state[name])
+            else:
+                param.copy_(state[name])

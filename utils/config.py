@@ -98,6 +98,9 @@ class OptimConfig:
     max_grad_norm: float = field(default=1.0, metadata=doc("Gradient clipping norm (0 = off)."))
     compute_fp32_loss: bool = field(default=False, metadata=doc(
         "Compute the loss from fp32 logits (more exact under bf16/fp16)."))
+    max_nonfinite_steps: int = field(default=5, metadata=doc(
+        "Micro-batches in a row whose loss is NaN/inf that are skipped (counted and logged) "
+        "before the run stops."))
 
 
 @dataclass
@@ -123,16 +126,13 @@ class RuntimeConfig:
 class CheckpointConfig:
     save_steps: int = field(default=0, metadata=doc(
         "Write a resumable checkpoint (engines, optimizer, scheduler, RNG, data position) to "
-        "<output_dir>/checkpoints every this many optimizer steps and at the end (0 = none; "
+        "<output_dir>/checkpoints every this many optimizer steps (Step 3: PPO rounds) and at the end (0 = none; "
         "SIGTERM/SIGINT always write one before exiting)."))
     save_total_limit: int = field(default=2, metadata=doc(
         "Keep only the newest this many checkpoints (0 = keep all)."))
     resume: bool = field(default=False, metadata=doc(
         "Continue from the newest complete checkpoint in --output_dir, at the same data position "
         "(a fresh start when there is none)."))
-    max_nonfinite_steps: int = field(default=5, metadata=doc(
-        "Micro-batches in a row whose loss is NaN/inf that are skipped (counted and logged) "
-        "before the run stops."))
 
 
 @dataclass
@@ -242,6 +242,9 @@ def validate_run(cfg, default_output_dir: str, positive: tuple[str, ...]) -> Non
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("save_steps", "save_total_limit"):
+        if getattr(cfg, name, 0) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
 
 
 def validate_training(cfg, default_output_dir: str) -> None:
@@ -250,6 +253,5 @@ def validate_training(cfg, default_output_dir: str) -> None:
                                            "gradient_accumulation_steps", "max_seq_len"))
     if cfg.only_optimize_lora and cfg.lora_dim <= 0:
         raise ConfigError("--only_optimize_lora needs --lora_dim > 0")
-    for name in ("save_steps", "save_total_limit", "max_nonfinite_steps"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.max_nonfinite_steps < 0:
+        raise ConfigError(f"--max_nonfinite_steps must be >= 0, got {cfg.max_nonfinite_steps}")

@@ -69,15 +69,22 @@ def start_run(cfg) -> torch.device:
     return device
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator: otherwise each new iterator draws its base seed from the
+    global RNG, which shifts dropout and sampling after a resume (iterators start elsewhere)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def make_loaders(train_ds, eval_ds, collate, cfg):
     """(train loader, its sampler for set_epoch, eval loader), sharded over the processes."""
     from torch.utils.data import DataLoader, DistributedSampler
 
     sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed)
     train = DataLoader(train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                       collate_fn=collate)
+                       collate_fn=collate, generator=loader_generator(cfg.seed))
     evaluation = DataLoader(eval_ds, batch_size=cfg.per_device_eval_batch_size,
-                            sampler=DistributedSampler(eval_ds, shuffle=False), collate_fn=collate)
+                            sampler=DistributedSampler(eval_ds, shuffle=False), collate_fn=collate,
+                            generator=loader_generator(cfg.seed))
     return train, sampler, evaluation
 
 

@@ -19,7 +19,9 @@ from utils.config import ConfigError
 from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
 from utils.ema import update_ema
 from utils.model import load_tokenizer, resolve_model_path
-from utils.train_utils import check_finite, run_logger, start_run
+from utils import checkpoint
+from utils.train_utils import (StopRequest, check_finite, loader_generator, resume_state, run_logger,
+                               start_run)
 
 
 def prompt_loader(cfg, tokenizer):
@@ -34,7 +36,8 @@ def prompt_loader(cfg, tokenizer):
                           "--per_device_generation_batch_size")
     sampler = DistributedSampler(train, shuffle=True, seed=cfg.seed)
     loader = DataLoader(train, batch_size=cfg.per_device_generation_batch_size, sampler=sampler,
-                        collate_fn=DataCollatorPrompt(tokenizer.pad_token_id), drop_last=True)
+                        collate_fn=DataCollatorPrompt(tokenizer.pad_token_id), drop_last=True,
+                        generator=loader_generator(cfg.seed))
     return loader, sampler
 
 
@@ -47,7 +50,8 @@ def unsupervised_batches(cfg, tokenizer):
                                     config_name=cfg.unsupervised_dataset_config_name or None)
     sampler = DistributedSampler(data, shuffle=True, seed=cfg.seed)
     loader = DataLoader(data, batch_size=cfg.per_device_training_batch_size, sampler=sampler,
-                        collate_fn=DataCollatorSFT(tokenizer.pad_token_id), drop_last=False)
+                        collate_fn=DataCollatorSFT(tokenizer.pad_token_id), drop_last=False,
+                        generator=loader_generator(cfg.seed))
 
     def forever():
         for epoch in itertools.count():
@@ -63,9 +67,7 @@ def total_iterations(cfg, loader) -> tuple[int, int]:
         rounds = min(rounds, cfg.test_stop_step)
     if cfg.max_rounds:
         rounds = min(rounds, cfg.max_rounds)
-    micro_per_round = cfg.per_device_generation_batch_size * cfg.generation_batches \
-        // cfg.per_device_training_batch_size * cfg.ppo_epochs
-    return rounds, max(1, math.ceil(rounds * micro_per_round / cfg.gradient_accumulation_steps))
+    return rounds, max(1, math.ceil(rounds * ptx_batches_per_round(cfg) / cfg.gradient_accumulation_steps))
 
 
 class PhaseFlops:
@@ -192,31 +194,55 @@ def run(cfg, reward_fn=None) -> dict:
         f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
 
-    history = []
-    progress = tqdm(total=rounds, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
-    batches = ((epoch, batch) for epoch in range(cfg.num_train_epochs)
-               for batch in _epoch(loader, sampler, epoch))
-    for round_index in range(rounds):
-        metrics = one_round(trainer, cfg, [next(batches)[1] for _ in range(cfg.generation_batches)],
-                            unsup, phase_flops, round_index, say)
-        history.append(metrics)
-        logger.log(round_index + 1, metrics, prefix="train/")
-        progress.update(1)
-        progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
-        if cfg.print_loss or (round_index + 1) % cfg.log_interval == 0:
-            say(f"step3 round {round_index + 1}: " + ", ".join(
-                f"{k} {metrics[k]:.4g}" for k in ("reward", "gt_score", "kl", "actor_loss", "critic_loss",
-                                                   "answer_len") if k in metrics))
+    engines = {"actor": engine.actor, "critic": engine.critic,
+               **({"actor_ema": engine.actor_ema} if engine.actor_ema is not None else {})}
+    state, _ = resume_state(engines, cfg, logger, say)
+    batches = itertools.islice(((epoch, batch) for epoch in range(cfg.num_train_epochs)
+                                for batch in _epoch(loader, sampler, epoch)),
+                               state.step * cfg.generation_batches, None)
+    if unsup is not None:  # the ptx batches the finished rounds used
+        unsup = itertools.islice(unsup, state.step * ptx_batches_per_round(cfg), None)
+    progress = tqdm(total=rounds, initial=state.step, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
+    with StopRequest() as stop:
+        for round_index in range(state.step, rounds):
+            metrics = one_round(trainer, cfg, [next(batches)[1] for _ in range(cfg.generation_batches)],
+                                unsup, phase_flops, round_index, say)
+            state.step = round_index + 1
+            state.extra.setdefault("first", metrics)
+            state.extra["last"] = metrics
+            logger.log(state.step, metrics, prefix="train/")
+            progress.update(1)
+            progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
+            if cfg.print_loss or state.step % cfg.log_interval == 0:
+                say(f"step3 round {state.step}: " + ", ".join(
+                    f"{k} {metrics[k]:.4g}" for k in ("reward", "gt_score", "kl", "actor_loss", "critic_loss",
+                                                       "answer_len") if k in metrics))
+            stopping = stop.requested()
+            if (cfg.save_steps and state.step % cfg.save_steps == 0) or stopping:
+                say(f"step3 checkpoint: {checkpoint.save(engines, state, cfg.output_dir, cfg.save_total_limit)}")
+            if stopping:
+                progress.close()
+                say(f"step3: stopped by signal after round {state.step}; rerun with --resume to continue")
+                raise SystemExit(128 + (stop.signal or 15))
     progress.close()
-    summary = {"rounds": rounds, **{f"{k}_first": v for k, v in history[0].items()},
-               **{f"{k}_last": v for k, v in history[-1].items()}} if history else {"rounds": 0}
+    if cfg.save_steps and state.step % cfg.save_steps:
+        checkpoint.save(engines, state, cfg.output_dir, cfg.save_total_limit)
+    first, last = state.extra.get("first"), state.extra.get("last")
+    summary = {"rounds": rounds, **{f"{k}_first": v for k, v in first.items()},
+               **{f"{k}_last": v for k, v in last.items()}} if first else {"rounds": 0}
     save_models(engine, tokenizer, cfg, summary)
-    if ds.is_main() and history:
-        say(f"step3 done: reward {history[0]['reward']:.4f} -> {history[-1]['reward']:.4f}, "
-            f"KL {history[-1]['kl']:.4f}; actor saved to {cfg.output_dir}/actor")
+    if ds.is_main() and first:
+        say(f"step3 done: reward {first['reward']:.4f} -> {last['reward']:.4f}, "
+            f"KL {last['kl']:.4f}; actor saved to {cfg.output_dir}/actor")
     logger.close()
     ds.shutdown_distributed()
     return summary
+
+
+def ptx_batches_per_round(cfg) -> int:
+    """PPO micro-batches per round (each also consumes one ptx batch when ptx is on)."""
+    return cfg.per_device_generation_batch_size * cfg.generation_batches \
+        // cfg.per_device_training_batch_size * cfg.ppo_epochs
 
 
 def _epoch(loader, sampler, epoch: int):

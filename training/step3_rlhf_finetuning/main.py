@@ -16,7 +16,7 @@ if not __package__:  # started as a file path: the absolute imports below need t
 
 from dataclasses import dataclass, field
 
-from utils.config import (ConfigError, DataConfig, LogConfig, RuntimeConfig, doc, parse_config,
+from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, RuntimeConfig, doc, parse_config,
                           validate_run)
 
 
@@ -126,7 +126,7 @@ class HybridConfig:
 
 
 @dataclass
-class Step3Config(LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoopConfig, ModelsConfig, DataConfig):
+class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoopConfig, ModelsConfig, DataConfig):
     print_answers: bool = field(default=False, metadata=doc("Print a prompt and its answer now and then."))
     print_answers_interval: int = field(default=1, metadata=doc("Iterations between printed answers."))
     enable_test_mode: bool = field(default=False, metadata=doc(
