@@ -18,7 +18,7 @@ from tests.helpers import ROOT, assert_ok, run_module
 from utils import checkpoint
 from utils.config import ConfigError
 from utils.metrics import read_jsonl
-from utils.train_utils import NonFinite
+from utils.train_utils import NonFinite, step_if_finite
 
 MODULE = "training.step1_supervised_finetuning.main"
 STEPS = 16
@@ -94,6 +94,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
 
 class FakeEngine:
     """Stands in for a DeepSpeed engine: writes one file per tag, or dies half-way."""
+    checkpoint_engine = "DeepSpeed's writer"
 
     def __init__(self, fail: bool = False):
         self.fail, self.loaded = fail, None
@@ -128,6 +129,24 @@ def test_rng_state_round_trips_through_json():
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     checkpoint.set_rng_state(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_a_non_finite_loss_skips_the_update():
+    import torch
+
+    class Recorder:
+        calls = []
+
+        def backward(self, loss):
+            self.calls.append("backward")
+
+        def step(self):
+            self.calls.append("step")
+
+    engine = Recorder()
+    assert not step_if_finite(engine, torch.tensor(float("nan"))) and engine.calls == []
+    assert not step_if_finite(engine, torch.tensor([1.0, float("inf")])) and engine.calls == []
+    assert step_if_finite(engine, torch.tensor(0.3)) and engine.calls == ["backward", "step"]
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run():

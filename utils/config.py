@@ -98,9 +98,6 @@ class OptimConfig:
     max_grad_norm: float = field(default=1.0, metadata=doc("Gradient clipping norm (0 = off)."))
     compute_fp32_loss: bool = field(default=False, metadata=doc(
         "Compute the loss from fp32 logits (more exact under bf16/fp16)."))
-    max_nonfinite_steps: int = field(default=5, metadata=doc(
-        "Micro-batches in a row whose loss is NaN/inf that are skipped (counted and logged) "
-        "before the run stops."))
 
 
 @dataclass
@@ -133,6 +130,9 @@ class CheckpointConfig:
     resume: bool = field(default=False, metadata=doc(
         "Continue from the newest complete checkpoint in --output_dir, at the same data position "
         "(a fresh start when there is none)."))
+    max_nonfinite_steps: int = field(default=5, metadata=doc(
+        "Updates in a row skipped for a NaN/inf loss (each counted and logged) before the run "
+        "stops; the last checkpoint stays intact."))
 
 
 @dataclass
@@ -242,7 +242,7 @@ def validate_run(cfg, default_output_dir: str, positive: tuple[str, ...]) -> Non
     for name in positive:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("save_steps", "save_total_limit"):
+    for name in ("save_steps", "save_total_limit", "max_nonfinite_steps"):
         if getattr(cfg, name, 0) < 0:
             raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
 
@@ -253,5 +253,3 @@ def validate_training(cfg, default_output_dir: str) -> None:
                                            "gradient_accumulation_steps", "max_seq_len"))
     if cfg.only_optimize_lora and cfg.lora_dim <= 0:
         raise ConfigError("--only_optimize_lora needs --lora_dim > 0")
-    if cfg.max_nonfinite_steps < 0:
-        raise ConfigError(f"--max_nonfinite_steps must be >= 0, got {cfg.max_nonfinite_steps}")

@@ -26,12 +26,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = Fals
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
 
 
-def check_finite(loss: float, step: int) -> None:
-    if not math.isfinite(loss):
-        raise ConfigError(f"loss became {loss} at step {step}; lower --learning_rate, use "
-                          "--dtype bf16/fp32, or --compute_fp32_loss")
-
-
 @torch.no_grad()
 def evaluate_lm(engine, dataloader, device) -> dict:
     """Token-weighted mean loss and perplexity over the whole eval set, across all ranks."""
@@ -187,6 +181,24 @@ class NonFinite:
         return True
 
 
+def finite_everywhere(loss: torch.Tensor) -> bool:
+    """Whether `loss` is finite on every rank: all must agree before skipping a collective step."""
+    import torch.distributed as dist
+    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def step_if_finite(engine, loss: torch.Tensor) -> bool:
+    """backward + step of a DeepSpeed engine, skipped (False) when the loss is NaN/inf anywhere."""
+    if not finite_everywhere(loss):
+        return False
+    engine.backward(loss)
+    engine.step()
+    return True
+
+
 def resume_state(engines: dict, cfg, logger, say):
     """The LoopState to start from: the newest checkpoint's with --resume, else a fresh one."""
     from utils import checkpoint
@@ -252,7 +264,8 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
             for batch in itertools.islice(train_loader, state.batches_done, None):
                 state.batches_done += 1
                 loss, samples, extras = loss_fn(batch)
-                value = loss.item()  # one device sync per micro-step, shared by the check and the log
+                # every rank must decide alike: the update is a collective
+                value = loss.item() if finite_everywhere(loss) else float("nan")
                 if nonfinite.skip(value, state.step):
                     logger.log(state.step, {"skipped_nonfinite": nonfinite.total}, prefix="train/")
                     say(f"{name}: skipped a micro-batch with loss {value} at step {state.step}")

@@ -20,8 +20,8 @@ from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_datase
 from utils.ema import update_ema
 from utils.model import load_tokenizer, resolve_model_path
 from utils import checkpoint
-from utils.train_utils import (StopRequest, check_finite, loader_generator, resume_state, run_logger,
-                               start_run)
+from utils.train_utils import (NonFinite, StopRequest, finite_everywhere, loader_generator, resume_state,
+                               run_logger, start_run)
 
 
 def prompt_loader(cfg, tokenizer):
@@ -94,24 +94,29 @@ class PhaseFlops:
         return {"generation": gen, "scoring": score, "training": train}
 
 
-def ppo_update(trainer, cfg, exps: list[Experience], unsup) -> dict:
-    """ppo_epochs passes over the rounds' experience in micro-batches; mean losses."""
+def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite) -> dict:
+    """ppo_epochs passes over the rounds' experience in micro-batches; mean losses. A micro-batch
+    whose loss is NaN/inf was not applied (see train_rlhf): it is counted, left out of the means,
+    and too many in a row stop the run."""
     engine = trainer.rlhf_engine
     actor_losses, critic_losses, unsup_losses, entropies, shifts = [], [], [], [], []
     for _ in range(cfg.ppo_epochs):
         for micro in (m for exp in exps for m in exp.split(cfg.per_device_training_batch_size)):
             actor_loss, critic_loss = trainer.train_rlhf(micro)
+            total = actor_loss + critic_loss  # every rank decides alike, or a raise would hang the rest
+            if nonfinite.skip(total.item() if finite_everywhere(total) else float("nan"), len(actor_losses)):
+                continue
             actor_losses.append(actor_loss.item())
             critic_losses.append(critic_loss.item())
             entropies.append(trainer.last_entropy)
             shifts.append(trainer.last_policy_shift)
-            check_finite(actor_losses[-1] + critic_losses[-1], len(actor_losses))
             if unsup is not None:
                 unsup_losses.append(trainer.train_unsupervised(next(unsup), cfg.unsup_coef).item())
             if engine.actor_ema is not None:
                 update_ema(engine.actor.module, engine.actor_ema.module, cfg.ema_decay)
     out = {"actor_loss": _mean(actor_losses), "critic_loss": _mean(critic_losses), "entropy": _mean(entropies),
-           "policy_shift": _mean(shifts), "first_policy_shift": shifts[0]}
+           "policy_shift": _mean(shifts), "first_policy_shift": shifts[0] if shifts else float("nan"),
+           "skipped_nonfinite": nonfinite.total}
     if unsup_losses:
         out["unsup_loss"] = _mean(unsup_losses)
     return out
@@ -202,11 +207,12 @@ def run(cfg, reward_fn=None) -> dict:
                                state.step * cfg.generation_batches, None)
     if unsup is not None:  # the ptx batches the finished rounds used
         unsup = itertools.islice(unsup, state.step * ptx_batches_per_round(cfg), None)
+    nonfinite = NonFinite(cfg.max_nonfinite_steps)
     progress = tqdm(total=rounds, initial=state.step, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
     with StopRequest() as stop:
         for round_index in range(state.step, rounds):
             metrics = one_round(trainer, cfg, [next(batches)[1] for _ in range(cfg.generation_batches)],
-                                unsup, phase_flops, round_index, say)
+                                unsup, phase_flops, round_index, say, nonfinite)
             state.step = round_index + 1
             state.extra.setdefault("first", metrics)
             state.extra["last"] = metrics
@@ -250,7 +256,8 @@ def _epoch(loader, sampler, epoch: int):
     yield from loader
 
 
-def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, round_index: int, say) -> dict:
+def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, round_index: int, say,
+              nonfinite: NonFinite) -> dict:
     """Roll out generation_batches prompt batches, then update; one metrics row."""
     start = time.perf_counter()
     exps, gen_s = [], 0.0
@@ -265,7 +272,7 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
     if all(path == "bundled" for path in cfg.data_path):  # the same on every rank (all-reduced)
         stats.update(ground_truth_score(trainer.tokenizer, exps))
     train_start = time.perf_counter()
-    losses = ppo_update(trainer, cfg, exps, unsup)
+    losses = ppo_update(trainer, cfg, exps, unsup, nonfinite)
     train_s = time.perf_counter() - train_start
     work = phase_flops.of(exps)
     total_s = time.perf_counter() - start

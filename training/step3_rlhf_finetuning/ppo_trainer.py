@@ -20,7 +20,7 @@ from utils.model.reward_model import end_scores
 from utils.rl_math import (answer_mask, entropy_from_logits, gae_advantages, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, policy_loss, value_loss,
                            whiten)
-from utils.train_utils import causal_lm_loss, to_device
+from utils.train_utils import causal_lm_loss, step_if_finite, to_device
 
 # reward_fn(prompts (B, P), seq (B, P + A), attention_mask (B, P + A), action_mask (B, A)) -> (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -162,16 +162,14 @@ class DeepSpeedPPOTrainer:
         log_probs, entropy = self._answer_log_probs(self.actor, exp.seq, exp.attention_mask,
                                                     exp.prompt_len, with_entropy=True)
         actor_loss = policy_loss(log_probs, exp.log_probs, exp.advantages, exp.action_mask, a.cliprange)
-        self.actor.backward(actor_loss)
-        self.actor.step()
+        step_if_finite(self.actor, actor_loss)  # a NaN/inf loss skips the update (counted by the loop)
         self.last_entropy = masked_mean(entropy, exp.action_mask).item()
         # how far this update's policy already is from the rollout's (0 on the first micro-step)
         self.last_policy_shift = masked_mean((exp.log_probs - log_probs.detach()).abs(), exp.action_mask).item()
 
         values = self._values(self.critic, exp.seq, exp.attention_mask, exp.prompt_len)
         critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, a.cliprange_value)
-        self.critic.backward(critic_loss)
-        self.critic.step()
+        step_if_finite(self.critic, critic_loss)
         return actor_loss.detach(), critic_loss.detach()
 
     @staticmethod
@@ -194,6 +192,5 @@ class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
         logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                             use_cache=False).logits
         loss = causal_lm_loss(logits, batch["labels"], fp32=self.args.compute_fp32_loss)
-        self.actor.backward(unsup_coef * loss)
-        self.actor.step()
+        step_if_finite(self.actor, unsup_coef * loss)
         return loss.detach()
