@@ -56,7 +56,7 @@ def load_questions(args: argparse.Namespace) -> list[str]:
         questions = list(args.prompts) + (read_prompt_file(args.prompt_file) if args.prompt_file else [])
     else:
         from utils.data import bundled, load_raw_dataset
-        held_out = load_raw_dataset("bundled", seed=0).eval  # a fixed split: any seed[:args.num_prompts]
+        held_out = load_raw_dataset("bundled", seed=0).eval[:args.num_prompts]  # fixed split
         questions = [bundled.question_of(row["prompt"]) for row in held_out]
     questions = [q.strip() for q in questions if q.strip()]
     if not questions:
