@@ -91,18 +91,14 @@ def run_ours(name: str, args, data: Path, workdir: Path) -> dict:
 
 
 def run_peer(args, data: Path, workdir: Path) -> dict:
-    from bench.child import PREFIX
+    from bench.child import read_result
     from bench.peer_env import trl_python
 
     cmd = [trl_python(), "-m", "bench.trl_peer", "--actor", args.actor, "--critic", args.critic,
            "--data", str(data), "--cache", str(workdir / "data"), "--batch", str(args.batch),
            "--prompt_len", str(args.prompt_len), "--answer_len", str(args.answer_len),
            "--rounds", str(args.rounds), "--dtype", args.dtype, "--seed", str(args.seed)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device))
-    line = next((l for l in proc.stdout.splitlines() if l.startswith(PREFIX)), None)
-    if proc.returncode or line is None:
-        raise SystemExit(f"{PEER} failed:\n{proc.stdout[-1000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(line[len(PREFIX):])
+    return read_result(subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device)), PEER)
 
 
 def print_table(results: dict, peak: float, args) -> None:

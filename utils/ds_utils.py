@@ -199,6 +199,20 @@ def eval_ds_config(*, micro_batch: int, zero_stage: int = 0, offload: bool = Fal
     return config
 
 
+def all_ranks(flag: bool) -> bool:
+    """True when `flag` is true on every process: decisions that lead to collectives (skip an
+    update, save a checkpoint) must be the same everywhere."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=current_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def any_rank(flag: bool) -> bool:
+    return not all_ranks(not flag)
+
+
 def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor's first dimension across processes (equal shapes: samplers pad)."""
     if world_size() == 1:

@@ -11,6 +11,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from utils.fs import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, log_dir: str | Path, enabled: bool = True, tensorboard: bool = False,
@@ -36,7 +38,7 @@ class MetricsLogger:
         self._jsonl.close()
         path = self.log_dir / "metrics.jsonl"
         kept = [r for r in read_jsonl(path) if r.get("step", 0) <= step] if path.is_file() else []
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))  # a crash keeps the old log
         self.history.clear()
         for row in kept:
             for key, value in row.items():

@@ -153,13 +153,8 @@ class StopRequest:
 
     def requested(self) -> bool:
         """Whether any rank was asked to stop (all ranks must agree, to save together)."""
-        import torch.distributed as dist
-        flag = torch.tensor([float(self.signal is not None)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            from utils import ds_utils as ds
-            flag = flag.to(ds.current_device())
-            dist.all_reduce(flag)
-        return bool(flag.item())
+        from utils import ds_utils as ds
+        return ds.any_rank(self.signal is not None)
 
 
 class NonFinite:
@@ -181,38 +176,60 @@ class NonFinite:
         return True
 
 
-def finite_everywhere(loss: torch.Tensor) -> bool:
-    """Whether `loss` is finite on every rank: all must agree before skipping a collective step."""
-    import torch.distributed as dist
-    ok = torch.isfinite(loss.detach()).all().float().reshape(1)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
-
-
 def step_if_finite(engine, loss: torch.Tensor) -> bool:
-    """backward + step of a DeepSpeed engine, skipped (False) when the loss is NaN/inf anywhere."""
-    if not finite_everywhere(loss):
+    """backward + step of a DeepSpeed engine, skipped (False) when the loss is NaN/inf on any
+    rank (the update is a collective: every rank must skip alike)."""
+    from utils import ds_utils as ds
+    if not ds.all_ranks(bool(torch.isfinite(loss.detach()).all())):
         return False
     engine.backward(loss)
     engine.step()
     return True
 
 
-def resume_state(engines: dict, cfg, logger, say):
-    """The LoopState to start from: the newest checkpoint's with --resume, else a fresh one."""
-    from utils import checkpoint
+class RunCheckpoints:
+    """The checkpoint side of a training loop (Steps 1, 2, DPO through fit(); Step 3's rounds):
+    where to start (--resume), when to save (--save_steps, a stop signal, the end)."""
 
-    resume = getattr(cfg, "resume", False)
-    folder = checkpoint.latest(cfg.output_dir) if resume else None
-    if folder is None:
-        if resume:  # nothing saved yet: start over, without the earlier attempt's log lines
-            logger.truncate_after(-1)
-        return checkpoint.LoopState(), False
-    state = checkpoint.load(engines, folder)
-    logger.truncate_after(state.step)
-    say(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, {state.batches_done} batches in)")
-    return state, True
+    def __init__(self, engines: dict, cfg, name: str, say):
+        self.engines, self.cfg, self.name, self.say = engines, cfg, name, say
+        self.every = getattr(cfg, "save_steps", 0)
+
+    def start(self, logger):
+        """(LoopState, resumed): the newest checkpoint's state with --resume, else a fresh one."""
+        from utils import checkpoint
+
+        resume = getattr(self.cfg, "resume", False)
+        folder = checkpoint.latest(self.cfg.output_dir) if resume else None
+        if folder is None:
+            if resume:  # nothing saved yet: start over, without the earlier attempt's log lines
+                logger.truncate_after(-1)
+            return checkpoint.LoopState(), False
+        state = checkpoint.load(self.engines, folder)
+        logger.truncate_after(state.step)
+        self.say(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, "
+                 f"{state.batches_done} batches in)")
+        return state, True
+
+    def save(self, state) -> None:
+        from utils import checkpoint
+        folder = checkpoint.save(self.engines, state, self.cfg.output_dir,
+                                 keep=getattr(self.cfg, "save_total_limit", 0))
+        self.say(f"{self.name} checkpoint: {folder}")
+
+    def after_step(self, state, stop: StopRequest, progress) -> None:
+        """Save when --save_steps is due or a signal arrived; after a signal, exit cleanly."""
+        stopping = stop.requested()
+        if (self.every and state.step % self.every == 0) or stopping:
+            self.save(state)
+        if stopping:
+            progress.close()
+            self.say(f"{self.name}: stopped by signal at step {state.step}; rerun with --resume to continue")
+            raise SystemExit(128 + (stop.signal or 15))
+
+    def at_end(self, state) -> None:
+        if self.every and state.step % self.every:  # unless the last step has just saved
+            self.save(state)
 
 
 def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_steps: int,
@@ -228,13 +245,11 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
 
     from tqdm import tqdm
 
-    from utils import checkpoint
     from utils import ds_utils as ds
 
     say = tqdm.write if ds.is_main() else (lambda *_: None)
-    engines = {"model": engine}
-    state, resumed = resume_state(engines, cfg, logger, say)
-    save_steps = getattr(cfg, "save_steps", 0)
+    checkpoints = RunCheckpoints({"model": engine}, cfg, name, say)
+    state, resumed = checkpoints.start(logger)
     nonfinite = NonFinite(getattr(cfg, "max_nonfinite_steps", 0))
 
     def run_eval(step: int) -> None:
@@ -243,10 +258,6 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
             logger.log(step, result, prefix="eval/")
             say(f"{name} eval @ step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
             state.evals.append(result)
-
-    def save() -> None:
-        folder = checkpoint.save(engines, state, cfg.output_dir, keep=getattr(cfg, "save_total_limit", 0))
-        say(f"{name} checkpoint: {folder}")
 
     if not resumed:
         run_eval(0)
@@ -264,14 +275,12 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
             for batch in itertools.islice(train_loader, state.batches_done, None):
                 state.batches_done += 1
                 loss, samples, extras = loss_fn(batch)
-                # every rank must decide alike: the update is a collective
-                value = loss.item() if finite_everywhere(loss) else float("nan")
-                if nonfinite.skip(value, state.step):
+                value = loss.item()  # one device sync per micro-step, shared by the check and the log
+                if nonfinite.skip(value if step_if_finite(engine, loss) else float("nan"), state.step):
                     logger.log(state.step, {"skipped_nonfinite": nonfinite.total}, prefix="train/")
-                    say(f"{name}: skipped a micro-batch with loss {value} at step {state.step}")
+                    say(f"{name}: skipped a micro-batch at step {state.step} (loss {value} here; "
+                        "NaN/inf on at least one process)")
                     continue
-                engine.backward(loss)
-                engine.step()
                 window.add(value, samples, int(batch["attention_mask"].sum()), extras)
                 accepted += 1
                 if accepted % cfg.gradient_accumulation_steps:
@@ -287,19 +296,12 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}")
                 if cfg.eval_interval and step % cfg.eval_interval == 0:
                     run_eval(step)
-                stopping = stop.requested()
-                if (save_steps and step % save_steps == 0) or stopping:
-                    save()
-                if stopping:
-                    progress.close()
-                    say(f"{name}: stopped by signal at step {step}; rerun with --resume to continue")
-                    raise SystemExit(128 + (stop.signal or 15))
+                checkpoints.after_step(state, stop, progress)
                 if step >= total_steps:
                     break
             if not cfg.eval_interval or state.step % cfg.eval_interval:
                 run_eval(state.step)
-    if save_steps and state.step % save_steps:
-        save()  # the end of training, unless the last step just saved
+    checkpoints.at_end(state)
     progress.close()
     return state.step, state.evals
 

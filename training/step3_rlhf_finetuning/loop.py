@@ -19,9 +19,8 @@ from utils.config import ConfigError
 from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
 from utils.ema import update_ema
 from utils.model import load_tokenizer, resolve_model_path
-from utils import checkpoint
-from utils.train_utils import (NonFinite, StopRequest, finite_everywhere, loader_generator, resume_state,
-                               run_logger, start_run)
+from utils.train_utils import (NonFinite, RunCheckpoints, StopRequest, loader_generator, run_logger,
+                               start_run)
 
 
 def prompt_loader(cfg, tokenizer):
@@ -67,7 +66,7 @@ def total_iterations(cfg, loader) -> tuple[int, int]:
         rounds = min(rounds, cfg.test_stop_step)
     if cfg.max_rounds:
         rounds = min(rounds, cfg.max_rounds)
-    return rounds, max(1, math.ceil(rounds * ptx_batches_per_round(cfg) / cfg.gradient_accumulation_steps))
+    return rounds, max(1, math.ceil(rounds * micro_batches_per_round(cfg) / cfg.gradient_accumulation_steps))
 
 
 class PhaseFlops:
@@ -103,8 +102,8 @@ def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite
     for _ in range(cfg.ppo_epochs):
         for micro in (m for exp in exps for m in exp.split(cfg.per_device_training_batch_size)):
             actor_loss, critic_loss = trainer.train_rlhf(micro)
-            total = actor_loss + critic_loss  # every rank decides alike, or a raise would hang the rest
-            if nonfinite.skip(total.item() if finite_everywhere(total) else float("nan"), len(actor_losses)):
+            # the skip was decided alike on every rank, so a raise here cannot hang the others
+            if nonfinite.skip(float("nan") if trainer.last_update_skipped else 0.0, len(actor_losses)):
                 continue
             actor_losses.append(actor_loss.item())
             critic_losses.append(critic_loss.item())
@@ -199,14 +198,15 @@ def run(cfg, reward_fn=None) -> dict:
         f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
 
-    engines = {"actor": engine.actor, "critic": engine.critic,
-               **({"actor_ema": engine.actor_ema} if engine.actor_ema is not None else {})}
-    state, _ = resume_state(engines, cfg, logger, say)
+    checkpoints = RunCheckpoints({"actor": engine.actor, "critic": engine.critic,
+                                  **({"actor_ema": engine.actor_ema} if engine.actor_ema is not None else {})},
+                                 cfg, "step3", say)
+    state, _ = checkpoints.start(logger)
     batches = itertools.islice(((epoch, batch) for epoch in range(cfg.num_train_epochs)
                                 for batch in _epoch(loader, sampler, epoch)),
                                state.step * cfg.generation_batches, None)
     if unsup is not None:  # the ptx batches the finished rounds used
-        unsup = itertools.islice(unsup, state.step * ptx_batches_per_round(cfg), None)
+        unsup = itertools.islice(unsup, state.step * micro_batches_per_round(cfg), None)
     nonfinite = NonFinite(cfg.max_nonfinite_steps)
     progress = tqdm(total=rounds, initial=state.step, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
     with StopRequest() as stop:
@@ -223,16 +223,9 @@ def run(cfg, reward_fn=None) -> dict:
                 say(f"step3 round {state.step}: " + ", ".join(
                     f"{k} {metrics[k]:.4g}" for k in ("reward", "gt_score", "kl", "actor_loss", "critic_loss",
                                                        "answer_len") if k in metrics))
-            stopping = stop.requested()
-            if (cfg.save_steps and state.step % cfg.save_steps == 0) or stopping:
-                say(f"step3 checkpoint: {checkpoint.save(engines, state, cfg.output_dir, cfg.save_total_limit)}")
-            if stopping:
-                progress.close()
-                say(f"step3: stopped by signal after round {state.step}; rerun with --resume to continue")
-                raise SystemExit(128 + (stop.signal or 15))
+            checkpoints.after_step(state, stop, progress)
     progress.close()
-    if cfg.save_steps and state.step % cfg.save_steps:
-        checkpoint.save(engines, state, cfg.output_dir, cfg.save_total_limit)
+    checkpoints.at_end(state)
     first, last = state.extra.get("first"), state.extra.get("last")
     summary = {"rounds": rounds, **{f"{k}_first": v for k, v in first.items()},
                **{f"{k}_last": v for k, v in last.items()}} if first else {"rounds": 0}
@@ -245,7 +238,7 @@ def run(cfg, reward_fn=None) -> dict:
     return summary
 
 
-def ptx_batches_per_round(cfg) -> int:
+def micro_batches_per_round(cfg) -> int:
     """PPO micro-batches per round (each also consumes one ptx batch when ptx is on)."""
     return cfg.per_device_generation_batch_size * cfg.generation_batches \
         // cfg.per_device_training_batch_size * cfg.ppo_epochs

@@ -77,6 +77,7 @@ class DeepSpeedPPOTrainer:
                 release_inference_cache=args.release_inference_cache,
                 tp_gather_partition_size=args.tp_gather_partition_size)
         self.last_generation_s = 0.0
+        self.last_update_skipped = False  # the last train_rlhf left a model unchanged (NaN/inf loss)
 
     # ---------------------------------------------------------------- rollout
 
@@ -162,14 +163,15 @@ class DeepSpeedPPOTrainer:
         log_probs, entropy = self._answer_log_probs(self.actor, exp.seq, exp.attention_mask,
                                                     exp.prompt_len, with_entropy=True)
         actor_loss = policy_loss(log_probs, exp.log_probs, exp.advantages, exp.action_mask, a.cliprange)
-        step_if_finite(self.actor, actor_loss)  # a NaN/inf loss skips the update (counted by the loop)
+        # a NaN/inf loss skips that model's update; the loop counts the micro-batch as skipped
+        actor_applied = step_if_finite(self.actor, actor_loss)
         self.last_entropy = masked_mean(entropy, exp.action_mask).item()
         # how far this update's policy already is from the rollout's (0 on the first micro-step)
         self.last_policy_shift = masked_mean((exp.log_probs - log_probs.detach()).abs(), exp.action_mask).item()
 
         values = self._values(self.critic, exp.seq, exp.attention_mask, exp.prompt_len)
         critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, a.cliprange_value)
-        step_if_finite(self.critic, critic_loss)
+        self.last_update_skipped = not (step_if_finite(self.critic, critic_loss) and actor_applied)
         return actor_loss.detach(), critic_loss.detach()
 
     @staticmethod
