@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, assert_ok, run_module
+from tests.helpers import ROOT, assert_ok, error_line, run_module
 from utils import checkpoint
 from utils.config import ConfigError
 from utils.metrics import read_jsonl
@@ -200,3 +200,11 @@ def test_step3_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, stage, 
             assert resumed[step][key] == pytest.approx(row[key], rel=1e-3, abs=1e-4), (step, key)
     for folder in ("actor", "actor_ema", "critic"):
         assert (out / folder / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("module", [MODULE, STEP3])
+@pytest.mark.parametrize("flag", ["--save_steps", "--save_total_limit", "--max_nonfinite_steps"])
+def test_negative_checkpoint_flags_are_refused(tmp_path, module, flag):
+    proc = run_module(module, [flag, "-1", "--output_dir", tmp_path / "out"])
+    assert error_line(proc) == f"error: {flag} must be >= 0, got -1"
+    assert not (tmp_path / "out").exists()
