@@ -178,3 +178,29 @@ def test_whiten_and_entropy():
     torch.testing.assert_close(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
     assert abs(entropy_from_logits(torch.zeros(4)).item() - math.log(4)) < 1e-6
     assert entropy_from_logits(torch.tensor([0.0, -1e4])).item() < 1e-6
+
+
+def test_answer_width_is_the_last_used_column():
+    from utils.rl_math import answer_width
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert answer_width(mask) == 3
+    assert answer_width(torch.ones(2, 4, dtype=torch.bool)) == 4
+    assert answer_width(torch.zeros(1, 4, dtype=torch.bool)) == 1
+
+
+def test_padding_after_the_answers_does_not_change_their_log_probs():
+    """Why Step 3 may cut the columns after the longest answer: a causal LM's logits at the real
+    positions do not depend on later (masked) columns."""
+    from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
+    from utils.model.forward import lm_logits
+    path = resolve_model_path("tiny-llama")
+    model = load_causal_lm(path, load_tokenizer(path)).eval()
+    torch.manual_seed(0)
+    seq = torch.randint(3, 100, (2, 12))
+    mask = torch.ones_like(seq)
+    mask[0, :2] = 0  # left-padded prompt
+    mask[:, 9:] = 0  # padding after the answers
+    with torch.no_grad():
+        full = lm_logits(model, seq, mask, last=7)[:, :3]  # answer columns 6..8 (prompt 6)
+        cut = lm_logits(model, seq[:, :9], mask[:, :9], last=4)[:, :3]
+    torch.testing.assert_close(full, cut, atol=1e-5, rtol=1e-5)

@@ -81,6 +81,12 @@ def answer_mask(answers: torch.Tensor, eos_token_id: int | list[int] | None,
     return positions.unsqueeze(0) <= first.unsqueeze(1)
 
 
+def answer_width(action_mask: torch.Tensor) -> int:
+    """Columns up to the last answer token of any row (at least 1): the rest is padding."""
+    used = action_mask.any(0).nonzero()
+    return int(used.max()) + 1 if used.numel() else 1
+
+
 def kl_penalized_rewards(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, scores: torch.Tensor,
                          action_mask: torch.Tensor, kl_coef: float, clip_reward: float) -> torch.Tensor:
     """Per-token rewards (B, A): -kl_coef * (log pi - log pi_ref) on every answer token, plus the

@@ -17,7 +17,7 @@ from inference.generation import pad_to_width
 from utils import ds_utils as ds
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.reward_model import end_scores
-from utils.rl_math import (answer_mask, entropy_from_logits, gae_advantages, kl_penalized_rewards,
+from utils.rl_math import (answer_mask, answer_width, entropy_from_logits, gae_advantages, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, policy_loss, value_loss,
                            whiten)
 from utils.train_utils import causal_lm_loss, step_if_finite, to_device
@@ -135,6 +135,9 @@ class DeepSpeedPPOTrainer:
         answers = seq[:, prompt_len:]
         action_mask = (torch.ones_like(answers, dtype=torch.bool) if self.eos_token_id is None
                        else answer_mask(answers, self.eos_token_id, self.pad_token_id))
+        # drop the columns after the longest answer: every later forward skips the padding
+        width = answer_width(action_mask)
+        seq, action_mask = seq[:, :prompt_len + width], action_mask[:, :width]
         attention_mask = torch.cat([mask, action_mask.long()], 1)
 
         self.actor.eval()
