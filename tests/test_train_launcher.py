@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers import ROOT, assert_ok, error_line, model_with_other_tokenizer, run_module
+from utils.metrics import read_jsonl
 
 STEP_FOLDERS = ("step1_sft", "step2_reward", "step3_rlhf")
 
@@ -20,8 +24,10 @@ def launch(*args, timeout=900) -> subprocess.CompletedProcess:
                           text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-QUICK = ("--preset", "quick", "--step1-args", "--max_steps 8 --disable_tqdm",
-         "--step2-args", "--max_steps 6 --disable_tqdm", "--step3-args", "--max_rounds 2 --disable_tqdm")
+# checkpoints and per-step logs so that test_sigkill_across_steps_then_resume_matches can compare
+QUICK = ("--preset", "quick", "--step1-args", "--max_steps 8 --save_steps 3 --log_interval 1 --disable_tqdm",
+         "--step2-args", "--max_steps 6 --save_steps 2 --log_interval 1 --disable_tqdm",
+         "--step3-args", "--max_rounds 3 --save_steps 1 --disable_tqdm")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +55,7 @@ def test_quick_preset_runs_all_steps_through_deepspeed_launcher(pipeline):
     assert summary(out / "step1_sft")["steps"] == 8
     assert summary(out / "step2_reward")["steps"] == 6
     step3 = summary(out / "step3_rlhf" / "actor")
-    assert step3["rounds"] == 2 and 0 <= step3["gt_score_last"] <= 1  # checker score of the rollouts
+    assert step3["rounds"] == 3 and 0 <= step3["gt_score_last"] <= 1  # checker score of the rollouts
     for folder in STEP_FOLDERS:  # logs kept in each step's folder, nothing left beside them
         assert "done" in (out / folder / "logs" / "console.log").read_text()
         assert not (out / f"{folder}.log").exists()
@@ -72,6 +78,56 @@ def test_resume_skips_finished_steps(pipeline):
     proc = launch("--preset", "quick", "--output-dir", out, "--resume")
     assert_ok(proc)
     assert proc.stdout.count("(--resume), skipped") == 3 and "--module" not in proc.stdout
+
+
+# what each step logs per step/round, compared between a killed-and-resumed and a straight run
+LOGGED = {"step1_sft": ("train/loss",), "step2_reward": ("train/loss",),
+          "step3_rlhf": ("train/reward", "train/kl", "train/actor_loss", "train/critic_loss")}
+
+
+def logged(folder: Path) -> dict[int, tuple]:
+    rows = read_jsonl(folder / "logs" / "metrics.jsonl") if (folder / "logs" / "metrics.jsonl").is_file() else []
+    keys = LOGGED[folder.name]
+    return {r["step"]: tuple(r[k] for k in keys) for r in rows if keys[0] in r}
+
+
+def kill_when_logged(proc: subprocess.Popen, folder: Path, step: int, timeout: float = 600) -> None:
+    """SIGKILL the whole launch (train.py, the deepspeed launcher, the step) once `folder` has
+    logged `step`: a preempted job, nobody gets to save."""
+    deadline = time.time() + timeout
+    while max(logged(folder), default=0) < step:
+        assert proc.poll() is None, f"ended before {folder.name} step {step}: {proc.communicate()[1][-3000:]}"
+        assert time.time() < deadline, f"{folder.name} step {step} not reached"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_sigkill_across_steps_then_resume_matches(pipeline, tmp_path):
+    """Killed at a random step of a random step of the pipeline, `train.py --resume` skips the
+    finished steps, continues the killed one from its checkpoint and runs the rest: every step
+    logs what the uninterrupted run logged."""
+    straight, _ = pipeline
+    rng = random.Random(os.getpid())
+    folder, step = rng.choice([("step1_sft", rng.randint(4, 7)), ("step2_reward", rng.randint(3, 5)),
+                               ("step3_rlhf", 2)])
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", *QUICK, "--output-dir", str(out)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    kill_when_logged(proc, out / folder, step)
+    assert not (out / folder / "training_summary.json").exists() and not (out / folder / "actor").exists()
+    proc = launch(*QUICK, "--output-dir", out, "--resume")
+    assert_ok(proc)
+    killed = STEP_FOLDERS.index(folder)
+    assert proc.stdout.count("(--resume), skipped") == killed, (folder, step)
+    assert "resumed from" in (out / folder / "logs" / "console.log").read_text(), (folder, step)
+    for name in STEP_FOLDERS:
+        want, got = logged(straight / name), logged(out / name)
+        assert sorted(got) == sorted(want), (name, folder, step)  # no step logged twice or lost
+        for n, values in want.items():
+            assert got[n] == pytest.approx(values, rel=1e-3, abs=1e-4), (name, n, folder, step)
 
 
 @pytest.mark.parametrize("model", ["actor", "actor_ema"])
