@@ -1,10 +1,31 @@
 """The one way this project writes a folder: build it aside, then rename it into place."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from utils.config import ConfigError
+
+# The disk refused the write: full, over quota, a file too large, read-only, no permission, I/O error.
+REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
+
+
+class WriteRefused(ConfigError):
+    """A write the disk refused (see REFUSED): reported as one error line, like a ConfigError."""
+
+
+def refused(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in REFUSED
+
+
+def refused_write(err: OSError, what) -> WriteRefused:
+    """One line naming what could not be written and why (e.g. 'No space left on device')."""
+    why = err.strerror or str(err)
+    return WriteRefused(f"could not write {what}: {why}" + (f" ({err.filename})" if err.filename else ""))
 
 
 def atomic_directory_write(output_dir: str | Path, write_fn, keep: tuple[str, ...] = ()) -> None:
@@ -12,25 +33,54 @@ def atomic_directory_write(output_dir: str | Path, write_fn, keep: tuple[str, ..
 
     A crash mid-write leaves the previous contents of `output_dir` untouched (a reader sees
     all of the old folder or all of the new one). Entries named in `keep` (e.g. a run's
-    live log folder) are carried over from the old folder."""
+    live log folder) are carried over from the old folder, and put back if the write fails.
+    A write the disk refuses (full, read-only: see REFUSED) raises WriteRefused, one line."""
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    except OSError as err:
+        if refused(err):
+            raise refused_write(err, output_dir) from err
+        raise
+    moved, old = [], None  # keep entries carried into tmp; the old folder while it is aside
     try:
         write_fn(tmp)
         for name in keep:
             if (output_dir / name).exists():
                 os.rename(output_dir / name, tmp / name)
+                moved.append(name)
         if output_dir.exists():  # rename cannot replace a non-empty folder: move it aside first
             old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
             os.rename(output_dir, old)  # replaces the empty placeholder
             os.rename(tmp, output_dir)
             shutil.rmtree(old, ignore_errors=True)
+            old = None
         else:
             os.rename(tmp, output_dir)
+    except BaseException as err:
+        _put_back(output_dir, tmp, old, moved)
+        if refused(err):
+            raise refused_write(err, output_dir) from err
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _put_back(output_dir: Path, tmp: Path, old: Path | None, moved: list[str]) -> None:
+    """Undo a failed atomic_directory_write (best effort): the old folder and its kept entries
+    back in place, nothing else touched."""
+    with contextlib.suppress(OSError):
+        if old is not None:
+            if output_dir.exists():  # the move aside failed: `old` is still the empty placeholder
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(old, output_dir)
+    for name in moved:
+        with contextlib.suppress(OSError):
+            if (tmp / name).exists() and output_dir.is_dir() and not (output_dir / name).exists():
+                os.rename(tmp / name, output_dir / name)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

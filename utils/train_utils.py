@@ -59,8 +59,37 @@ def start_run(cfg) -> torch.device:
     ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or getattr(cfg, "resume", False))
     device = ds.init_distributed(cfg.local_rank)
     cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
+    if hasattr(cfg, "zero_stage"):  # the one-model steps (Step 3 builds its engines' configs itself)
+        check_engine_config(cfg)
     ds.set_seed(cfg.seed)
     return device
+
+
+BATCH_KEYS = {"train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
+              "gradient_accumulation_steps": "--gradient_accumulation_steps"}
+
+
+def check_engine_config(cfg) -> dict:
+    """The trained engine's DeepSpeed config, built before any model or data is loaded so that a
+    combination it cannot run (--offload without ZeRO, fp16 without CUDA, batch sizes in
+    --deepspeed_config that disagree with the flags) is refused before any work."""
+    from utils import ds_utils as ds
+
+    user = ds.load_user_ds_config(cfg.deepspeed_config)
+    config = ds.train_ds_config(micro_batch=cfg.per_device_train_batch_size,
+                                grad_accum=cfg.gradient_accumulation_steps, zero_stage=cfg.zero_stage,
+                                offload=cfg.offload, dtype=cfg.dtype, user_config=user)
+    for key, flag in BATCH_KEYS.items():
+        if key in user and user[key] != getattr(cfg, flag[2:]):
+            raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets {key} {user[key]} but {flag} is "
+                              f"{getattr(cfg, flag[2:])}: set batch sizes with the flags")
+    expected = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * ds.world_size()
+    if config["train_batch_size"] != expected:
+        raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets train_batch_size "
+                          f"{config['train_batch_size']}, which is not --per_device_train_batch_size "
+                          f"{cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
+                          f"{cfg.gradient_accumulation_steps} x {ds.world_size()} process(es) = {expected}")
+    return config
 
 
 def loader_generator(seed: int) -> torch.Generator:
@@ -158,10 +187,21 @@ class StopRequest:
 
 
 class NonFinite:
-    """Counts micro-batches skipped for a NaN/inf loss; too many in a row stop the run."""
+    """Counts micro-batches skipped for a NaN/inf loss; too many in a row stop the run.
 
-    def __init__(self, limit: int):
+    With `output_dir`, the stop names the newest checkpoint there (or says there is none)."""
+
+    def __init__(self, limit: int, output_dir: str | None = None):
         self.limit, self.in_a_row, self.total = limit, 0, 0
+        self.output_dir = output_dir
+
+    def _left(self) -> str:
+        if self.output_dir is None:
+            return "the last checkpoint is intact"
+        from utils import checkpoint
+        newest = checkpoint.latest(self.output_dir)
+        return (f"the newest checkpoint, {newest}, is intact" if newest else
+                "no checkpoint was saved (--save_steps 0)")
 
     def skip(self, value: float, step: int) -> bool:
         if math.isfinite(value):
@@ -171,7 +211,7 @@ class NonFinite:
         self.total += 1
         if self.in_a_row > self.limit:
             raise ConfigError(f"loss was {value} for {self.in_a_row} micro-batches in a row at step {step}; "
-                              "the last checkpoint is intact. Lower --learning_rate, use --dtype fp32 "
+                              f"{self._left()}. Lower --learning_rate, use --dtype fp32 "
                               "or --compute_fp32_loss")
         return True
 
@@ -202,8 +242,9 @@ class RunCheckpoints:
         resume = getattr(self.cfg, "resume", False)
         folder = checkpoint.latest(self.cfg.output_dir) if resume else None
         if folder is None:
-            if resume:  # nothing saved yet: start over, without the earlier attempt's log lines
-                logger.truncate_after(-1)
+            if not resume:  # --overwrite_output_dir: another run's checkpoints must not be resumed into
+                self._forget_previous_run()
+            logger.truncate_after(-1)  # a fresh start: no earlier run's or attempt's log lines
             return checkpoint.LoopState(), False
         state = checkpoint.load(self.engines, folder)
         logger.truncate_after(state.step)
@@ -211,10 +252,41 @@ class RunCheckpoints:
                  f"{state.batches_done} batches in)")
         return state, True
 
-    def save(self, state) -> None:
+    def _forget_previous_run(self) -> None:
+        """A fresh run in a folder that holds another run's checkpoints (--overwrite_output_dir,
+        no --resume): remove them, so that a later --resume cannot continue the other run."""
+        import shutil
+
         from utils import checkpoint
-        folder = checkpoint.save(self.engines, state, self.cfg.output_dir,
-                                 keep=getattr(self.cfg, "save_total_limit", 0))
+        from utils import ds_utils as ds
+        folder = checkpoint.root(self.cfg.output_dir)
+        ours = sorted([*folder.glob("step-*"), *folder.glob(".tmp-step-*")]) if folder.is_dir() else []
+        if ds.is_main() and ours:
+            for old in ours:  # only what checkpoint.save writes: a user's own files there stay
+                shutil.rmtree(old)
+            self.say(f"{self.name}: removed the previous run's {len(ours)} checkpoint folder(s) from "
+                     f"{folder} (--overwrite_output_dir)")
+        ds.barrier()
+
+    def save(self, state) -> None:
+        import shutil
+
+        from utils import checkpoint
+        from utils import ds_utils as ds
+        from utils.fs import WriteRefused, refused, refused_write
+        try:
+            folder = checkpoint.save(self.engines, state, self.cfg.output_dir,
+                                     keep=getattr(self.cfg, "save_total_limit", 0))
+        except OSError as err:
+            if not refused(err):
+                raise
+            torn = checkpoint.root(self.cfg.output_dir) / f".tmp-step-{state.step:08d}"
+            if ds.is_main():  # free what the torn attempt took; complete checkpoints are untouched
+                shutil.rmtree(torn, ignore_errors=True)
+            newest = checkpoint.latest(self.cfg.output_dir)
+            left = (f"the newest complete checkpoint, {newest}, is intact (rerun with --resume once there "
+                    "is room)" if newest else "no complete checkpoint was saved before")
+            raise WriteRefused(f"{refused_write(err, f'the step {state.step} checkpoint')}; {left}") from err
         self.say(f"{self.name} checkpoint: {folder}")
 
     def after_step(self, state, stop: StopRequest, progress) -> None:
@@ -250,7 +322,7 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
     say = tqdm.write if ds.is_main() else (lambda *_: None)
     checkpoints = RunCheckpoints({"model": engine}, cfg, name, say)
     state, resumed = checkpoints.start(logger)
-    nonfinite = NonFinite(getattr(cfg, "max_nonfinite_steps", 0))
+    nonfinite = NonFinite(getattr(cfg, "max_nonfinite_steps", 0), cfg.output_dir)
 
     def run_eval(step: int) -> None:
         result = evaluate()
@@ -274,6 +346,12 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
             accepted = 0  # micro-batches backpropagated since the last optimizer step
             for batch in itertools.islice(train_loader, state.batches_done, None):
                 state.batches_done += 1
+                # An epoch whose micro-batches --gradient_accumulation_steps does not divide ends
+                # with a shorter accumulation: the loop, not DeepSpeed's own count (which would
+                # run into the next epoch), says where each optimizer step falls.
+                last_of_epoch = state.batches_done == len(train_loader)
+                boundary = (accepted + 1) % cfg.gradient_accumulation_steps == 0 or last_of_epoch
+                engine.set_gradient_accumulation_boundary(boundary)
                 loss, samples, extras = loss_fn(batch)
                 value = loss.item()  # one device sync per micro-step, shared by the check and the log
                 if nonfinite.skip(value if step_if_finite(engine, loss) else float("nan"), state.step):
@@ -283,8 +361,9 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
                     continue
                 window.add(value, samples, int(batch["attention_mask"].sum()), extras)
                 accepted += 1
-                if accepted % cfg.gradient_accumulation_steps:
+                if not boundary:
                     continue
+                accepted = 0
                 state.step += 1
                 progress.update(1)
                 step = state.step
@@ -315,12 +394,20 @@ def finish_run(engine, tokenizer, cfg, logger, name: str, steps: int, evals: lis
     from tqdm import tqdm
 
     from utils import ds_utils as ds
+    from utils.fs import WriteRefused
 
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     summary = {"steps": steps, **{f"{k}_before": v for k, v in first.items()},
                **{f"{k}_after": v for k, v in last.items()}}
-    ds.save_hf_model(engine, tokenizer, cfg.output_dir,
-                     extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
+    try:
+        ds.save_hf_model(engine, tokenizer, cfg.output_dir,
+                         extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
+    except WriteRefused as err:  # e.g. a full disk: the folder keeps what it held, say how to finish
+        from utils import checkpoint
+        newest = checkpoint.latest(cfg.output_dir)
+        raise WriteRefused(f"{err}; {cfg.output_dir} holds what it held before" + (
+            f", with the newest checkpoint {newest}: make room and rerun with --resume to save the model"
+            if newest else "; the trained weights are lost (--save_steps keeps checkpoints to resume from)")) from err
     if ds.is_main():
         change = (f"{headline} {first[headline]:.4f} -> {last[headline]:.4f}; "
                   if evals and headline in first else "")

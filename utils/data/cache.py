@@ -26,7 +26,7 @@ from utils.fs import atomic_directory_write
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # bump whenever the way rows are built or stored changes
+FORMAT_VERSION = 3  # bump whenever the way rows are built or stored changes
 _PROBE = " Human: probe 123 ü 東京 Assistant: ok"
 
 

@@ -88,9 +88,16 @@ def _pair_columns(rows, tokenizer, max_seq_len, eos, stats):
     prompts = encode(tokenizer, [s["prompt"] for _, s in pairs], True)
     chosen = encode(tokenizer, [s["chosen"] for _, s in pairs], False)
     rejected = encode(tokenizer, [s["rejected"] for _, s in pairs], False)
-    return {"chosen_input_ids": [(p + c + eos)[:max_seq_len] for p, c in zip(prompts, chosen)],
-            "rejected_input_ids": [(p + r + eos)[:max_seq_len] for p, r in zip(prompts, rejected)],
-            "prompt_length": [[min(len(p), max_seq_len)] for p in prompts]}
+    cols = {"chosen_input_ids": [], "rejected_input_ids": [], "prompt_length": []}
+    for p, c, r in zip(prompts, chosen, rejected):
+        chosen_ids, rejected_ids = (p + c + eos)[:max_seq_len], (p + r + eos)[:max_seq_len]
+        if chosen_ids == rejected_ids:  # the answers differ only past max_seq_len: nothing to compare
+            stats["same_after_cut"] += 1
+            continue
+        cols["chosen_input_ids"].append(chosen_ids)
+        cols["rejected_input_ids"].append(rejected_ids)
+        cols["prompt_length"].append([min(len(p), max_seq_len)])
+    return cols
 
 
 def _prompt_columns(rows, tokenizer, max_prompt_seq_len, stats):
@@ -104,7 +111,7 @@ def tokenize_rows(rows, phase, tokenizer, max_seq_len, eos_token_id=None,
     """Tagged rows -> {field: [ids, ...]} for one step (see PHASE_FIELDS)."""
     eos = [] if eos_token_id is None else [int(eos_token_id)]
     stats = stats if stats is not None else {}
-    for k in ("no_answer_tokens", "without_rejected", "truncated_prompts"):
+    for k in ("no_answer_tokens", "without_rejected", "truncated_prompts", "same_after_cut"):
         stats.setdefault(k, 0)
     if phase == 1:
         return _sft_columns(rows, tokenizer, max_seq_len, eos, response_loss_only, stats)
@@ -121,9 +128,20 @@ def _report(meta: dict, phase: int) -> None:
     if stats.get("no_answer_tokens"):
         logger.warning("Step 1: dropped %d rows whose prompt fills max_seq_len (no answer tokens)",
                        stats["no_answer_tokens"])
+    if stats.get("same_after_cut"):
+        logger.warning("Step 2: dropped %d pairs whose chosen and rejected answers are the same within "
+                       "max_seq_len %d tokens (the prompt is longer, or the answers differ only later)",
+                       stats["same_after_cut"], meta["key"]["max_seq_len"])
     if phase == 2 and stats.get("without_rejected"):
         logger.warning("Step 2: skipped %d rows without a rejected answer",
                        stats["without_rejected"])
+
+
+def _all_dropped(stats: dict, max_seq_len: int) -> str:
+    """Why a build has no rows left, when --max_seq_len is the reason."""
+    cut = stats.get("same_after_cut", 0) + stats.get("no_answer_tokens", 0)
+    return (f"; --max_seq_len {max_seq_len} dropped {cut} rows (a prompt that fills it leaves no answer "
+            "to learn from or to compare)" if cut else "")
 
 
 def create_prompt_dataset(data_path, data_split, output_path, train_phase, seed, tokenizer,
@@ -170,5 +188,5 @@ def create_prompt_dataset(data_path, data_split, output_path, train_phase, seed,
         raise ConfigError(f"no Step {train_phase} training rows from {paths + sft_paths} with "
                           f"--data_split {data_split}" + (
                               " (Step 2 needs sources with rejected answers)"
-                              if train_phase == 2 else ""))
+                              if train_phase == 2 else "") + _all_dropped(meta["stats"], max_seq_len))
     return splits["train"], splits["eval"]

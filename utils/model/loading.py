@@ -16,15 +16,56 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.floa
 PROBE = "Hello, World! 12345 + 678 = 13023.\n\n\tÜber café — naïve 你好 <|endoftext|> don't"
 
 
-def _load(loader, path: str, name: str, **kwargs):
-    """from_pretrained with user-facing errors: a missing model is a ConfigError, not a traceback."""
+def _one_line(err: BaseException, limit: int = 400) -> str:
+    """An exception's message as one line (transformers' messages often span several)."""
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _load(loader, path: str, name: str, what: str, **kwargs):
+    """from_pretrained with user-facing errors: a missing or unloadable model (corrupt JSON, an
+    unknown model_type, a truncated weights file...) is one ConfigError line, not a traceback."""
     try:
         return loader.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        if not os.path.isdir(path):
+    except ConfigError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OSError, ValueError, RuntimeError, SafetensorError...
+        if not os.path.isdir(path) and isinstance(err, (OSError, ValueError)):
             raise not_found(name) from err
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"cannot load {name} ({path}): {first}") from err
+        where = "" if str(path) == str(name) else f" ({path})"
+        raise ConfigError(f"cannot load the {what} of {name}{where}: {_one_line(err)}") from err
+
+
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def _refuse_pickle_only(path: str, name: str) -> None:
+    """A local folder whose weights exist only as pickles (pytorch_model.bin...): refused, since
+    weights are read as safetensors only (a pickle can run code when it is read)."""
+    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in SAFE_WEIGHTS):
+        return
+    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
+    if pickles:
+        raise ConfigError(f"{name} holds its weights only as {pickles[0]} (a pickle, which can run code when "
+                          "read); weights are read as safetensors only: convert it first (transformers' "
+                          "save_pretrained writes model.safetensors)")
+
+
+def _check_weights(model, info: dict, name: str, causal_lm: bool) -> None:
+    """Refuse a checkpoint that does not fill the model: weights of another shape than config.json
+    says, or weights absent (from_pretrained would start those from random values and only warn).
+    A task head on top of a causal LM (the reward model's value head) is allowed to be new."""
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:
+        key, saved, wanted = mismatched[0][:3]
+        raise ConfigError(f"cannot load the weights of {name}: {len(mismatched)} do not fit its config.json "
+                          f"(e.g. {key} is {tuple(saved)} in the checkpoint, {tuple(wanted)} in the model)")
+    prefix = f"{model.base_model_prefix}." if getattr(model, "base_model_prefix", "") else ""
+    missing = sorted(k for k in info.get("missing_keys") or [] if causal_lm or (prefix and k.startswith(prefix)))
+    if missing:
+        raise ConfigError(f"cannot load the weights of {name}: {len(missing)} of the model's weights are not in "
+                          f"its checkpoint (e.g. {missing[0]}): a truncated or foreign checkpoint")
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_side: str = "right"):
@@ -33,7 +74,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, padding_s
     if padding_side not in ("left", "right"):
         raise ConfigError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
     path = resolve_model_path(name_or_path)
-    tok = _load(AutoTokenizer, path, name_or_path, trust_remote_code=trust_remote_code)
+    tok = _load(AutoTokenizer, path, name_or_path, "tokenizer", trust_remote_code=trust_remote_code)
     if tok.pad_token is None:
         if tok.eos_token is None:
             tok.add_special_tokens({"eos_token": EOT})
@@ -58,13 +99,16 @@ def load_hf_model(auto_class, name_or_path: str, tokenizer, dtype: torch.dtype =
     to fit it, dropout and gradient checkpointing as asked."""
     from transformers import AutoConfig
     path = resolve_model_path(name_or_path)
-    config = _load(AutoConfig, path, name_or_path, trust_remote_code=trust_remote_code)
+    config = _load(AutoConfig, path, name_or_path, "config", trust_remote_code=trust_remote_code)
+    _refuse_pickle_only(path, name_or_path)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     for key, value in config_overrides.items():
         setattr(config, key, value)
-    model = _load(auto_class, path, name_or_path, config=config, dtype=dtype,
-                  trust_remote_code=trust_remote_code)
+    model, info = _load(auto_class, path, name_or_path, "weights", config=config, dtype=dtype,
+                        trust_remote_code=trust_remote_code, use_safetensors=True,
+                        ignore_mismatched_sizes=True, output_loading_info=True)
+    _check_weights(model, info, name_or_path, causal_lm=auto_class.__name__ == "AutoModelForCausalLM")
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -114,7 +158,7 @@ def auto_dtype_name(device) -> str:
     (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs, else fp32.
     Measured on an AVX2-only CPU: a bf16 matmul ran at 19 GFLOP/s against 153 in fp32."""
     if torch.device(device).type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if _cuda_bf16() else "fp16"
     fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return "bf16" if fast_bf16 else "fp32"
 
@@ -140,7 +184,15 @@ def resolve_dtype(name: str, device) -> torch.dtype:
         raise ConfigError(f"unknown device {device!r}") from err
     if dtype is torch.float16 and kind == "cpu":
         raise ConfigError("fp16 needs a CUDA device; on CPU use --dtype bf16 or fp32")
+    if dtype is torch.bfloat16 and kind == "cuda" and torch.cuda.is_available() and not _cuda_bf16():
+        raise ConfigError("bf16 needs a GPU that computes in it (compute capability 8.0 or newer); "
+                          "on this one use --dtype fp16 or fp32")
     return dtype
+
+
+def _cuda_bf16() -> bool:
+    """Whether this GPU has native bf16 (emulated bf16 on older GPUs runs, but slowly)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def _specials(tok) -> tuple:

@@ -12,6 +12,7 @@ padding, left padding, and OPT, whose leading BOS `</s>` has the pad id yet is r
 from __future__ import annotations
 
 import inspect
+import re
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,11 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: torch.dtype = torch.f
     try:
         hf_model = load_hf_model(AutoModelForSequenceClassification, name_or_path, tokenizer, dtype,
                                  dropout, trust_remote_code, gradient_checkpointing, num_labels=1)
-    except ValueError as err:  # the family has no sequence-classification class (e.g. codegen)
-        raise ConfigError(f"{name_or_path} cannot be used as a reward model: "
-                          f"{str(err).splitlines()[0]}") from err
+    except ConfigError as err:
+        cause = err.__cause__  # the family has no sequence-classification class (e.g. codegen)
+        if isinstance(cause, ValueError) and "AutoModelForSequenceClassification" in str(cause):
+            found = re.search(r"<class '(?:[\w.]+\.)?(\w+)'>", str(cause))
+            raise ConfigError(f"{name_or_path} cannot be used as a reward model: transformers has no "
+                              f"sequence-classification class for {found[1] if found else 'its model type'}") from err
+        raise
     return RewardModel(hf_model)
