@@ -59,7 +59,10 @@ def build_models(args, preset) -> dict[str, Path]:
         run([sys.executable, "train.py", "--preset", args.preset, "--step", "2", "--output-dir", str(out),
              "--overwrite"], out / "step2.log")
     models = {"base": Path(preset.actor_model), "sft": sft}
-    step3 = [*preset.data, *preset.steps[3], "--actor_model_name_or_path", sft,
+    if args.policy_pairs:
+        reward = policy_reward_model(args, sft, reward)
+    args.reward_used = reward
+    step3 = [*preset.data, *preset.steps[3], *args.step3_args.split(), "--actor_model_name_or_path", sft,
              "--critic_model_name_or_path", reward, "--actor_zero_stage", "2", "--critic_zero_stage", "2",
              *(("--max_rounds", args.rounds) if args.rounds else ())]
     runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
@@ -80,6 +83,24 @@ def build_models(args, preset) -> dict[str, Path]:
                    "--output_dir", dpo, "--overwrite_output_dir", "--disable_tqdm"), out / "dpo.log")
     models["dpo"] = dpo
     return models
+
+
+def policy_reward_model(args, sft: Path, reward: Path) -> Path:
+    """A second reward-model round on pairs of the SFT model's own samples ranked by the checker
+    (training.step2_reward_model_finetuning.policy_comparisons), continuing from `reward`."""
+    out = args.output_dir
+    pairs, tuned = out / "policy_pairs.jsonl", out / "step2_reward_policy"
+    if not pairs.is_file():
+        run(module("training.step2_reward_model_finetuning.policy_comparisons", "--model_name_or_path", sft,
+                   "--output_file", pairs, "--num_prompts", args.policy_pairs, "--samples_per_prompt", 6),
+            out / "policy_pairs.log")
+    if not (tuned / "training_summary.json").is_file():
+        run(module("training.step2_reward_model_finetuning.main", "--model_name_or_path", reward,
+                   "--data_path", pairs, "--data_split", "0,1,0", "--max_seq_len", 128,
+                   "--per_device_train_batch_size", 8, "--learning_rate", "2e-5", "--num_warmup_steps", 10,
+                   "--num_train_epochs", 2, "--log_interval", 10, "--output_dir", tuned,
+                   "--overwrite_output_dir", "--disable_tqdm"), out / "step2_reward_policy.log")
+    return tuned
 
 
 def lm_loss(path: str, texts: list[str], max_len: int = 128, batch_size: int = 8) -> float:
@@ -103,8 +124,7 @@ def lm_loss(path: str, texts: list[str], max_len: int = 128, batch_size: int = 8
 
 def summaries(args) -> dict:
     out = args.output_dir
-    reward = Path(args.reward) if args.reward else out / "step2_reward"
-    rm = json.loads((reward / "training_summary.json").read_text())
+    rm = json.loads((args.reward_used / "training_summary.json").read_text())
     runs = {}
     for folder in sorted(p for p in out.glob("step3_seed*") if p.is_dir()):
         s = json.loads((folder / "actor" / "training_summary.json").read_text())
@@ -158,6 +178,10 @@ def main(argv=None) -> None:
     parser.add_argument("--sft", default="", help="use this Step 1 output instead of training one")
     parser.add_argument("--reward", default="", help="use this reward model instead of training one")
     parser.add_argument("--rounds", type=int, default=0, help="Step 3 iterations (default: the preset's)")
+    parser.add_argument("--step3_args", default="", help="more Step 3 flags, quoted (e.g. a learning rate)")
+    parser.add_argument("--policy_pairs", type=int, default=0,
+                        help="prompts whose sampled answers (6 each) the checker ranks for a second "
+                        "reward-model round before Step 3 (0 = off)")
     parser.add_argument("--num_prompts", type=int, default=100, help="held-out bundled prompts scored")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("output/quality"))
@@ -180,7 +204,8 @@ def main(argv=None) -> None:
     texts = bundled.plain_text_corpus()[:64]
     ptx = f"ppo_seed{args.seeds[0]}_ptx"
     info = summaries(args)
-    other = {"reward model held-out accuracy": info["reward_model"].get("accuracy_after"),
+    other = {"reward model used by Step 3": str(args.reward_used),
+             "its held-out accuracy (its own data's pairs)": info["reward_model"].get("accuracy_after"),
              "held-out prompts": len(questions),
              "LM loss on plain text: SFT": lm_loss(str(models["sft"]), texts),
              f"LM loss on plain text: PPO seed {args.seeds[0]}": lm_loss(str(models[f"ppo_seed{args.seeds[0]}"]), texts),

@@ -294,3 +294,20 @@ def test_step_flags_put_the_users_flags_last(tmp_path):
     assert flags[-2:] == ["--learning_rate", "7e-4"] and flags.index("--learning_rate") < len(flags) - 2
     assert flags[flags.index("--zero_stage") + 1] == "2" and flags[flags.index("--output_dir") + 1] == str(
         tmp_path / "step2_reward")
+
+
+@pytest.mark.slow
+def test_quality_bench_on_the_pipelines_models(pipeline, tmp_path):
+    """bench.quality end to end on the quick run's Step 1/2 models: every model scored by the
+    checker, the tables and the curves written."""
+    out, _ = pipeline
+    proc = run_module("bench.quality", [
+        "--preset", "quick", "--sft", out / "step1_sft", "--reward", out / "step2_reward", "--seeds", 7,
+        "--rounds", 1, "--num_prompts", 4, "--max_new_tokens", 4, "--step3_args", "--log_interval 1",
+        "--output_dir", tmp_path])
+    assert_ok(proc)
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert set(result["scores"]) == {"base", "sft", "ppo_seed7", "ppo_seed7_ema", "ppo_seed7_ptx", "dpo"}
+    assert all(0 <= v <= 1 for v in result["scores"].values())
+    assert result["step3"]["step3_seed7"]["rounds"] == 1 and "verdict" in result
+    assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality_curves.png").stat().st_size > 0
