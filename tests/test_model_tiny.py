@@ -6,6 +6,9 @@ per session and shared with the other test files; tests that need a fresh cache 
 import json
 import multiprocessing
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,9 +19,9 @@ from utils.config import ConfigError, cache_dir
 from utils.data.bundled import tokenizer_training_text
 from utils.model import (BUILTIN_MODELS, TINY_FAMILIES, load_causal_lm, load_tokenizer,
                          resolve_model_path, tokenizers_match)
-from utils.model.cache import build_once
+from utils.model.cache import STAMP, build_once, read_stamp
 from utils.model.loading import PROBE
-from utils.model.tiny import EOT, PAD, tokenizer_path
+from utils.model.tiny import EOT, PAD, TINY_VERSION, tokenizer_path
 
 
 @pytest.fixture(scope="session")
@@ -200,6 +203,77 @@ def test_concurrent_builds_run_once(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert counter.read_text() == "x"
     assert (tmp_path / "m" / "done").read_text() == "ok"
+
+
+# Rank 1 of a 2-process group builds tiny-llama while rank 0 waits, as `deepspeed --num_gpus 2`
+# ranks do when they load a built-in model after init_distributed on a cold cache.
+RANK_BUILD = """
+import torch.distributed as dist
+dist.init_process_group("gloo")
+from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
+if dist.get_rank() == 1:
+    resolve_model_path("tiny-llama")
+dist.barrier()
+model = load_causal_lm("tiny-llama", load_tokenizer("tiny-llama"))
+print("LOADED", type(model).__name__, flush=True)
+dist.destroy_process_group()
+"""
+
+
+def _cache_with_tokenizer(root):
+    """A fresh RLHFKIT_CACHE holding only the session's tiny tokenizer (training it again is slow)."""
+    shutil.copytree(tokenizer_path(), root / "tokenizers" / "tiny-bpe")
+    return root
+
+
+@pytest.mark.slow
+def test_a_rank_other_than_0_builds_a_complete_model(tmp_path):
+    """transformers' save_pretrained writes no config or weights on a rank other than 0 once
+    torch.distributed is up; a cold-cache build that rank 1 won left a stamped folder holding
+    only the tokenizer, and every rank then failed to load the model (no model_type)."""
+    from tests.helpers import ROOT
+    from utils.cli import free_port
+    cache = _cache_with_tokenizer(tmp_path / "cache")
+    env = {**os.environ, "RLHFKIT_CACHE": str(cache), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_BUILD], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert all("LOADED LlamaForCausalLM" in out for out, _ in outs)
+    built = cache / "models" / "tiny-llama"
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in built.iterdir()}
+    plain = load_file(os.path.join(resolve_model_path("tiny-llama"), "model.safetensors"))
+    mine = load_file(built / "model.safetensors")
+    assert mine.keys() == plain.keys() and all(torch.equal(mine[k], plain[k]) for k in plain)
+
+
+def test_a_build_missing_a_required_file_is_not_cached(tmp_path):
+    target = tmp_path / "m"
+    with pytest.raises(RuntimeError, match="wrote no config.json"):
+        build_once(target, {"v": 1}, lambda tmp: (tmp / "tokenizer.json").write_text("{}"),
+                   required=("config.json", "tokenizer.json"))
+    assert not target.exists()
+    build_once(target, {"v": 1}, lambda tmp: (tmp / "config.json").write_text("{}"), required=("config.json",))
+    assert (target / "config.json").is_file()
+
+
+def test_a_stamped_model_folder_without_its_config_and_weights_is_rebuilt(tmp_path, monkeypatch):
+    """A cache left by the rank-1 build above (stamp and tokenizer, no config or weights) is
+    rebuilt on the next use instead of failing every run."""
+    cache = _cache_with_tokenizer(tmp_path / "cache")
+    monkeypatch.setenv("RLHFKIT_CACHE", str(cache))
+    broken = cache / "models" / "tiny-llama"
+    broken.mkdir(parents=True)
+    shutil.copy(tokenizer_path() / "tokenizer.json", broken)
+    shutil.copy(tokenizer_path() / "tokenizer_config.json", broken)
+    (broken / STAMP).write_text(json.dumps({"kind": "tiny-llama", "version": TINY_VERSION,
+                                            "tokenizer": read_stamp(tokenizer_path())}))
+    assert resolve_model_path("tiny-llama") == str(broken)
+    assert (broken / "config.json").is_file() and (broken / "model.safetensors").is_file()
+    assert type(load_causal_lm("tiny-llama", load_tokenizer("tiny-llama"))).__name__ == "LlamaForCausalLM"
 
 
 def test_resolve_errors(tmp_path):

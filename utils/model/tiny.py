@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from utils.config import cache_dir
-from utils.model.cache import build_once, read_stamp
+from utils.model.cache import MODEL_FILES, TOKENIZER_FILES, build_once, read_stamp, save_model
 
 # Bump when the recipe below changes so cached builds are redone.
 TINY_VERSION = 1
@@ -109,7 +109,7 @@ def tokenizer_path() -> Path:
     def build(tmp: Path) -> None:
         save_tokenizer(train_tokenizer(_training_texts()), tmp)
 
-    return build_once(cache_dir() / "tokenizers" / "tiny-bpe", stamp, build)
+    return build_once(cache_dir() / "tokenizers" / "tiny-bpe", stamp, build, required=TOKENIZER_FILES)
 
 
 # ---------------------------------------------------------------- models
@@ -135,7 +135,7 @@ def build_tiny(family: str, tokenizer, out: Path) -> None:
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out)
+    save_model(model, out)  # not model.save_pretrained: that writes nothing on a rank other than 0
     save_tokenizer(tokenizer, out)
 
 
@@ -148,4 +148,4 @@ def tiny_model_path(family: str) -> Path:
     def build(tmp: Path) -> None:
         build_tiny(family, PreTrainedTokenizerFast.from_pretrained(tok_dir), tmp)
 
-    return build_once(cache_dir() / "models" / f"tiny-{family}", stamp, build)
+    return build_once(cache_dir() / "models" / f"tiny-{family}", stamp, build, required=MODEL_FILES)
