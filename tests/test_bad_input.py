@@ -232,9 +232,9 @@ def test_a_refused_swap_puts_the_old_folder_and_its_kept_entries_back(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 
 
-def full_disk(prefix: Path, args) -> subprocess.CompletedProcess:
-    """Step 1 whose writes under `prefix` fail with ENOSPC (see tests/full_disk.py)."""
-    return subprocess.run([sys.executable, "-m", "tests.full_disk", STEP1, *map(str, args)], cwd=ROOT,
+def full_disk(prefix: Path, args, module: str = STEP1) -> subprocess.CompletedProcess:
+    """A step (Step 1 by default) whose writes under `prefix` fail with ENOSPC (see tests/full_disk.py)."""
+    return subprocess.run([sys.executable, "-m", "tests.full_disk", module, *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "RLHFKIT_TEST_FULL_DISK": str(prefix)})
 
@@ -300,3 +300,100 @@ def test_a_diverging_run_stops_with_one_line_and_its_checkpoint_resumes(tmp_path
     proc = run_module(STEP1, [*args, "--resume", "--max_nonfinite_steps", "0"])
     assert f"resumed from {newest} (step 1" in proc.stdout + proc.stderr
     assert "loss was nan for 1 micro-batches in a row at step 1" in error_line(proc)
+
+
+# ---------------------------------------------------------------- Step 3
+
+STEP3 = "training.step3_rlhf_finetuning.main"
+STEP3_QUICK = ["--actor_model_name_or_path", "tiny-llama", "--critic_model_name_or_path", "tiny-llama",
+               "--num_examples", "600", "--per_device_generation_batch_size", "2",
+               "--per_device_training_batch_size", "2", "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8",
+               "--num_warmup_steps", "0", "--dtype", "fp32", "--disable_tqdm", "--log_interval", "1"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--offload", "--actor_zero_stage", "2"], "--offload needs ZeRO stage 1, 2 or 3 (--critic_zero_stage)"),
+    (["--offload", "--critic_zero_stage", "2"], "--offload needs ZeRO stage 1, 2 or 3 (--actor_zero_stage)"),
+    (["--deepspeed_config", "{dir}/ds.json"], "sets train_micro_batch_size_per_gpu 3 but "
+                                              "--per_device_training_batch_size is 2"),
+], ids=["offload_critic_zero0", "offload_actor_zero0", "batch_in_ds_config"])
+def test_step3_engine_settings_it_cannot_run_are_refused_before_loading(tmp_path, args, message):
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": 3}))
+    args = [a.replace("{dir}", str(tmp_path)) for a in args]
+    out = tmp_path / "out"
+    proc = run_module(STEP3, [*STEP3_QUICK, *args, "--actor_model_name_or_path", tmp_path / "no-model-here",
+                              "--critic_model_name_or_path", tmp_path / "no-model-here", "--output_dir", out])
+    assert message in error_line(proc)  # refused before the (missing) models are even looked at
+    assert not out.exists()
+
+
+def test_replacing_folders_is_all_or_none(tmp_path, monkeypatch):
+    from utils import fs
+    for name in ("a", "b", "c"):
+        fs.atomic_directory_write(tmp_path / name, lambda d, n=name: (d / "w").write_text(f"old {n}"))
+        fs.atomic_directory_write(tmp_path / "new" / name, lambda d, n=name: (d / "w").write_text(f"new {n}"))
+    real_rename = os.rename
+
+    def rename(src, dst):  # "c" cannot be renamed into place, after "a" and "b" were
+        if Path(dst) == tmp_path / "c" and Path(src).parent.name == "new":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real_rename(src, dst)
+
+    moves = {tmp_path / "new" / n: tmp_path / n for n in ("a", "b", "c")}
+    monkeypatch.setattr(fs.os, "rename", rename)
+    with pytest.raises(fs.WriteRefused, match=f"^could not write {tmp_path / 'c'}: No space left on device"):
+        fs.replace_directories(moves)
+    assert [(tmp_path / n / "w").read_text() for n in "abc"] == ["old a", "old b", "old c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "new"]  # no folder left aside
+    monkeypatch.setattr(fs.os, "rename", real_rename)
+    fs.replace_directories(moves)
+    assert [(tmp_path / n / "w").read_text() for n in "abc"] == ["new a", "new b", "new c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c", "new"] and not any((tmp_path / "new").iterdir())
+
+
+@pytest.mark.slow
+def test_step3_full_disk_while_saving_the_models_keeps_all_then_resume_saves(tmp_path):
+    """The disk fills while the critic is written, after the actor and the EMA actor were:
+    none of the three folders an earlier run left is replaced, one line says so, and --resume
+    (the round's checkpoint) saves all three."""
+    from training.step3_rlhf_finetuning.loop import STAGING
+    out = tmp_path / "step3"
+    for folder in ("actor", "actor_ema", "critic"):
+        shutil.copytree(_base(), out / folder)  # the models an earlier run left there
+    before = {p.relative_to(out): digest(p) for p in out.rglob("*") if p.is_file()}
+    args = [*STEP3_QUICK, "--max_rounds", "1", "--save_steps", "1", "--enable_ema", "--output_dir", out]
+    proc = full_disk(out / STAGING / ".critic.tmp-", [*args, "--overwrite_output_dir"], module=STEP3)
+    line = error_line(proc)
+    assert line.startswith("error: could not write the final critic model: No space left on device")
+    newest = out / "checkpoints" / "step-00000001"
+    assert (f"actor, actor_ema, critic in {out} hold what they held before (none was replaced), with the "
+            f"newest checkpoint {newest}: make room and rerun with --resume to save the models") in line
+    assert {p.relative_to(out): digest(p) for p in out.rglob("*")
+            if p.is_file() and p.parts[len(out.parts)] in ("actor", "actor_ema", "critic")} == before
+    assert sorted(p.name for p in out.iterdir()) == ["actor", "actor_ema", "checkpoints", "critic", "logs"]
+    assert [p.name for p in checkpoint.complete(out)] == ["step-00000001"]
+
+    proc = run_module(STEP3, [*args, "--resume"])  # room again: the checkpoint becomes the models
+    assert_ok(proc)
+    assert f"resumed from {newest} (step 1" in proc.stdout + proc.stderr
+    for folder in ("actor", "actor_ema", "critic"):
+        assert json.loads((out / folder / "training_summary.json").read_text())["rounds"] == 1
+    assert digest(out / "critic" / "model.safetensors") != before[Path("critic/model.safetensors")]
+    assert sorted(p.name for p in out.iterdir()) == ["actor", "actor_ema", "checkpoints", "critic", "logs"]
+
+
+@pytest.mark.slow
+def test_step3_diverging_critic_stops_naming_the_newest_checkpoint(tmp_path):
+    """A critic learning rate of 1e30: round 1's update throws the critic's weights so far
+    that round 2's values, advantages and losses are NaN; with --max_nonfinite_steps 0 the
+    first skipped micro-batch stops the run, naming round 1's checkpoint."""
+    out = tmp_path / "nan"
+    proc = run_module(STEP3, [*STEP3_QUICK, "--max_rounds", "2", "--save_steps", "1", "--critic_learning_rate",
+                              "1e30", "--lr_scheduler_type", "constant", "--max_nonfinite_steps", "0",
+                              "--output_dir", out])
+    newest = out / "checkpoints" / "step-00000001"
+    assert error_line(proc) == (f"error: loss was nan for 1 micro-batches in a row at step 1; the newest "
+                                f"checkpoint, {newest}, is intact. Lower --actor_learning_rate/"
+                                "--critic_learning_rate or use --dtype fp32")
+    assert [p.name for p in checkpoint.complete(out)] == ["step-00000001"]
+    assert not (out / "actor").exists()

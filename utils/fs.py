@@ -95,3 +95,36 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def replace_directories(moves: dict) -> None:
+    """Rename each built folder onto its destination (`{built: destination}`, same file system),
+    all or none: if a rename fails, the destinations already replaced get their old folders
+    back. The old folders are deleted only once every new one is in place. A rename the disk
+    refuses (see REFUSED) raises WriteRefused, one line."""
+    placed = []  # (built, destination, the old folder moved aside or None), in order
+    try:
+        for built, dest in moves.items():
+            built, dest = Path(built), Path(dest)
+            aside = (Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+                     if dest.exists() else None)
+            placed.append((built, dest, aside))
+            if aside is not None:
+                os.rename(dest, aside)  # replaces the empty placeholder
+            os.rename(built, dest)
+    except BaseException as err:
+        for new, target, aside in reversed(placed):
+            with contextlib.suppress(OSError):
+                if not new.exists() and target.exists():  # the new folder was moved in: out again
+                    os.rename(target, new)
+                if aside is not None:
+                    if target.exists():  # the move aside failed: `aside` is the empty placeholder
+                        shutil.rmtree(aside, ignore_errors=True)
+                    else:
+                        os.rename(aside, target)
+        if refused(err):  # `dest`: the folder being replaced when it failed
+            raise refused_write(err, dest) from err
+        raise
+    for _, _, aside in placed:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

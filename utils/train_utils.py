@@ -50,8 +50,10 @@ def evaluate_lm(engine, dataloader, device) -> dict:
 
 # ---------------------------------------------------------------- run set-up shared by the steps
 
-def start_run(cfg) -> torch.device:
-    """Refuse a used output folder, join the process group, settle the dtype, seed everything."""
+def start_run(cfg, engines: tuple[dict, ...] = ({},)) -> torch.device:
+    """Refuse a used output folder, join the process group, settle the dtype, check the trained
+    engines' settings (`engines`: check_engine_config's flag names, one dict per engine; the
+    default is the one-model steps' engine), seed everything."""
     from utils import ds_utils as ds
     from utils.model import resolve_dtype_name
 
@@ -59,35 +61,38 @@ def start_run(cfg) -> torch.device:
     ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or getattr(cfg, "resume", False))
     device = ds.init_distributed(cfg.local_rank)
     cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
-    if hasattr(cfg, "zero_stage"):  # the one-model steps (Step 3 builds its engines' configs itself)
-        check_engine_config(cfg)
+    for flags in engines:
+        check_engine_config(cfg, **flags)
     ds.set_seed(cfg.seed)
     return device
 
 
-BATCH_KEYS = {"train_micro_batch_size_per_gpu": "--per_device_train_batch_size",
-              "gradient_accumulation_steps": "--gradient_accumulation_steps"}
-
-
-def check_engine_config(cfg) -> dict:
-    """The trained engine's DeepSpeed config, built before any model or data is loaded so that a
+def check_engine_config(cfg, zero_stage_flag: str = "--zero_stage",
+                        micro_batch_flag: str = "--per_device_train_batch_size") -> dict:
+    """A trained engine's DeepSpeed config, built before any model or data is loaded so that a
     combination it cannot run (--offload without ZeRO, fp16 without CUDA, batch sizes in
-    --deepspeed_config that disagree with the flags) is refused before any work."""
+    --deepspeed_config that disagree with the flags) is refused before any work. The flags
+    name the engine's settings in `cfg` (Step 3: --actor_zero_stage, --critic_zero_stage and
+    --per_device_training_batch_size); errors name them."""
     from utils import ds_utils as ds
 
+    zero_stage, micro_batch = getattr(cfg, zero_stage_flag[2:]), getattr(cfg, micro_batch_flag[2:])
+    if cfg.offload and zero_stage == 0:
+        raise ConfigError(f"--offload needs ZeRO stage 1, 2 or 3 ({zero_stage_flag})")
     user = ds.load_user_ds_config(cfg.deepspeed_config)
-    config = ds.train_ds_config(micro_batch=cfg.per_device_train_batch_size,
-                                grad_accum=cfg.gradient_accumulation_steps, zero_stage=cfg.zero_stage,
-                                offload=cfg.offload, dtype=cfg.dtype, user_config=user)
-    for key, flag in BATCH_KEYS.items():
+    config = ds.train_ds_config(micro_batch=micro_batch, grad_accum=cfg.gradient_accumulation_steps,
+                                zero_stage=zero_stage, offload=cfg.offload, dtype=cfg.dtype, user_config=user)
+    batch_keys = {"train_micro_batch_size_per_gpu": micro_batch_flag,
+                  "gradient_accumulation_steps": "--gradient_accumulation_steps"}
+    for key, flag in batch_keys.items():
         if key in user and user[key] != getattr(cfg, flag[2:]):
             raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets {key} {user[key]} but {flag} is "
                               f"{getattr(cfg, flag[2:])}: set batch sizes with the flags")
-    expected = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * ds.world_size()
+    expected = micro_batch * cfg.gradient_accumulation_steps * ds.world_size()
     if config["train_batch_size"] != expected:
         raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets train_batch_size "
-                          f"{config['train_batch_size']}, which is not --per_device_train_batch_size "
-                          f"{cfg.per_device_train_batch_size} x --gradient_accumulation_steps "
+                          f"{config['train_batch_size']}, which is not {micro_batch_flag} "
+                          f"{micro_batch} x --gradient_accumulation_steps "
                           f"{cfg.gradient_accumulation_steps} x {ds.world_size()} process(es) = {expected}")
     return config
 
@@ -189,11 +194,13 @@ class StopRequest:
 class NonFinite:
     """Counts micro-batches skipped for a NaN/inf loss; too many in a row stop the run.
 
-    With `output_dir`, the stop names the newest checkpoint there (or says there is none)."""
+    With `output_dir`, the stop names the newest checkpoint there (or says there is none);
+    `advice` ends it (the flags that help, in the step's names)."""
 
-    def __init__(self, limit: int, output_dir: str | None = None):
+    def __init__(self, limit: int, output_dir: str | None = None,
+                 advice: str = "Lower --learning_rate, use --dtype fp32 or --compute_fp32_loss"):
         self.limit, self.in_a_row, self.total = limit, 0, 0
-        self.output_dir = output_dir
+        self.output_dir, self.advice = output_dir, advice
 
     def _left(self) -> str:
         if self.output_dir is None:
@@ -211,8 +218,7 @@ class NonFinite:
         self.total += 1
         if self.in_a_row > self.limit:
             raise ConfigError(f"loss was {value} for {self.in_a_row} micro-batches in a row at step {step}; "
-                              f"{self._left()}. Lower --learning_rate, use --dtype fp32 "
-                              "or --compute_fp32_loss")
+                              f"{self._left()}. {self.advice}")
         return True
 
 
@@ -385,6 +391,19 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
     return state.step, state.evals
 
 
+def final_save_refused(err, output_dir, held: str, what: str):
+    """The one line for a final save the disk refused: `err`, then `held` (what the output
+    folder still holds), then how to finish: rerun with --resume from the newest checkpoint,
+    which saves `what`, or, with no checkpoint, that the trained weights are lost."""
+    from utils import checkpoint
+    from utils.fs import WriteRefused
+
+    newest = checkpoint.latest(output_dir)
+    return WriteRefused(f"{err}; {held}" + (
+        f", with the newest checkpoint {newest}: make room and rerun with --resume to save {what}"
+        if newest else "; the trained weights are lost (--save_steps keeps checkpoints to resume from)"))
+
+
 def finish_run(engine, tokenizer, cfg, logger, name: str, steps: int, evals: list[dict],
                headline: str) -> dict:
     """Save the model with its config and a summary (each eval metric before and after
@@ -403,11 +422,8 @@ def finish_run(engine, tokenizer, cfg, logger, name: str, steps: int, evals: lis
         ds.save_hf_model(engine, tokenizer, cfg.output_dir,
                          extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
     except WriteRefused as err:  # e.g. a full disk: the folder keeps what it held, say how to finish
-        from utils import checkpoint
-        newest = checkpoint.latest(cfg.output_dir)
-        raise WriteRefused(f"{err}; {cfg.output_dir} holds what it held before" + (
-            f", with the newest checkpoint {newest}: make room and rerun with --resume to save the model"
-            if newest else "; the trained weights are lost (--save_steps keeps checkpoints to resume from)")) from err
+        raise final_save_refused(err, cfg.output_dir, f"{cfg.output_dir} holds what it held before",
+                                 "the model") from err
     if ds.is_main():
         change = (f"{headline} {first[headline]:.4f} -> {last[headline]:.4f}; "
                   if evals and headline in first else "")

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import shutil
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
@@ -18,9 +20,16 @@ from utils import flops
 from utils.config import ConfigError
 from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
 from utils.ema import update_ema
+from utils.fs import WriteRefused, refused_write, replace_directories
 from utils.model import load_tokenizer, resolve_model_path
-from utils.train_utils import (NonFinite, RunCheckpoints, StopRequest, loader_generator, run_logger,
-                               start_run)
+from utils.train_utils import (NonFinite, RunCheckpoints, StopRequest, final_save_refused, loader_generator,
+                               run_logger, start_run)
+
+# The trained engines' settings, checked before any data or model is loaded (start_run).
+ENGINES = ({"zero_stage_flag": "--actor_zero_stage", "micro_batch_flag": "--per_device_training_batch_size"},
+           {"zero_stage_flag": "--critic_zero_stage", "micro_batch_flag": "--per_device_training_batch_size"})
+NONFINITE_ADVICE = "Lower --actor_learning_rate/--critic_learning_rate or use --dtype fp32"
+STAGING = ".final-models"  # <output_dir>/.final-models/<model>: the final models, built before they replace the old
 
 
 def prompt_loader(cfg, tokenizer):
@@ -93,17 +102,17 @@ class PhaseFlops:
         return {"generation": gen, "scoring": score, "training": train}
 
 
-def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite) -> dict:
+def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite, round_index: int = 0) -> dict:
     """ppo_epochs passes over the rounds' experience in micro-batches; mean losses. A micro-batch
     whose loss is NaN/inf was not applied (see train_rlhf): it is counted, left out of the means,
-    and too many in a row stop the run."""
+    and too many in a row stop the run (`round_index`, the rounds finished, names where)."""
     engine = trainer.rlhf_engine
     actor_losses, critic_losses, unsup_losses, entropies, shifts = [], [], [], [], []
     for _ in range(cfg.ppo_epochs):
         for micro in (m for exp in exps for m in exp.split(cfg.per_device_training_batch_size)):
             actor_loss, critic_loss = trainer.train_rlhf(micro)
             # the skip was decided alike on every rank, so a raise here cannot hang the others
-            if nonfinite.skip(float("nan") if trainer.last_update_skipped else 0.0, len(actor_losses)):
+            if nonfinite.skip(float("nan") if trainer.last_update_skipped else 0.0, round_index):
                 continue
             actor_losses.append(actor_loss.item())
             critic_losses.append(critic_loss.item())
@@ -171,16 +180,39 @@ def ground_truth_score(tokenizer, exps: list[Experience]) -> dict:
 
 
 def save_models(engine, tokenizer, cfg, summary: dict) -> None:
+    """<output_dir>/actor, actor_ema (--enable_ema) and critic, all or none: each is built under
+    <output_dir>/.final-models first, and only once all are built do they replace the old
+    folders (fs.replace_directories). A write the disk refuses leaves every old folder as it
+    was and ends in one line that says so and how to finish (--resume from the newest checkpoint)."""
     extra = {"training_config.json": asdict(cfg), "training_summary.json": summary}
-    ds.save_hf_model(engine.actor, tokenizer, f"{cfg.output_dir}/actor", extra_json=extra)
-    if engine.actor_ema is not None:
-        ds.save_hf_model(engine.actor_ema, tokenizer, f"{cfg.output_dir}/actor_ema", extra_json=extra)
-    ds.save_hf_model(engine.critic, tokenizer, f"{cfg.output_dir}/critic", extra_json=extra)
+    out = Path(cfg.output_dir)
+    staging = out / STAGING
+    models = {name: model for name, model in (("actor", engine.actor), ("actor_ema", engine.actor_ema),
+                                               ("critic", engine.critic)) if model is not None}
+    if ds.is_main():
+        shutil.rmtree(staging, ignore_errors=True)  # left by a crash while saving before
+    try:
+        for name, model in models.items():
+            try:
+                ds.save_hf_model(model, tokenizer, staging / name, extra_json=extra)
+            except WriteRefused as err:  # name the model, not its staging folder
+                if not isinstance(err.__cause__, OSError):
+                    raise
+                raise refused_write(err.__cause__, f"the final {name} model") from err
+        if ds.is_main():
+            replace_directories({staging / name: out / name for name in models})
+    except WriteRefused as err:
+        held = f"{', '.join(models)} in {out} hold what they held before (none was replaced)"
+        raise final_save_refused(err, out, held, "the models") from err
+    finally:
+        if ds.is_main():
+            shutil.rmtree(staging, ignore_errors=True)
+    ds.barrier()
 
 
 def run(cfg, reward_fn=None) -> dict:
     """The whole of Step 3; returns the summary (first/last round metrics)."""
-    start_run(cfg)
+    start_run(cfg, ENGINES)
     tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
                                trust_remote_code=cfg.trust_remote_code)
     loader, sampler = prompt_loader(cfg, tokenizer)
@@ -207,7 +239,7 @@ def run(cfg, reward_fn=None) -> dict:
                                state.step * cfg.generation_batches, None)
     if unsup is not None:  # the ptx batches the finished rounds used
         unsup = itertools.islice(unsup, state.step * micro_batches_per_round(cfg), None)
-    nonfinite = NonFinite(cfg.max_nonfinite_steps)
+    nonfinite = NonFinite(cfg.max_nonfinite_steps, cfg.output_dir, NONFINITE_ADVICE)
     progress = tqdm(total=rounds, initial=state.step, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
     with StopRequest() as stop:
         for round_index in range(state.step, rounds):
@@ -265,7 +297,7 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
     if all(path == "bundled" for path in cfg.data_path):  # the same on every rank (all-reduced)
         stats.update(ground_truth_score(trainer.tokenizer, exps))
     train_start = time.perf_counter()
-    losses = ppo_update(trainer, cfg, exps, unsup, nonfinite)
+    losses = ppo_update(trainer, cfg, exps, unsup, nonfinite, round_index)
     train_s = time.perf_counter() - train_start
     work = phase_flops.of(exps)
     total_s = time.perf_counter() - start
