@@ -189,7 +189,7 @@ def test_quick_preset_with_two_processes(tmp_path):
     proc = launch(*QUICK, "--output-dir", out, "--num-gpus", 2)
     assert_ok(proc)
     assert "--num_gpus 2" in proc.stdout and "2 process(es)" in proc.stdout
-    assert summary(out / "step3_rlhf" / "actor")["rounds"] == 2
+    assert summary(out / "step3_rlhf" / "actor")["rounds"] == 3
 
 
 @pytest.mark.slow
