@@ -98,6 +98,28 @@ def test_two_processes_with_ema(tmp_path, stage, port):
     assert_chats(out / "actor_ema")
 
 
+def test_checker_reward_is_the_ground_truth_score_and_needs_no_reward_model(tmp_path):
+    """--reward_source checker: each round's reward is the checker's mean score of its answers,
+    the same number as gt_score (a reward model's scores would differ)."""
+    out = tmp_path / "checker"
+    logged = finished(run_module(MODULE, [*QUICK, "--reward_source", "checker", "--max_prompt_seq_len", "96",
+                                          "--output_dir", out]), out)
+    for row in logged:
+        assert row["train/reward"] == pytest.approx(row["train/gt_score"], abs=1e-6)
+        assert 0 <= row["train/reward"] <= 1
+
+
+def test_critic_free_rloo_over_several_answers_per_prompt(tmp_path):
+    """--advantage rloo --samples_per_prompt 2: 4 prompts give 8 answers a round, the critic is
+    neither trained nor run (loss 0)."""
+    out = tmp_path / "rloo"
+    proc = run_module(MODULE, [*QUICK, "--reward_source", "checker", "--max_prompt_seq_len", "96",
+                               "--advantage", "rloo", "--samples_per_prompt", "2", "--output_dir", out])
+    logged = finished(proc, out)
+    assert "rollout rounds of 8 answers" in proc.stdout + proc.stderr
+    assert all(row["train/critic_loss"] == 0 for row in logged)
+
+
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
     critic = model_with_other_tokenizer(tmp_path / "critic")
     proc = run_module(MODULE, [*QUICK, "--critic_model_name_or_path", critic, "--output_dir", tmp_path / "x"])
@@ -126,6 +148,11 @@ def test_long_prompts_are_cut_from_the_left_and_reported_once(tmp_path):
     (["--ema_decay", "1.0"], "--ema_decay must be in (0, 1)"),
     (["--only_optimize_lora"], "--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim"),
     (["--ppo_epochs", "0"], "--ppo_epochs must be at least 1"),
+    (["--reward_source", "checker", "--data_path", "prompts.jsonl"], "--reward_source checker scores the bundled"),
+    (["--reward_source", "checker", "--reward_model_name_or_path", "tiny-llama"], "has no use with --reward_source"),
+    (["--advantage", "rloo"], "it needs --samples_per_prompt 2 or more"),
+    (["--samples_per_prompt", "3", "--per_device_training_batch_size", "8"], "x --samples_per_prompt = 12 answers"),
+    (["--reward_source", "checker"], "not a whole bundled task prompt (raise --max_prompt_seq_len)"),  # cut at 32
 ])
 def test_impossible_flag_values_are_refused(tmp_path, flags, message):
     line = error_line(run_module(MODULE, [*QUICK, *flags, "--output_dir", tmp_path / "x"]))

@@ -84,6 +84,8 @@ class PhaseFlops:
     def __init__(self, engine: DeepSpeedRLHFEngine, cfg):
         self.actor_cfg = engine.actor.module.config
         self.critic_cfg = engine.critic.module.config
+        # the critic's and the reward model's forwards (each left out when not run)
+        self.critic_models = int(cfg.advantage == "gae") + int(engine.reward is not None)
         self.actor_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                 for p in engine.ref.module.parameters())
         self.cfg = cfg
@@ -95,10 +97,12 @@ class PhaseFlops:
             b, p, seq_len = len(exp), exp.prompt_len, exp.seq.size(1)
             decoded = int(exp.action_mask.sum(1).max())
             gen += flops.generation_flops(self.actor_cfg, self.actor_params, b, p, decoded)
-            score += 2 * (flops.forward_flops(self.actor_cfg, b, seq_len) + flops.forward_flops(self.critic_cfg, b, seq_len))
+            score += (2 * flops.forward_flops(self.actor_cfg, b, seq_len)  # actor and reference
+                      + self.critic_models * flops.forward_flops(self.critic_cfg, b, seq_len))
             train += c.ppo_epochs * (
                 flops.training_flops(self.actor_cfg, b, seq_len, c.actor_gradient_checkpointing)
-                + flops.training_flops(self.critic_cfg, b, seq_len, c.critic_gradient_checkpointing))
+                + (c.advantage == "gae") * flops.training_flops(self.critic_cfg, b, seq_len,
+                                                                c.critic_gradient_checkpointing))
         return {"generation": gen, "scoring": score, "training": train}
 
 
@@ -159,11 +163,30 @@ def print_answer(tokenizer, exp: Experience, say) -> None:
 
 def decoded(tokenizer, exp: Experience) -> tuple[list[str], list[str]]:
     """(prompt texts, answer texts) of a rollout, special tokens and padding dropped."""
-    prompts = [tokenizer.decode(row[row != tokenizer.pad_token_id], skip_special_tokens=True)
-               for row in exp.prompts]
-    answers = [tokenizer.decode(row[mask], skip_special_tokens=True)
-               for row, mask in zip(exp.seq[:, exp.prompt_len:], exp.action_mask)]
-    return prompts, answers
+    return decode_rollout(tokenizer, exp.prompts, exp.seq, exp.action_mask)
+
+
+def decode_rollout(tokenizer, prompts, seq, action_mask) -> tuple[list[str], list[str]]:
+    texts = [tokenizer.decode(row[row != tokenizer.pad_token_id], skip_special_tokens=True) for row in prompts]
+    answers = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+               for row, mask in zip(seq[:, prompts.size(1):], action_mask)]
+    return texts, answers
+
+
+def checker_reward(tokenizer):
+    """reward_fn of `--reward_source checker`: the bundled task's checker score of each answer.
+    A prompt the checker cannot parse (cut from the left by --max_prompt_seq_len) stops the run:
+    scoring it 0 would teach the policy something false."""
+    from utils.data import bundled
+
+    def reward_fn(prompts, seq, attention_mask, action_mask) -> torch.Tensor:
+        texts, answers = decode_rollout(tokenizer, prompts, seq, action_mask)
+        for text in texts:
+            if not bundled.is_task_prompt(text):
+                raise ConfigError(f"--reward_source checker cannot score the prompt {text[-80:]!r}: it is "
+                                  "not a whole bundled task prompt (raise --max_prompt_seq_len)")
+        return torch.tensor(bundled.score_batch(texts, answers))
+    return reward_fn
 
 
 def ground_truth_score(tokenizer, exps: list[Experience]) -> dict:
@@ -215,6 +238,8 @@ def run(cfg, reward_fn=None) -> dict:
     start_run(cfg, ENGINES)
     tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
                                trust_remote_code=cfg.trust_remote_code)
+    if reward_fn is None and cfg.reward_source == "checker":
+        reward_fn = checker_reward(tokenizer)
     loader, sampler = prompt_loader(cfg, tokenizer)
     unsup = unsupervised_batches(cfg, tokenizer)
     rounds, optimizer_steps = total_iterations(cfg, loader)
@@ -226,7 +251,8 @@ def run(cfg, reward_fn=None) -> dict:
     logger = run_logger(cfg)
     say = tqdm.write if ds.is_main() else (lambda *_: None)
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of "
-        f"{cfg.per_device_generation_batch_size * cfg.generation_batches} answers x {ds.world_size()} "
+        f"{cfg.per_device_generation_batch_size * cfg.generation_batches * cfg.samples_per_prompt} answers "
+        f"x {ds.world_size()} "
         f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
 
@@ -272,7 +298,7 @@ def run(cfg, reward_fn=None) -> dict:
 
 def micro_batches_per_round(cfg) -> int:
     """PPO micro-batches per round (each also consumes one ptx batch when ptx is on)."""
-    return cfg.per_device_generation_batch_size * cfg.generation_batches \
+    return cfg.per_device_generation_batch_size * cfg.generation_batches * cfg.samples_per_prompt \
         // cfg.per_device_training_batch_size * cfg.ppo_epochs
 
 

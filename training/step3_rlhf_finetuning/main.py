@@ -87,12 +87,25 @@ class PPOLoopConfig:
 
 @dataclass
 class PPOAlgoConfig:
+    reward_source: str = field(default="model", metadata=doc(
+        "What scores the answers: the reward model, or 'checker', the bundled task's ground-truth "
+        "checker (score in [0, 1]; needs --data_path bundled; no reward model is loaded and the critic "
+        "starts from --critic_model_name_or_path, e.g. the Step 1 model). A verifiable reward, and "
+        "the upper bound a learned reward model can reach on this task.", choices=("model", "checker")))
     kl_ctl: float = field(default=0.1, metadata=doc("Per-token KL penalty coefficient."))
     clip_reward_value: float = field(default=5.0, metadata=doc("Reward model scores are clipped to +-this."))
     cliprange: float = field(default=0.2, metadata=doc("PPO policy ratio clip."))
     cliprange_value: float = field(default=0.2, metadata=doc("Value clip around the rollout's values."))
     gamma: float = field(default=1.0, metadata=doc("Discount."))
     lam: float = field(default=0.95, metadata=doc("GAE lambda."))
+    advantage: str = field(default="gae", metadata=doc(
+        "How answers are credited: gae (PPO's critic and GAE, as DeepSpeed-Chat), or critic-free over "
+        "--samples_per_prompt answers to each prompt: rloo (each answer's KL-penalized reward minus "
+        "the mean of the others'), grpo (minus the group mean, over the group's std). Critic-free, "
+        "the critic is neither run nor trained (it is saved as it started).",
+        choices=("gae", "rloo", "grpo")))
+    samples_per_prompt: int = field(default=1, metadata=doc(
+        "Answers sampled per prompt in each rollout (rloo and grpo need at least 2)."))
     whiten_advantages: bool = field(default=False, metadata=doc(
         "Normalize each rollout's advantages to zero mean and unit variance (as TRL does); "
         "off by default, as in DeepSpeed-Chat."))
@@ -137,17 +150,25 @@ class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, HybridConfig, PPOA
         validate_run(self, "output/step3_rlhf", (
             "per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
             "ppo_epochs", "max_prompt_seq_len", "max_answer_seq_len", "gradient_accumulation_steps",
-            "inference_tp_size", "num_train_epochs"))
+            "inference_tp_size", "num_train_epochs", "samples_per_prompt"))
         if self.max_rounds < 0:
             raise ConfigError(f"--max_rounds must be >= 0, got {self.max_rounds}")
-        rollout = self.per_device_generation_batch_size * self.generation_batches
+        rollout = self.per_device_generation_batch_size * self.generation_batches * self.samples_per_prompt
         if rollout % self.per_device_training_batch_size:
             raise ConfigError(
-                f"--per_device_generation_batch_size x --generation_batches = {rollout} answers per "
-                f"update must divide into --per_device_training_batch_size "
+                f"--per_device_generation_batch_size x --generation_batches x --samples_per_prompt = {rollout} "
+                f"answers per update must divide into --per_device_training_batch_size "
                 f"{self.per_device_training_batch_size} micro-batches")
+        if self.advantage != "gae" and self.samples_per_prompt < 2:
+            raise ConfigError(f"--advantage {self.advantage} compares answers to the same prompt: "
+                              f"it needs --samples_per_prompt 2 or more")
         if self.only_optimize_lora and self.actor_lora_dim <= 0 and self.critic_lora_dim <= 0:
             raise ConfigError("--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim > 0")
+        if self.reward_source == "checker" and any(path != "bundled" for path in self.data_path):
+            raise ConfigError("--reward_source checker scores the bundled task's answers: it needs "
+                              f"--data_path bundled, got {' '.join(self.data_path)}")
+        if self.reward_source == "checker" and self.reward_model_name_or_path:
+            raise ConfigError("--reward_model_name_or_path has no use with --reward_source checker")
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         self.max_seq_len = self.max_prompt_seq_len + self.max_answer_seq_len  # ptx block length

@@ -17,7 +17,8 @@ from inference.generation import pad_to_width
 from utils import ds_utils as ds
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.reward_model import end_scores
-from utils.rl_math import (answer_mask, answer_width, entropy_from_logits, gae_advantages, kl_penalized_rewards,
+from utils.rl_math import (answer_mask, answer_width, entropy_from_logits, gae_advantages,
+                           group_relative_advantages, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, policy_loss, value_loss,
                            whiten)
 from utils.train_utils import causal_lm_loss, step_if_finite, to_device
@@ -68,6 +69,9 @@ class DeepSpeedPPOTrainer:
         # with ignore_eos nothing ends an answer early: every answer is max_answer_seq_len tokens
         self.eos_token_id = None if getattr(args, "ignore_eos", False) else self.tokenizer.eos_token_id
         self.reward_fn = reward_fn
+        self.uses_critic = getattr(args, "advantage", "gae") == "gae"
+        if reward_fn is None and self.reward is None:
+            raise ValueError("the engine has no reward model (--reward_source checker): pass a reward_fn")
         self.hybrid = None
         if args.enable_hybrid_engine:
             from inference.hybrid_engine import HybridEngine
@@ -128,6 +132,9 @@ class DeepSpeedPPOTrainer:
             prompts, mask = prompts["prompt"], prompts["prompt_att_mask"]
         device = ds.current_device()
         prompts, mask = prompts.to(device), mask.to(device)
+        k = getattr(self.args, "samples_per_prompt", 1)
+        if k > 1:  # each prompt's answers in consecutive rows: the groups of rloo / grpo
+            prompts, mask = prompts.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
         start = time.perf_counter()
         seq = self._generate(prompts, mask)
         self.last_generation_s = time.perf_counter() - start
@@ -144,14 +151,20 @@ class DeepSpeedPPOTrainer:
         self.critic.eval()
         log_probs = self._answer_log_probs(self.actor, seq, attention_mask, prompt_len)
         ref_log_probs = self._answer_log_probs(self.ref, seq, attention_mask, prompt_len)
-        values = self._values(self.critic, seq, attention_mask, prompt_len) * action_mask
+        values = (self._values(self.critic, seq, attention_mask, prompt_len) * action_mask if self.uses_critic
+                  else torch.zeros_like(log_probs))
         scores = self._scores(prompts, seq, attention_mask, action_mask)
         self.actor.train()
         self.critic.train()
 
         a = self.args
         rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, a.kl_ctl, a.clip_reward_value)
-        advantages, returns = gae_advantages(values, rewards, action_mask, a.gamma, a.lam)
+        if self.uses_critic:
+            advantages, returns = gae_advantages(values, rewards, action_mask, a.gamma, a.lam)
+        else:  # each answer's whole KL-penalized reward, against the other answers to its prompt
+            advantages = group_relative_advantages(masked_sum(rewards, action_mask, dim=1), a.samples_per_prompt,
+                                                   action_mask, kind=a.advantage)
+            returns = torch.zeros_like(advantages)
         if a.whiten_advantages:
             advantages = whiten(advantages, action_mask)
         return Experience(prompts=prompts, seq=seq, attention_mask=attention_mask, action_mask=action_mask,
@@ -172,6 +185,9 @@ class DeepSpeedPPOTrainer:
         # how far this update's policy already is from the rollout's (0 on the first micro-step)
         self.last_policy_shift = masked_mean((exp.log_probs - log_probs.detach()).abs(), exp.action_mask).item()
 
+        if not self.uses_critic:
+            self.last_update_skipped = not actor_applied
+            return actor_loss.detach(), torch.zeros(())
         values = self._values(self.critic, exp.seq, exp.attention_mask, exp.prompt_len)
         critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, a.cliprange_value)
         self.last_update_skipped = not (step_if_finite(self.critic, critic_loss) and actor_applied)

@@ -5,7 +5,8 @@ reference  frozen copy of the starting actor, for the KL penalty; ZeRO-3-sharded
            actor is, or with `--offload_reference_model` its parameters kept in CPU memory
 actor_ema  (`--enable_ema`) moving average of the actor, the model often worth keeping
 critic     trained value model, initialized from the reward model, `--critic_zero_stage`
-reward     frozen reward model (the Step 2 output), `--offload_reward_model`
+reward     frozen reward model (the Step 2 output), `--offload_reward_model`; None with
+           `--reward_source checker` (the answers are scored by the task's checker instead)
 
 All five exchange token ids, so every tokenizer must equal the actor's: checked first, before
 any model is loaded.
@@ -27,8 +28,9 @@ class DeepSpeedRLHFEngine:
         self.actor_path = resolve_model_path(actor_model_name_or_path)
         self.critic_path = resolve_model_path(critic_model_name_or_path)
         self.reward_path = resolve_model_path(reward_model_name_or_path or critic_model_name_or_path)
+        self.uses_reward_model = getattr(args, "reward_source", "model") == "model"
         for role, path in (("critic", self.critic_path), ("reward model", self.reward_path)):
-            if path != self.actor_path:
+            if path != self.actor_path and (role == "critic" or self.uses_reward_model):
                 require_same_tokenizer(tokenizer, path, role, f"the actor ({actor_model_name_or_path})",
                                        args.trust_remote_code)
         self.device = ds.current_device()
@@ -38,7 +40,7 @@ class DeepSpeedRLHFEngine:
         self.ref = self._init_frozen_actor_copy(offload=args.offload_reference_model)
         self.actor_ema = self._init_frozen_actor_copy(offload=False) if args.enable_ema else None
         self.critic, self.critic_scheduler = self._init_critic()
-        self.reward = self._init_reward()
+        self.reward = self._init_reward() if self.uses_reward_model else None
 
     # A micro-batch of the frozen engines is a whole generation batch (they only score it).
     def _frozen(self, model, zero_stage: int, offload: bool):
