@@ -208,7 +208,7 @@ class NonFinite:
         from utils import checkpoint
         newest = checkpoint.latest(self.output_dir)
         return (f"the newest checkpoint, {newest}, is intact" if newest else
-                "no checkpoint was saved (--save_steps 0)")
+                "no checkpoint was saved yet")
 
     def skip(self, value: float, step: int) -> bool:
         if math.isfinite(value):
