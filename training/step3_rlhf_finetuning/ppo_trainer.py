@@ -127,7 +127,8 @@ class DeepSpeedPPOTrainer:
     @torch.no_grad()
     def generate_experience(self, prompts, mask: torch.Tensor | None = None, step: int = 0) -> Experience:
         """Answer a prompt batch and score it. `prompts` is a DataCollatorPrompt batch
-        ({"prompt", "prompt_att_mask"}) or, as in DeepSpeed-Chat, the two tensors."""
+        ({"prompt", "prompt_att_mask"}) or, as in DeepSpeed-Chat, the two tensors. With
+        --samples_per_prompt K the experience has K rows per prompt, each prompt's rows together."""
         if isinstance(prompts, dict):
             prompts, mask = prompts["prompt"], prompts["prompt_att_mask"]
         device = ds.current_device()
