@@ -279,6 +279,17 @@ def test_full_disk_while_checkpointing_keeps_the_newest_checkpoint_then_resume(t
 
 # ---------------------------------------------------------------- a real non-finite loss
 
+def test_non_finite_stop_before_any_checkpoint_says_none_was_saved_yet(tmp_path):
+    """Stopped before the first --save_steps boundary: the line says so, whatever --save_steps is."""
+    from utils.train_utils import NonFinite
+    guard = NonFinite(1, str(tmp_path), advice="Lower --learning_rate")
+    assert guard.skip(float("nan"), 0)
+    with pytest.raises(ConfigError) as err:
+        guard.skip(float("inf"), 0)
+    assert str(err.value) == ("loss was inf for 2 micro-batches in a row at step 0; no checkpoint was saved "
+                              "yet. Lower --learning_rate")
+
+
 @pytest.mark.slow
 def test_a_diverging_run_stops_with_one_line_and_its_checkpoint_resumes(tmp_path):
     """A learning rate of 1e30: the first update throws the weights so far that every later
