@@ -66,8 +66,10 @@ def test_sigkill_at_a_random_step_then_resume_matches(tmp_path, uninterrupted):
     wait_for_step(proc, out, kill_at)
     proc.kill()  # SIGKILL: no chance to save
     proc.wait()
+    # A checkpoint may land between the poll above and the kill, so bound it by the end, not kill_at.
     saved = checkpoint.latest(out)
-    assert saved is not None and int(saved.name.split("-")[1]) <= kill_at
+    assert saved is not None and int(saved.name.split("-")[1]) < STEPS
+    assert max(losses(out)) < STEPS, "the run finished before the kill"
     assert not (out / "training_summary.json").exists()
     assert_ok(run_module(MODULE, [*RUN, "--output_dir", out, "--resume"]))
     resumed = losses(out)
