@@ -14,6 +14,7 @@ rollouts' ground-truth score against iterations, one line per seed) into --outpu
     python -m bench.quality                                   # smollm2-135m, default preset
     python -m bench.quality --reward output/step2_reward      # reuse a trained reward model
     python -m bench.quality --preset quick --seeds 1 2 --num_prompts 16   # tiny models, minutes
+    python -m bench.quality --reward checker --skip ptx dpo   # Step 3 rewarded by the checker itself
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from pathlib import Path
 from utils.metrics import read_jsonl
 
 CURVES = ("reward", "kl", "actor_loss", "critic_loss", "gt_score")
+CHECKER = "checker"  # --reward value: Step 3 is rewarded by the task's checker, no reward model
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -43,6 +45,11 @@ def run(cmd: list[str], log: Path) -> None:
     print(f"  {log.stem}: {(time.perf_counter() - start) / 60:.1f} min", flush=True)
 
 
+def refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def module(name: str, *flags) -> list[str]:
     return [sys.executable, "-m", name, *map(str, flags)]
 
@@ -51,22 +58,26 @@ def build_models(args, preset) -> dict[str, Path]:
     """Train (or reuse) every model the comparison needs; name -> folder."""
     out = args.output_dir
     sft = Path(args.sft) if args.sft else out / "step1_sft"
-    reward = Path(args.reward) if args.reward else out / "step2_reward"
     if not args.sft and not (sft / "training_summary.json").is_file():
         run([sys.executable, "train.py", "--preset", args.preset, "--step", "1", "--output-dir", str(out),
              "--overwrite"], out / "step1.log")
-    if not args.reward and not (reward / "training_summary.json").is_file():
-        run([sys.executable, "train.py", "--preset", args.preset, "--step", "2", "--output-dir", str(out),
-             "--overwrite"], out / "step2.log")
     models = {"base": Path(preset.actor_model), "sft": sft}
-    if args.policy_pairs:
-        reward = policy_reward_model(args, sft, reward)
-    args.reward_used = reward
-    step3 = [*preset.data, *preset.steps[3], *args.step3_args.split(), "--actor_model_name_or_path", sft,
-             "--critic_model_name_or_path", reward, "--actor_zero_stage", "2", "--critic_zero_stage", "2",
-             *(("--max_rounds", args.rounds) if args.rounds else ())]
+    if args.reward == CHECKER:  # no reward model: the checker scores rollouts, the critic starts from SFT
+        args.reward_used, rewarded = CHECKER, ["--reward_source", "checker", "--critic_model_name_or_path", sft]
+    else:
+        reward = Path(args.reward) if args.reward else out / "step2_reward"
+        if not args.reward and not (reward / "training_summary.json").is_file():
+            run([sys.executable, "train.py", "--preset", args.preset, "--step", "2", "--output-dir", str(out),
+                 "--overwrite"], out / "step2.log")
+        if args.policy_pairs:
+            reward = policy_reward_model(args, sft, reward)
+        args.reward_used, rewarded = reward, ["--critic_model_name_or_path", reward]
+    step3 = [*preset.data, *preset.steps[3], "--actor_model_name_or_path", sft, *rewarded,
+             "--actor_zero_stage", "2", "--critic_zero_stage", "2",
+             *(("--max_rounds", args.rounds) if args.rounds else ()), *args.step3_args.split()]
     runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
-    runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0], "--unsupervised_dataset_name", "bundled"]))
+    if "ptx" not in args.skip:
+        runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0], "--unsupervised_dataset_name", "bundled"]))
     for name, extra in runs:
         folder = out / f"step3_{name}"
         if not (folder / "actor" / "training_summary.json").is_file():
@@ -76,6 +87,8 @@ def build_models(args, preset) -> dict[str, Path]:
         if name.endswith("_ptx"):
             continue
         models[f"ppo_{name}_ema"] = folder / "actor_ema"
+    if "dpo" in args.skip:
+        return models
     dpo = out / "dpo"
     if not (dpo / "training_summary.json").is_file():
         run(module("training.step2_dpo_finetuning.main", *preset.data, *preset.steps[2],
@@ -124,7 +137,7 @@ def lm_loss(path: str, texts: list[str], max_len: int = 128, batch_size: int = 8
 
 def summaries(args) -> dict:
     out = args.output_dir
-    rm = json.loads((args.reward_used / "training_summary.json").read_text())
+    rm = {} if args.reward_used == CHECKER else json.loads((args.reward_used / "training_summary.json").read_text())
     runs = {}
     for folder in sorted(p for p in out.glob("step3_seed*") if p.is_dir()):
         s = json.loads((folder / "actor" / "training_summary.json").read_text())
@@ -133,6 +146,21 @@ def summaries(args) -> dict:
                              "kl_last": s.get("kl_last"), "rounds": s.get("rounds"),
                              "curves": {k: [r.get(f"train/{k}") for r in rows] for k in CURVES}}
     return {"reward_model": {k: rm.get(k) for k in ("accuracy_before", "accuracy_after") if k in rm}, "step3": runs}
+
+
+def paired_gain(runs: list[list[float]], sft: list[float]) -> dict:
+    """The seeds' mean gain over SFT and its standard error over prompts (per prompt: the seeds'
+    mean score minus SFT's), so a gain can be set against the prompt sample's noise."""
+    diffs = [statistics.fmean(col) - base for *col, base in zip(*runs, sft)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else 0.0
+    return {"gain": statistics.fmean(diffs), "gain_se": se}
+
+
+def verdict(kind: str, g: dict) -> str:
+    seed_range = g["max"] - g["min"]
+    beats = g["gain"] > seed_range and g["gain"] > 2 * g["gain_se"]
+    return (f"{kind} - SFT = {g['gain']:+.3f} (standard error {g['gain_se']:.3f}, seed-to-seed range "
+            f"{seed_range:.3f}): " + ("larger than both the spread and 2 SE" if beats else "NOT larger than the spread and 2 SE"))
 
 
 def spread(values: list[float]) -> dict:
@@ -165,7 +193,8 @@ def table(result: dict) -> str:
     lines += [f"| {name} | {score:.3f} |" for name, score in result["scores"].items()]
     for key, s in result["groups"].items():
         lines.append(f"| {key}: mean over {s['n']} seeds | {s['mean']:.3f} (min {s['min']:.3f}, "
-                     f"max {s['max']:.3f}, stdev {s['stdev']:.3f}) |")
+                     f"max {s['max']:.3f}, stdev {s['stdev']:.3f}; gain over SFT {s['gain']:+.3f}, "
+                     f"SE {s['gain_se']:.3f}) |")
     lines += ["", "| other | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["other"].items()]
     return "\n".join(lines)
@@ -176,12 +205,15 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="default", help="train.py preset: default or quick")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
     parser.add_argument("--sft", default="", help="use this Step 1 output instead of training one")
-    parser.add_argument("--reward", default="", help="use this reward model instead of training one")
+    parser.add_argument("--reward", default="", help="use this reward model instead of training one; "
+                        "'checker' rewards Step 3 with the task's checker (no reward model)")
     parser.add_argument("--rounds", type=int, default=0, help="Step 3 iterations (default: the preset's)")
     parser.add_argument("--step3_args", default="", help="more Step 3 flags, quoted (e.g. a learning rate)")
     parser.add_argument("--policy_pairs", type=int, default=0,
                         help="prompts whose sampled answers (6 each) the checker ranks for a second "
                         "reward-model round before Step 3 (0 = off)")
+    parser.add_argument("--skip", nargs="*", choices=("ptx", "dpo"), default=[],
+                        help="leave out the ptx run and/or DPO")
     parser.add_argument("--num_prompts", type=int, default=100, help="held-out bundled prompts scored")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("output/quality"))
@@ -192,7 +224,9 @@ def main(argv=None) -> None:
     from utils.data import bundled, load_raw_dataset
 
     if args.preset not in PRESETS:
-        raise SystemExit(f"error: unknown --preset {args.preset!r} (one of {', '.join(PRESETS)})")
+        refuse(f"unknown --preset {args.preset!r} (one of {', '.join(PRESETS)})")
+    if args.reward == CHECKER and args.policy_pairs:
+        refuse("--policy_pairs trains a reward model; it cannot go with --reward checker")
     preset = PRESETS[args.preset]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     models = build_models(args, preset)
@@ -200,28 +234,28 @@ def main(argv=None) -> None:
     held_out = load_raw_dataset("bundled", seed=0).eval[:args.num_prompts]
     questions = [bundled.question_of(row["prompt"]) for row in held_out]
     answers = evaluate([str(p) for p in models.values()], questions, max_new_tokens=args.max_new_tokens)
+    per_prompt = {name: a.scores for name, a in zip(models, answers)}
     scores = {name: a.mean_score for name, a in zip(models, answers)}
     texts = bundled.plain_text_corpus()[:64]
-    ptx = f"ppo_seed{args.seeds[0]}_ptx"
+    first = f"ppo_seed{args.seeds[0]}"
     info = summaries(args)
-    other = {"reward model used by Step 3": str(args.reward_used),
-             "its held-out accuracy (its own data's pairs)": info["reward_model"].get("accuracy_after"),
+    other = {"reward used by Step 3": str(args.reward_used),
+             "reward model's held-out accuracy (its own data's pairs)": info["reward_model"].get("accuracy_after"),
              "held-out prompts": len(questions),
              "LM loss on plain text: SFT": lm_loss(str(models["sft"]), texts),
-             f"LM loss on plain text: PPO seed {args.seeds[0]}": lm_loss(str(models[f"ppo_seed{args.seeds[0]}"]), texts),
-             f"LM loss on plain text: PPO seed {args.seeds[0]} + ptx": lm_loss(str(models[ptx]), texts)}
+             f"LM loss on plain text: PPO seed {args.seeds[0]}": lm_loss(str(models[first]), texts)}
+    if f"{first}_ptx" in models:
+        other[f"LM loss on plain text: PPO seed {args.seeds[0]} + ptx"] = lm_loss(str(models[f"{first}_ptx"]), texts)
     for name, r in info["step3"].items():
         other[f"{name}: reward first -> last, KL last"] = (
             f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}, KL {r['kl_last']:.3f}")
-    groups = {kind: spread([scores[f"ppo_seed{s}{suffix}"] for s in args.seeds])
+    groups = {kind: {**spread([scores[f"ppo_seed{s}{suffix}"] for s in args.seeds]),
+                     **paired_gain([per_prompt[f"ppo_seed{s}{suffix}"] for s in args.seeds], per_prompt["sft"])}
               for kind, suffix in (("PPO actor", ""), ("PPO EMA actor", "_ema"))}
     result = {"preset": args.preset, "seeds": args.seeds, "scores": scores, "groups": groups, "other": other,
               "step3": info["step3"], "machine": f"{os.cpu_count()} CPU threads",
               "date": time.strftime("%Y-%m-%d %H:%M")}
-    margin = groups["PPO actor"]["mean"] - scores["sft"]
-    seed_range = groups["PPO actor"]["max"] - groups["PPO actor"]["min"]
-    result["verdict"] = (f"PPO actor - SFT = {margin:+.3f}; seed-to-seed range {seed_range:.3f}: "
-                         + ("improvement larger than the spread" if margin > seed_range else "NOT larger than the spread"))
+    result["verdict"] = "; ".join(verdict(kind, g) for kind, g in groups.items())
     (args.output_dir / "quality.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "quality.md").write_text(table(result) + "\n")
     plot(info["step3"], args.output_dir / "quality_curves.png")

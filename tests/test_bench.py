@@ -1,7 +1,11 @@
 """The Step 3 benchmark's fixed work: prompt files whose prompts all come out exactly
---prompt_len tokens through our data layer, the same ids the TRL peer is given."""
+--prompt_len tokens through our data layer, the same ids the TRL peer is given; the quality
+benchmark's paired statistics and its refusals."""
 from __future__ import annotations
 
+import pytest
+
+from tests.helpers import error_line, run_module
 from bench.peak import matmul_peak_flops
 from bench.step3_throughput import write_prompt_file
 from bench.trl_peer import prompt_ids
@@ -22,3 +26,20 @@ def test_prompt_file_gives_prompts_of_exactly_prompt_len_tokens(tmp_path):
 def test_matmul_peak_is_positive_and_finite():
     peak = matmul_peak_flops("fp32", "cpu", size=256, repeats=2)
     assert 1e8 < peak < 1e15
+
+
+def test_paired_gain_averages_seeds_per_prompt_before_comparing_with_sft():
+    from bench.quality import paired_gain, verdict
+    sft = [0.0, 1.0, 0.0, 1.0]
+    runs = [[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0]]  # each seed fixes one different prompt
+    g = paired_gain(runs, sft)
+    assert g["gain"] == pytest.approx(0.25)
+    assert g["gain_se"] == pytest.approx(0.5 * (1 / 3) ** 0.5 / 2)  # stdev of [.5, 0, .5, 0] over sqrt(4)
+    close = {"min": 0.5, "max": 0.5, **g}  # no seed spread, but the gain is within 2 SE
+    assert "NOT larger" in verdict("PPO actor", close)
+    assert "larger than both" in verdict("PPO actor", {"min": 0.5, "max": 0.5, "gain": 0.3, "gain_se": 0.1})
+
+
+def test_quality_bench_refuses_policy_pairs_with_the_checker_as_reward(tmp_path):
+    proc = run_module("bench.quality", ["--reward", "checker", "--policy_pairs", 8, "--output_dir", tmp_path])
+    assert proc.returncode != 0 and "cannot go with --reward checker" in error_line(proc)

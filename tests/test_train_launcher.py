@@ -311,3 +311,20 @@ def test_quality_bench_on_the_pipelines_models(pipeline, tmp_path):
     assert all(0 <= v <= 1 for v in result["scores"].values())
     assert result["step3"]["step3_seed7"]["rounds"] == 1 and "verdict" in result
     assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality_curves.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quality_bench_with_the_checker_as_reward(pipeline, tmp_path):
+    """--reward checker: no reward model trained or loaded, Step 3 (here critic-free RLOO) per seed,
+    each seed's gain over SFT with its standard error over prompts."""
+    out, _ = pipeline
+    proc = run_module("bench.quality", [
+        "--preset", "quick", "--sft", out / "step1_sft", "--reward", "checker", "--skip", "ptx", "dpo",
+        "--seeds", 7, 8, "--rounds", 1, "--num_prompts", 4, "--max_new_tokens", 4,
+        "--step3_args", "--advantage rloo --samples_per_prompt 2 --temperature 0.6", "--output_dir", tmp_path])
+    assert_ok(proc)
+    result = json.loads((tmp_path / "quality.json").read_text())
+    assert set(result["scores"]) == {"base", "sft", "ppo_seed7", "ppo_seed7_ema", "ppo_seed8", "ppo_seed8_ema"}
+    assert result["other"]["reward used by Step 3"] == "checker" and not (tmp_path / "step2_reward").exists()
+    assert result["groups"]["PPO EMA actor"]["n"] == 2 and result["groups"]["PPO actor"]["gain_se"] >= 0
+    assert result["step3"]["step3_seed8"]["rounds"] == 1
