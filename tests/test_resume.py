@@ -18,6 +18,7 @@ from tests.helpers import ROOT, assert_ok, error_line, run_module
 from utils import checkpoint
 from utils.config import ConfigError
 from utils.metrics import read_jsonl
+from utils.rl_math import adaptive_kl_coef
 from utils.train_utils import NonFinite, step_if_finite
 
 MODULE = "training.step1_supervised_finetuning.main"
@@ -170,20 +171,27 @@ STEP3_RUN = ["--actor_model_name_or_path", "tiny-llama", "--critic_model_name_or
              "--num_warmup_steps", "0", "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3",
              "--dtype", "fp32", "--max_rounds", str(ROUNDS), "--enable_ema", "--disable_tqdm",
              "--log_interval", "1", "--save_steps", "2"]
-KEYS = ("train/reward", "train/actor_loss", "train/critic_loss", "train/kl")
+KEYS = ("train/reward", "train/actor_loss", "train/critic_loss", "train/kl", "train/kl_coef")
+ADAPTIVE_KL = ["--target_kl", "0.05", "--kl_horizon", "20"]
 
 
 def step3_rows(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r}
 
 
-@pytest.mark.parametrize("stage,extra", [(2, ["--unsupervised_dataset_name", "bundled"]), (3, [])])
+@pytest.mark.parametrize("stage,extra", [(2, ["--unsupervised_dataset_name", "bundled"]), (3, ADAPTIVE_KL)])
 def test_step3_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, stage, extra):
     flags = [*STEP3_RUN, "--actor_zero_stage", str(stage), "--critic_zero_stage", str(stage), *extra]
     straight = tmp_path / "straight"
     assert_ok(run_module(STEP3, [*flags, "--output_dir", straight]))
     expected = step3_rows(straight)
     assert sorted(expected) == list(range(1, ROUNDS + 1))
+    if extra == ADAPTIVE_KL:  # each round's coefficient follows from the previous round's KL
+        for step in range(1, ROUNDS):
+            row = expected[step]
+            assert expected[step + 1]["train/kl_coef"] == pytest.approx(
+                adaptive_kl_coef(row["train/kl_coef"], row["train/kl"], 0.05, 4, 20), rel=1e-5)
+        assert expected[ROUNDS]["train/kl_coef"] != pytest.approx(0.1)
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", STEP3, *flags, "--output_dir", str(out)], cwd=ROOT,

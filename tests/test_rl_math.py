@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from utils.rl_math import (answer_token_mask, dpo_loss, log_probs_from_logits, masked_mean,
@@ -84,8 +85,8 @@ def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
 
 # ---- PPO
 
-from utils.rl_math import (entropy_from_logits, gae_advantages, group_relative_advantages,  # noqa: E402
-                           kl_penalized_rewards, policy_loss, value_loss, whiten)
+from utils.rl_math import (adaptive_kl_coef, entropy_from_logits, gae_advantages,  # noqa: E402
+                           group_relative_advantages, kl_penalized_rewards, policy_loss, value_loss, whiten)
 from utils.rl_math import answer_mask as answer_mask_of  # noqa: E402
 
 
@@ -122,6 +123,14 @@ def _gae_loop(values, rewards, length, gamma, lam):
         last = delta + gamma * lam * last
         adv[t] = last
     return adv
+
+
+def test_adaptive_kl_coef_by_hand():
+    # KL 1.1 against a target of 1: error 0.1, a rollout of 50 answers over a horizon of 100
+    assert adaptive_kl_coef(0.1, 1.1, 1.0, 50, 100) == pytest.approx(0.1 * (1 + 0.1 * 0.5))
+    assert adaptive_kl_coef(0.1, 0.5, 1.0, 50, 100) == pytest.approx(0.1 * (1 - 0.5 * 0.2 * 2 / 2))  # -0.5 -> -0.2
+    assert adaptive_kl_coef(0.1, 9.0, 1.0, 100, 100) == pytest.approx(0.12)  # clipped at +0.2
+    assert adaptive_kl_coef(0.1, 1.0, 1.0, 100, 100) == pytest.approx(0.1)
 
 
 def test_gae_by_hand_one_token():

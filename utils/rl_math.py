@@ -98,6 +98,14 @@ def kl_penalized_rewards(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, s
     return rewards.scatter_add(1, last.unsqueeze(1), bonus.unsqueeze(1))
 
 
+def adaptive_kl_coef(coef: float, kl: float, target: float, n_answers: int, horizon: int) -> float:
+    """Ziegler et al. (2019)'s proportional KL controller: the coefficient after a rollout of
+    `n_answers` whose mean KL per answer was `kl`. The relative error is clipped to +-0.2 so one
+    noisy rollout cannot swing it."""
+    error = min(max(kl / target - 1.0, -0.2), 0.2)
+    return coef * (1.0 + error * n_answers / horizon)
+
+
 def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, action_mask: torch.Tensor,
                    gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over each answer, (B, A) -> (advantages, returns).

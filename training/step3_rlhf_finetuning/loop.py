@@ -22,6 +22,7 @@ from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_datase
 from utils.ema import update_ema
 from utils.fs import WriteRefused, refused_write, replace_directories
 from utils.model import load_tokenizer, resolve_model_path
+from utils.rl_math import adaptive_kl_coef
 from utils.train_utils import (NonFinite, RunCheckpoints, StopRequest, final_save_refused, loader_generator,
                                run_logger, start_run)
 
@@ -251,7 +252,7 @@ def run(cfg, reward_fn=None) -> dict:
     logger = run_logger(cfg)
     say = tqdm.write if ds.is_main() else (lambda *_: None)
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of "
-        f"{cfg.per_device_generation_batch_size * cfg.generation_batches * cfg.samples_per_prompt} answers "
+        f"{answers_per_rank(cfg)} answers "
         f"x {ds.world_size()} "
         f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
@@ -260,6 +261,7 @@ def run(cfg, reward_fn=None) -> dict:
                                   **({"actor_ema": engine.actor_ema} if engine.actor_ema is not None else {})},
                                  cfg, "step3", say)
     state, _ = checkpoints.start(logger)
+    trainer.kl_coef = state.extra.get("kl_coef", trainer.kl_coef)  # a resumed run's controller
     batches = itertools.islice(((epoch, batch) for epoch in range(cfg.num_train_epochs)
                                 for batch in _epoch(loader, sampler, epoch)),
                                state.step * cfg.generation_batches, None)
@@ -272,6 +274,10 @@ def run(cfg, reward_fn=None) -> dict:
             metrics = one_round(trainer, cfg, [next(batches)[1] for _ in range(cfg.generation_batches)],
                                 unsup, phase_flops, round_index, say, nonfinite)
             state.step = round_index + 1
+            if cfg.target_kl > 0:  # the same on every rank: metrics are all-reduced
+                trainer.kl_coef = state.extra["kl_coef"] = adaptive_kl_coef(
+                    trainer.kl_coef, metrics["kl"], cfg.target_kl, answers_per_rank(cfg) * ds.world_size(),
+                    cfg.kl_horizon)
             state.extra.setdefault("first", metrics)
             state.extra["last"] = metrics
             logger.log(state.step, metrics, prefix="train/")
@@ -296,10 +302,14 @@ def run(cfg, reward_fn=None) -> dict:
     return summary
 
 
+def answers_per_rank(cfg) -> int:
+    """Answers each process samples per round."""
+    return cfg.per_device_generation_batch_size * cfg.generation_batches * cfg.samples_per_prompt
+
+
 def micro_batches_per_round(cfg) -> int:
     """PPO micro-batches per round (each also consumes one ptx batch when ptx is on)."""
-    return cfg.per_device_generation_batch_size * cfg.generation_batches * cfg.samples_per_prompt \
-        // cfg.per_device_training_batch_size * cfg.ppo_epochs
+    return answers_per_rank(cfg) // cfg.per_device_training_batch_size * cfg.ppo_epochs
 
 
 def _epoch(loader, sampler, epoch: int):
@@ -334,4 +344,5 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
               "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
               "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,
               "tflops": sum(work.values()) / total_s / 1e12, "peak_memory_gb": peak_memory_gb()}
-    return _reduce_mean({**stats, **losses, **timing, "lr_actor": trainer.rlhf_engine.actor_scheduler.get_last_lr()[0]})
+    return _reduce_mean({**stats, **losses, **timing, "lr_actor": trainer.rlhf_engine.actor_scheduler.get_last_lr()[0],
+                          "kl_coef": trainer.kl_coef})

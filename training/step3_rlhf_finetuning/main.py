@@ -92,7 +92,16 @@ class PPOAlgoConfig:
         "checker (score in [0, 1]; needs --data_path bundled; no reward model is loaded and the critic "
         "starts from --critic_model_name_or_path, e.g. the Step 1 model). A verifiable reward, and "
         "the upper bound a learned reward model can reach on this task.", choices=("model", "checker")))
-    kl_ctl: float = field(default=0.1, metadata=doc("Per-token KL penalty coefficient."))
+    kl_ctl: float = field(default=0.1, metadata=doc(
+        "Per-token KL penalty coefficient (the starting one with --target_kl)."))
+    target_kl: float = field(default=0.0, metadata=doc(
+        "KL to the reference per answer (summed over its tokens) to steer toward: after each round "
+        "the coefficient grows when the rollouts' KL is above it and shrinks when below (Ziegler et "
+        "al. 2019's adaptive controller). 0 keeps --kl_ctl fixed, as DeepSpeed-Chat does."))
+    kl_horizon: int = field(default=10000, metadata=doc(
+        "With --target_kl: answers over which the controller may change the coefficient by up to "
+        "e^0.2 (a round of n answers moves it by at most a factor 1 + 0.2 n / kl_horizon). Short "
+        "runs need a short horizon."))
     clip_reward_value: float = field(default=5.0, metadata=doc("Reward model scores are clipped to +-this."))
     cliprange: float = field(default=0.2, metadata=doc("PPO policy ratio clip."))
     cliprange_value: float = field(default=0.2, metadata=doc("Value clip around the rollout's values."))
@@ -169,6 +178,9 @@ class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, HybridConfig, PPOA
                               f"--data_path bundled, got {' '.join(self.data_path)}")
         if self.reward_source == "checker" and self.reward_model_name_or_path:
             raise ConfigError("--reward_model_name_or_path has no use with --reward_source checker")
+        if self.target_kl < 0 or self.kl_horizon < 1:
+            raise ConfigError(f"--target_kl must be >= 0 and --kl_horizon >= 1, got {self.target_kl} "
+                              f"and {self.kl_horizon}")
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         self.max_seq_len = self.max_prompt_seq_len + self.max_answer_seq_len  # ptx block length

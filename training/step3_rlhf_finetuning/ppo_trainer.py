@@ -70,6 +70,7 @@ class DeepSpeedPPOTrainer:
         self.eos_token_id = None if getattr(args, "ignore_eos", False) else self.tokenizer.eos_token_id
         self.reward_fn = reward_fn
         self.uses_critic = getattr(args, "advantage", "gae") == "gae"
+        self.kl_coef = args.kl_ctl  # moved between rounds by the loop with --target_kl
         if reward_fn is None and self.reward is None:
             raise ValueError("the engine has no reward model (--reward_source checker): pass a reward_fn")
         self.hybrid = None
@@ -159,7 +160,8 @@ class DeepSpeedPPOTrainer:
         self.critic.train()
 
         a = self.args
-        rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, a.kl_ctl, a.clip_reward_value)
+        rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, self.kl_coef,
+                                       a.clip_reward_value)
         if self.uses_critic:
             advantages, returns = gae_advantages(values, rewards, action_mask, a.gamma, a.lam)
         else:  # each answer's whole KL-penalized reward, against the other answers to its prompt
