@@ -15,6 +15,7 @@ rollouts' ground-truth score against iterations, one line per seed) into --outpu
     python -m bench.quality --reward output/step2_reward      # reuse a trained reward model
     python -m bench.quality --preset quick --seeds 1 2 --num_prompts 16   # tiny models, minutes
     python -m bench.quality --reward checker --skip ptx dpo   # Step 3 rewarded by the checker itself
+    python -m bench.quality --jobs 2                          # two Step 3 seeds at a time
 """
 from __future__ import annotations
 
@@ -33,12 +34,13 @@ CURVES = ("reward", "kl", "actor_loss", "critic_loss", "gt_score")
 CHECKER = "checker"  # --reward value: Step 3 is rewarded by the task's checker, no reward model
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path, env: dict | None = None) -> None:
     """One pipeline stage in a subprocess, its console kept in `log`; stop on failure."""
     start = time.perf_counter()
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}).returncode
+                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+                                   **(env or {})}).returncode
     if code:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed (exit {code}); log {log}:\n{tail}")
@@ -78,15 +80,17 @@ def build_models(args, preset) -> dict[str, Path]:
     runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
     if "ptx" not in args.skip:
         runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0], "--unsupervised_dataset_name", "bundled"]))
+    pending = []
     for name, extra in runs:
         folder = out / f"step3_{name}"
         if not (folder / "actor" / "training_summary.json").is_file():
-            run(module("training.step3_rlhf_finetuning.main", *step3, *extra, "--output_dir", folder,
-                       "--overwrite_output_dir", "--disable_tqdm"), out / f"step3_{name}.log")
+            pending.append((module("training.step3_rlhf_finetuning.main", *step3, *extra, "--output_dir", folder,
+                                   "--overwrite_output_dir", "--disable_tqdm"), out / f"step3_{name}.log"))
         models[f"ppo_{name}"] = folder / "actor"
         if name.endswith("_ptx"):
             continue
         models[f"ppo_{name}_ema"] = folder / "actor_ema"
+    run_side_by_side(pending, args.jobs)
     if "dpo" in args.skip:
         return models
     dpo = out / "dpo"
@@ -96,6 +100,21 @@ def build_models(args, preset) -> dict[str, Path]:
                    "--output_dir", dpo, "--overwrite_output_dir", "--disable_tqdm"), out / "dpo.log")
     models["dpo"] = dpo
     return models
+
+
+def run_side_by_side(pending: list[tuple[list[str], Path]], jobs: int) -> None:
+    """Step 3 runs, `jobs` at a time, the CPU threads split between them (each run is its own
+    one-process group, so each gets its own rendezvous port)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from utils.cli import free_port
+    jobs = max(1, min(jobs, len(pending)))
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = [{"MASTER_PORT": str(free_port()), **({"OMP_NUM_THREADS": threads} if jobs > 1 else {})}
+           for _ in pending]
+    with ThreadPoolExecutor(jobs) as pool:
+        for done in [pool.submit(run, cmd, log, e) for (cmd, log), e in zip(pending, env)]:
+            done.result()
 
 
 def policy_reward_model(args, sft: Path, reward: Path) -> Path:
@@ -214,6 +233,8 @@ def main(argv=None) -> None:
                         "reward-model round before Step 3 (0 = off)")
     parser.add_argument("--skip", nargs="*", choices=("ptx", "dpo"), default=[],
                         help="leave out the ptx run and/or DPO")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="Step 3 runs trained side by side (CPU threads split between them)")
     parser.add_argument("--num_prompts", type=int, default=100, help="held-out bundled prompts scored")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("output/quality"))
@@ -225,6 +246,8 @@ def main(argv=None) -> None:
 
     if args.preset not in PRESETS:
         refuse(f"unknown --preset {args.preset!r} (one of {', '.join(PRESETS)})")
+    if args.jobs < 1:
+        refuse(f"--jobs must be at least 1, got {args.jobs}")
     if args.reward == CHECKER and args.policy_pairs:
         refuse("--policy_pairs trains a reward model; it cannot go with --reward checker")
     preset = PRESETS[args.preset]

@@ -43,3 +43,20 @@ def test_paired_gain_averages_seeds_per_prompt_before_comparing_with_sft():
 def test_quality_bench_refuses_policy_pairs_with_the_checker_as_reward(tmp_path):
     proc = run_module("bench.quality", ["--reward", "checker", "--policy_pairs", 8, "--output_dir", tmp_path])
     assert proc.returncode != 0 and "cannot go with --reward checker" in error_line(proc)
+
+
+def test_side_by_side_runs_split_the_threads_and_get_their_own_ports(tmp_path, monkeypatch):
+    import os
+    import sys
+    from bench.quality import run_side_by_side
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    show = "import os; print(os.environ['OMP_NUM_THREADS'], os.environ['MASTER_PORT'])"
+    logs = [tmp_path / f"run{i}.log" for i in range(3)]
+    run_side_by_side([([sys.executable, "-c", show], log) for log in logs], jobs=2)
+    seen = [log.read_text().split() for log in logs]
+    assert [threads for threads, _ in seen] == ["2", "2", "2"]
+    assert len({port for _, port in seen}) == 3
+    failing = [([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log")]
+    with pytest.raises(SystemExit, match="exit 3"):
+        run_side_by_side(failing, jobs=2)

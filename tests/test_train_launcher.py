@@ -320,7 +320,7 @@ def test_quality_bench_with_the_checker_as_reward(pipeline, tmp_path):
     out, _ = pipeline
     proc = run_module("bench.quality", [
         "--preset", "quick", "--sft", out / "step1_sft", "--reward", "checker", "--skip", "ptx", "dpo",
-        "--seeds", 7, 8, "--rounds", 1, "--num_prompts", 4, "--max_new_tokens", 4,
+        "--seeds", 7, 8, "--jobs", 2, "--rounds", 1, "--num_prompts", 4, "--max_new_tokens", 4,
         "--step3_args", "--advantage rloo --samples_per_prompt 2 --temperature 0.6", "--output_dir", tmp_path])
     assert_ok(proc)
     result = json.loads((tmp_path / "quality.json").read_text())
