@@ -23,7 +23,7 @@ def rounds(out: Path) -> list[dict]:
     return [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r]
 
 
-def finished(proc, out: Path, n_rounds: int = 2) -> list[dict]:
+def finished(proc, out: Path, n_rounds: int = 2, folders=("actor", "critic")) -> list[dict]:
     assert_ok(proc)
     logged = rounds(out)
     assert len(logged) == n_rounds
@@ -32,7 +32,7 @@ def finished(proc, out: Path, n_rounds: int = 2) -> list[dict]:
         assert all(f"train/{key}" in r for r in logged), key
     assert logged[0]["train/kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
     assert logged[0]["train/first_policy_shift"] == pytest.approx(0.0, abs=1e-4)  # rollout == update policy
-    for folder in ("actor", "critic"):
+    for folder in folders:
         assert (out / folder / "model.safetensors").is_file()
     return logged
 
@@ -110,14 +110,17 @@ def test_checker_reward_is_the_ground_truth_score_and_needs_no_reward_model(tmp_
 
 
 def test_critic_free_rloo_over_several_answers_per_prompt(tmp_path):
-    """--advantage rloo --samples_per_prompt 2: 4 prompts give 8 answers a round, the critic is
-    neither trained nor run (loss 0)."""
+    """--advantage rloo --samples_per_prompt 2: 4 prompts give 8 answers a round; no critic is
+    loaded (its path need not exist), run, trained (loss 0) or saved, nor kept in checkpoints."""
     out = tmp_path / "rloo"
     proc = run_module(MODULE, [*QUICK, "--reward_source", "checker", "--max_prompt_seq_len", "96",
+                               "--critic_model_name_or_path", tmp_path / "no-critic-here",
                                "--advantage", "rloo", "--samples_per_prompt", "2", "--output_dir", out])
-    logged = finished(proc, out)
+    logged = finished(proc, out, folders=("actor",))
     assert "rollout rounds of 8 answers" in proc.stdout + proc.stderr
     assert all(row["train/critic_loss"] == 0 for row in logged)
+    assert not (out / "critic").exists() and not list(out.glob("checkpoints/*/critic"))
+    assert all(row["train/training_tflops"] > 0 for row in logged)
 
 
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path):

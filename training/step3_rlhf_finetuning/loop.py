@@ -84,7 +84,8 @@ class PhaseFlops:
 
     def __init__(self, engine: DeepSpeedRLHFEngine, cfg):
         self.actor_cfg = engine.actor.module.config
-        self.critic_cfg = engine.critic.module.config
+        scorer = engine.critic or engine.reward  # both start from the reward model
+        self.critic_cfg = scorer.module.config if scorer is not None else None
         # the critic's and the reward model's forwards (each left out when not run)
         self.critic_models = int(cfg.advantage == "gae") + int(engine.reward is not None)
         self.actor_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
@@ -98,12 +99,13 @@ class PhaseFlops:
             b, p, seq_len = len(exp), exp.prompt_len, exp.seq.size(1)
             decoded = int(exp.action_mask.sum(1).max())
             gen += flops.generation_flops(self.actor_cfg, self.actor_params, b, p, decoded)
-            score += (2 * flops.forward_flops(self.actor_cfg, b, seq_len)  # actor and reference
-                      + self.critic_models * flops.forward_flops(self.critic_cfg, b, seq_len))
-            train += c.ppo_epochs * (
-                flops.training_flops(self.actor_cfg, b, seq_len, c.actor_gradient_checkpointing)
-                + (c.advantage == "gae") * flops.training_flops(self.critic_cfg, b, seq_len,
-                                                                c.critic_gradient_checkpointing))
+            score += 2 * flops.forward_flops(self.actor_cfg, b, seq_len)  # actor and reference
+            train += c.ppo_epochs * flops.training_flops(self.actor_cfg, b, seq_len, c.actor_gradient_checkpointing)
+            if self.critic_models:
+                score += self.critic_models * flops.forward_flops(self.critic_cfg, b, seq_len)
+            if c.advantage == "gae":
+                train += c.ppo_epochs * flops.training_flops(self.critic_cfg, b, seq_len,
+                                                             c.critic_gradient_checkpointing)
         return {"generation": gen, "scoring": score, "training": train}
 
 
@@ -257,8 +259,8 @@ def run(cfg, reward_fn=None) -> dict:
         f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
 
-    checkpoints = RunCheckpoints({"actor": engine.actor, "critic": engine.critic,
-                                  **({"actor_ema": engine.actor_ema} if engine.actor_ema is not None else {})},
+    trained = {"actor": engine.actor, "critic": engine.critic, "actor_ema": engine.actor_ema}
+    checkpoints = RunCheckpoints({name: model for name, model in trained.items() if model is not None},
                                  cfg, "step3", say)
     state, _ = checkpoints.start(logger)
     trainer.kl_coef = state.extra.get("kl_coef", trainer.kl_coef)  # a resumed run's controller

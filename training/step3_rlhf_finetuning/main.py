@@ -5,8 +5,8 @@ Run from the repository root:
         --critic_model_name_or_path output/step2_reward
     deepspeed --num_gpus 2 --module training.step3_rlhf_finetuning.main --actor_zero_stage 3 ...
 
-Outputs <output_dir>/actor (and actor_ema with --enable_ema), <output_dir>/critic: Hugging Face
-folders; chat.py loads the actors.
+Outputs <output_dir>/actor (and actor_ema with --enable_ema), <output_dir>/critic (with --advantage gae):
+Hugging Face folders; chat.py loads the actors.
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ class PPOAlgoConfig:
         "How answers are credited: gae (PPO's critic and GAE, as DeepSpeed-Chat), or critic-free over "
         "--samples_per_prompt answers to each prompt: rloo (each answer's KL-penalized reward minus "
         "the mean of the others'), grpo (minus the group mean, over the group's std). Critic-free, "
-        "the critic is neither run nor trained (it is saved as it started).",
+        "no critic is loaded, trained or saved (--critic_model_name_or_path then only names the "
+        "reward model, and is not needed with --reward_source checker).",
         choices=("gae", "rloo", "grpo")))
     samples_per_prompt: int = field(default=1, metadata=doc(
         "Answers sampled per prompt in each rollout (rloo and grpo need at least 2)."))

@@ -71,6 +71,8 @@ class DeepSpeedPPOTrainer:
         self.reward_fn = reward_fn
         self.uses_critic = getattr(args, "advantage", "gae") == "gae"
         self.kl_coef = args.kl_ctl  # moved between rounds by the loop with --target_kl
+        if self.uses_critic and self.critic is None:
+            raise ValueError("--advantage gae needs the critic, but the engine was built without one")
         if reward_fn is None and self.reward is None:
             raise ValueError("the engine has no reward model (--reward_source checker): pass a reward_fn")
         self.hybrid = None
@@ -149,15 +151,16 @@ class DeepSpeedPPOTrainer:
         seq, action_mask = seq[:, :prompt_len + width], action_mask[:, :width]
         attention_mask = torch.cat([mask, action_mask.long()], 1)
 
-        self.actor.eval()
-        self.critic.eval()
+        models = [self.actor, *([self.critic] if self.uses_critic else [])]
+        for model in models:
+            model.eval()
         log_probs = self._answer_log_probs(self.actor, seq, attention_mask, prompt_len)
         ref_log_probs = self._answer_log_probs(self.ref, seq, attention_mask, prompt_len)
         values = (self._values(self.critic, seq, attention_mask, prompt_len) * action_mask if self.uses_critic
                   else torch.zeros_like(log_probs))
         scores = self._scores(prompts, seq, attention_mask, action_mask)
-        self.actor.train()
-        self.critic.train()
+        for model in models:
+            model.train()
 
         a = self.args
         rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, self.kl_coef,

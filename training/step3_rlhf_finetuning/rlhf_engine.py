@@ -4,7 +4,8 @@ actor      trained policy (the Step 1 model), `--actor_zero_stage`, LoRA optiona
 reference  frozen copy of the starting actor, for the KL penalty; ZeRO-3-sharded when the
            actor is, or with `--offload_reference_model` its parameters kept in CPU memory
 actor_ema  (`--enable_ema`) moving average of the actor, the model often worth keeping
-critic     trained value model, initialized from the reward model, `--critic_zero_stage`
+critic     trained value model, initialized from the reward model, `--critic_zero_stage`;
+           None with a critic-free `--advantage` (rloo, grpo): not loaded, not saved
 reward     frozen reward model (the Step 2 output), `--offload_reward_model`; None with
            `--reward_source checker` (the answers are scored by the task's checker instead)
 
@@ -26,11 +27,14 @@ class DeepSpeedRLHFEngine:
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.actor_path = resolve_model_path(actor_model_name_or_path)
-        self.critic_path = resolve_model_path(critic_model_name_or_path)
-        self.reward_path = resolve_model_path(reward_model_name_or_path or critic_model_name_or_path)
         self.uses_reward_model = getattr(args, "reward_source", "model") == "model"
+        self.uses_critic = getattr(args, "advantage", "gae") == "gae"
+        # paths of models not used are not resolved: they need not exist
+        self.critic_path = resolve_model_path(critic_model_name_or_path) if self.uses_critic else None
+        self.reward_path = (resolve_model_path(reward_model_name_or_path or critic_model_name_or_path)
+                            if self.uses_reward_model else None)
         for role, path in (("critic", self.critic_path), ("reward model", self.reward_path)):
-            if path != self.actor_path and (role == "critic" or self.uses_reward_model):
+            if path is not None and path != self.actor_path:
                 require_same_tokenizer(tokenizer, path, role, f"the actor ({actor_model_name_or_path})",
                                        args.trust_remote_code)
         self.device = ds.current_device()
@@ -39,7 +43,7 @@ class DeepSpeedRLHFEngine:
         self.actor, self.actor_scheduler = self._init_actor()
         self.ref = self._init_frozen_actor_copy(offload=args.offload_reference_model)
         self.actor_ema = self._init_frozen_actor_copy(offload=False) if args.enable_ema else None
-        self.critic, self.critic_scheduler = self._init_critic()
+        self.critic, self.critic_scheduler = self._init_critic() if self.uses_critic else (None, None)
         self.reward = self._init_reward() if self.uses_reward_model else None
 
     # A micro-batch of the frozen engines is a whole generation batch (they only score it).
