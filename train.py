@@ -49,10 +49,11 @@ PRESETS = {
             2: ("--max_seq_len", "128", "--per_device_train_batch_size", "8", "--learning_rate", "5e-5",
                 "--lr_scheduler_type", "cosine", "--num_warmup_steps", "5", "--max_steps", "40",
                 "--log_interval", "5"),
+            # fp32 even where bf16 is fast: RL steps this small barely move bf16 weights (README, dtype)
             3: ("--max_prompt_seq_len", "64", "--max_answer_seq_len", "32",
                 "--per_device_generation_batch_size", "8", "--per_device_training_batch_size", "8",
                 "--actor_learning_rate", "5e-6", "--critic_learning_rate", "1e-5", "--num_warmup_steps", "2",
-                "--max_rounds", "10", "--enable_ema", "--log_interval", "2"),
+                "--max_rounds", "10", "--enable_ema", "--dtype", "fp32", "--log_interval", "2"),
         }),
     "quick": Preset(
         actor_model="tiny-llama",

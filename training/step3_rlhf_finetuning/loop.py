@@ -256,7 +256,8 @@ def run(cfg, reward_fn=None) -> dict:
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of "
         f"{answers_per_rank(cfg)} answers "
         f"x {ds.world_size()} "
-        f"process(es), actor ZeRO-{cfg.actor_zero_stage}, critic ZeRO-{cfg.critic_zero_stage}, {cfg.dtype}, "
+        f"process(es), actor ZeRO-{cfg.actor_zero_stage}, "
+        f"{f'critic ZeRO-{cfg.critic_zero_stage}' if engine.critic is not None else 'no critic'}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
 
     trained = {"actor": engine.actor, "critic": engine.critic, "actor_ema": engine.actor_ema}
