@@ -8,8 +8,8 @@ on), greedy answers of every model are scored by the task's checker (utils.data.
 the base model, the SFT model, each seed's final actor and EMA actor, the ptx actor and the DPO
 actor. Also reported: the reward model's held-out pair accuracy, each Step 3 run's reward and
 KL to the reference, and the LM loss on the plain-text corpus (the ptx data) with and without ptx.
-Writes quality.json, a table (quality.md) and quality_curves.png (reward, KL, losses and the
-rollouts' ground-truth score against iterations, one line per seed) into --output_dir.
+Writes quality.json, a table (quality.md) and quality_curves.png (reward, KL, losses, entropy and
+the rollouts' ground-truth score against iterations, one line per seed) into --output_dir.
 
     python -m bench.quality                                   # smollm2-135m, default preset
     python -m bench.quality --reward output/step2_reward      # reuse a trained reward model
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from utils.metrics import read_jsonl
 
-CURVES = ("reward", "kl", "actor_loss", "critic_loss", "gt_score")
+CURVES = ("reward", "kl", "actor_loss", "critic_loss", "entropy", "gt_score")
 CHECKER = "checker"  # --reward value: Step 3 is rewarded by the task's checker, no reward model
 
 
@@ -192,8 +192,11 @@ def plot(step3: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2))
-    for ax, key in zip(axes, CURVES):
+    # a curve no run moves (the critic's loss when critic-free) gets no panel
+    keys = [k for k in CURVES if any(y for r in step3.values() for y in r["curves"][k])]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    axes = axes[0]
+    for ax, key in zip(axes, keys):
         for name, r in step3.items():
             ys = r["curves"][key]
             if any(y is not None for y in ys):
