@@ -109,11 +109,13 @@ def run_side_by_side(pending: list[tuple[list[str], Path]], jobs: int) -> None:
 
     from utils.cli import free_port
     jobs = max(1, min(jobs, len(pending)))
-    threads = str(max(1, (os.cpu_count() or 1) // jobs))
-    env = [{"MASTER_PORT": str(free_port()), **({"OMP_NUM_THREADS": threads} if jobs > 1 else {})}
-           for _ in pending]
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else {}
+
+    def start(cmd: list[str], log: Path) -> None:  # the port is picked when the run starts
+        run(cmd, log, {"MASTER_PORT": str(free_port()), **threads})
+
     with ThreadPoolExecutor(jobs) as pool:
-        for done in [pool.submit(run, cmd, log, e) for (cmd, log), e in zip(pending, env)]:
+        for done in [pool.submit(start, cmd, log) for cmd, log in pending]:
             done.result()
 
 

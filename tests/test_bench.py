@@ -60,3 +60,8 @@ def test_side_by_side_runs_split_the_threads_and_get_their_own_ports(tmp_path, m
     failing = [([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "bad.log")]
     with pytest.raises(SystemExit, match="exit 3"):
         run_side_by_side(failing, jobs=2)
+
+
+def test_quality_bench_refuses_jobs_below_one(tmp_path):
+    proc = run_module("bench.quality", ["--jobs", 0, "--output_dir", tmp_path])
+    assert proc.returncode == 2 and error_line(proc) == "error: --jobs must be at least 1, got 0"

@@ -86,8 +86,9 @@ class PhaseFlops:
         self.actor_cfg = engine.actor.module.config
         scorer = engine.critic or engine.reward  # both start from the reward model
         self.critic_cfg = scorer.module.config if scorer is not None else None
+        self.has_critic = engine.critic is not None
         # the critic's and the reward model's forwards (each left out when not run)
-        self.critic_models = int(cfg.advantage == "gae") + int(engine.reward is not None)
+        self.critic_models = int(self.has_critic) + int(engine.reward is not None)
         self.actor_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                 for p in engine.ref.module.parameters())
         self.cfg = cfg
@@ -103,7 +104,7 @@ class PhaseFlops:
             train += c.ppo_epochs * flops.training_flops(self.actor_cfg, b, seq_len, c.actor_gradient_checkpointing)
             if self.critic_models:
                 score += self.critic_models * flops.forward_flops(self.critic_cfg, b, seq_len)
-            if c.advantage == "gae":
+            if self.has_critic:
                 train += c.ppo_epochs * flops.training_flops(self.critic_cfg, b, seq_len,
                                                              c.critic_gradient_checkpointing)
         return {"generation": gen, "scoring": score, "training": train}
