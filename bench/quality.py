@@ -184,6 +184,17 @@ def verdict(kind: str, g: dict) -> str:
             f"{seed_range:.3f}): " + ("larger than both the spread and 2 SE" if beats else "NOT larger than the spread and 2 SE"))
 
 
+def by_task(tasks: list[str], columns: dict[str, list[list[float]]]) -> dict[str, dict]:
+    """Per task: its prompt count and each column's mean score there (a column is one or more
+    models' per-prompt scores, averaged over the models), to show which tasks a gain comes from."""
+    out = {}
+    for task in sorted(set(tasks)):
+        rows = [i for i, t in enumerate(tasks) if t == task]
+        out[task] = {"n": len(rows), **{name: statistics.fmean(statistics.fmean(m[i] for m in models) for i in rows)
+                                        for name, models in columns.items()}}
+    return out
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "n": len(values)}
@@ -219,6 +230,10 @@ def table(result: dict) -> str:
         lines.append(f"| {key}: mean over {s['n']} seeds | {s['mean']:.3f} (min {s['min']:.3f}, "
                      f"max {s['max']:.3f}, stdev {s['stdev']:.3f}; gain over SFT {s['gain']:+.3f}, "
                      f"SE {s['gain_se']:.3f}) |")
+    columns = list(next(iter(result["by_task"].values()), {}))[1:]
+    lines += ["", "| task | prompts | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    lines += [f"| {task} | {row['n']} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |"
+              for task, row in result["by_task"].items()]
     lines += ["", "| other | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["other"].items()]
     return "\n".join(lines)
@@ -277,12 +292,18 @@ def main(argv=None) -> None:
     for name, r in info["step3"].items():
         other[f"{name}: reward first -> last, KL last"] = (
             f"{r['reward_first']:.3f} -> {r['reward_last']:.3f}, KL {r['kl_last']:.3f}")
-    groups = {kind: {**spread([scores[f"ppo_seed{s}{suffix}"] for s in args.seeds]),
-                     **paired_gain([per_prompt[f"ppo_seed{s}{suffix}"] for s in args.seeds], per_prompt["sft"])}
-              for kind, suffix in (("PPO actor", ""), ("PPO EMA actor", "_ema"))}
+    seeds_of = {kind: [f"ppo_seed{s}{suffix}" for s in args.seeds]
+                for kind, suffix in (("PPO actor", ""), ("PPO EMA actor", "_ema"))}
+    groups = {kind: {**spread([scores[n] for n in names]),
+                     **paired_gain([per_prompt[n] for n in names], per_prompt["sft"])}
+              for kind, names in seeds_of.items()}
+    tasks = [bundled.task_of(q) for q in questions]
+    columns = {"base": [per_prompt["base"]], "SFT": [per_prompt["sft"]],
+               **{kind: [per_prompt[n] for n in names] for kind, names in seeds_of.items()}}
     result = {"preset": args.preset, "seeds": args.seeds, "scores": scores, "groups": groups, "other": other,
-              "step3": info["step3"], "machine": f"{os.cpu_count()} CPU threads",
-              "date": time.strftime("%Y-%m-%d %H:%M")}
+              "by_task": by_task(tasks, columns), "step3": info["step3"],
+              "machine": f"{os.cpu_count()} CPU threads", "date": time.strftime("%Y-%m-%d %H:%M"),
+              "per_prompt": {"tasks": tasks, **per_prompt}}  # to pool or re-analyse without re-scoring
     result["verdict"] = "; ".join(verdict(kind, g) for kind, g in groups.items())
     (args.output_dir / "quality.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "quality.md").write_text(table(result) + "\n")

@@ -40,6 +40,15 @@ def test_paired_gain_averages_seeds_per_prompt_before_comparing_with_sft():
     assert "larger than both" in verdict("PPO actor", {"min": 0.5, "max": 0.5, "gain": 0.3, "gain_se": 0.1})
 
 
+def test_by_task_averages_each_tasks_prompts_and_each_columns_models():
+    from bench.quality import by_task, table
+    tasks = ["add", "sort", "add", "sort"]
+    rows = by_task(tasks, {"SFT": [[0.0, 1.0, 1.0, 0.0]], "PPO actor": [[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 1.0, 1.0]]})
+    assert rows == {"add": {"n": 2, "SFT": 0.5, "PPO actor": 0.75}, "sort": {"n": 2, "SFT": 0.5, "PPO actor": 0.5}}
+    text = table({"scores": {}, "groups": {}, "other": {}, "by_task": rows})
+    assert "| task | prompts | SFT | PPO actor |" in text and "| add | 2 | 0.500 | 0.750 |" in text
+
+
 def test_quality_bench_refuses_policy_pairs_with_the_checker_as_reward(tmp_path):
     proc = run_module("bench.quality", ["--reward", "checker", "--policy_pairs", 8, "--output_dir", tmp_path])
     assert proc.returncode != 0 and "cannot go with --reward checker" in error_line(proc)

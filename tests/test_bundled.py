@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 
 from utils.data.bundled import (TASKS, _parse, generate_examples, is_task_prompt, plain_text_corpus,
-                                score, score_batch, tokenizer_training_text)
+                                score, score_batch, task_of, tokenizer_training_text)
 
 N = 4000
 
@@ -174,6 +174,13 @@ def test_score_cases(prompt, response, expected):
 def test_every_task_has_hand_cases():
     covered = Counter(_parse(p)[0].name for p, _, _ in CASES)
     assert set(covered) == set(TASKS)
+
+
+def test_task_of_names_the_generating_task(examples):
+    assert all(task_of(ex["prompt"]) == ex["task"] for ex in examples[:500])
+    assert task_of(f" Human: {examples[0]['prompt']} Assistant:") == examples[0]["task"]
+    with pytest.raises(ValueError):
+        task_of("Tell me a joke.")
 
 
 def test_unknown_prompt_rejected():

@@ -385,6 +385,14 @@ def _convert(groups: dict) -> dict:
     return out
 
 
+def task_of(prompt: str) -> str:
+    """The task name of a bundled `prompt` (raw or wrapped), e.g. "list_sum"."""
+    parsed = _parse(prompt)
+    if parsed is None:
+        raise ValueError(f"not a bundled task prompt: {prompt[:80]!r}")
+    return parsed[0].name
+
+
 def is_task_prompt(prompt: str) -> bool:
     """True when `prompt` (raw or wrapped) is one `score` can check."""
     return _parse(prompt) is not None
