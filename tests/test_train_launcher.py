@@ -328,3 +328,7 @@ def test_quality_bench_with_the_checker_as_reward(pipeline, tmp_path):
     assert result["other"]["reward used by Step 3"] == "checker" and not (tmp_path / "step2_reward").exists()
     assert result["groups"]["PPO EMA actor"]["n"] == 2 and result["groups"]["PPO actor"]["gain_se"] >= 0
     assert result["step3"]["step3_seed8"]["rounds"] == 1
+    per_prompt, by_task = result["per_prompt"], result["by_task"]
+    assert len(per_prompt["tasks"]) == len(per_prompt["ppo_seed8_ema"]) == 4
+    assert sum(row["n"] for row in by_task.values()) == 4 and set(by_task) == set(per_prompt["tasks"])
+    assert "| task | prompts | base | SFT | PPO actor | PPO EMA actor |" in (tmp_path / "quality.md").read_text()
