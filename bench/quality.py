@@ -230,7 +230,8 @@ def table(result: dict) -> str:
         lines.append(f"| {key}: mean over {s['n']} seeds | {s['mean']:.3f} (min {s['min']:.3f}, "
                      f"max {s['max']:.3f}, stdev {s['stdev']:.3f}; gain over SFT {s['gain']:+.3f}, "
                      f"SE {s['gain_se']:.3f}) |")
-    columns = list(next(iter(result["by_task"].values()), {}))[1:]
+    first = next(iter(result["by_task"].values()), {})
+    columns = [name for name in first if name != "n"]  # the models' columns, in by_task's order
     lines += ["", "| task | prompts | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     lines += [f"| {task} | {row['n']} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |"
               for task, row in result["by_task"].items()]

@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from utils.data.bundled import (TASKS, _parse, generate_examples, is_task_prompt, plain_text_corpus,
+from utils.data.bundled import (TASKS, generate_examples, is_task_prompt, plain_text_corpus,
                                 score, score_batch, task_of, tokenizer_training_text)
 
 N = 4000
@@ -172,7 +172,7 @@ def test_score_cases(prompt, response, expected):
 
 
 def test_every_task_has_hand_cases():
-    covered = Counter(_parse(p)[0].name for p, _, _ in CASES)
+    covered = Counter(task_of(p) for p, _, _ in CASES)
     assert set(covered) == set(TASKS)
 
 

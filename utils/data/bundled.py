@@ -385,12 +385,17 @@ def _convert(groups: dict) -> dict:
     return out
 
 
-def task_of(prompt: str) -> str:
-    """The task name of a bundled `prompt` (raw or wrapped), e.g. "list_sum"."""
+def _parse_task_prompt(prompt: str):
+    """`_parse`, raising ValueError for a prompt that is not a bundled task prompt."""
     parsed = _parse(prompt)
     if parsed is None:
         raise ValueError(f"not a bundled task prompt: {prompt[:80]!r}")
-    return parsed[0].name
+    return parsed
+
+
+def task_of(prompt: str) -> str:
+    """The task name of a bundled `prompt` (raw or wrapped), e.g. "list_sum"."""
+    return _parse_task_prompt(prompt)[0].name
 
 
 def is_task_prompt(prompt: str) -> bool:
@@ -447,10 +452,7 @@ def score(prompt: str, response: str) -> float:
 
     Raises ValueError when the prompt is not a bundled task prompt (see `is_task_prompt`).
     """
-    parsed = _parse(prompt)
-    if parsed is None:
-        raise ValueError(f"not a bundled task prompt: {prompt[:80]!r}")
-    task, params, fields, suffix = parsed
+    task, params, fields, suffix = _parse_task_prompt(prompt)
     value = task.solve(fields, params)
     upper = suffix == _UPPER
     if upper:
