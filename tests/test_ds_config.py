@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import ROOT
 from utils import ds_utils as ds
@@ -136,3 +137,19 @@ def test_cpu_shm_buffer_does_not_outlive_the_run(nproc):
     assert results == [["False", str(float(sum(range(1, nproc + 1))))]] * nproc
     leftover = Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*")
     assert not list(leftover)
+
+
+def test_own_storage_copies_only_views_of_larger_storage():
+    """ZeRO hands back parameters as views of flat buffers; safetensors refuses a view that
+    does not cover its storage, so those (and only those) are copied."""
+    from safetensors.torch import save
+
+    from utils.ds_utils import own_storage
+    flat = torch.arange(10.0)
+    view = flat[2:6].view(2, 2)
+    whole = torch.ones(3)
+    assert own_storage(whole).data_ptr() == whole.data_ptr()  # not copied
+    copied = own_storage(view)
+    assert copied.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
+    assert torch.equal(copied, view)
+    save({"a": copied, "b": own_storage(flat[6:])})  # would raise for the views themselves

@@ -276,6 +276,21 @@ def test_a_stamped_model_folder_without_its_config_and_weights_is_rebuilt(tmp_pa
     assert type(load_causal_lm("tiny-llama", load_tokenizer("tiny-llama"))).__name__ == "LlamaForCausalLM"
 
 
+def test_sized_tiny_names():
+    """tiny-<family>-h<N>: hidden N, MLP 4N, 2 layers (sizes either side of ZeRO-3's
+    persistence threshold); other sizes are refused by name."""
+    from transformers import AutoConfig
+
+    from utils.model.tiny import parse_tiny_name
+    assert parse_tiny_name("tiny-gpt_neox-h64") == ("gpt_neox", 64)
+    assert parse_tiny_name("tiny-llama") == ("llama", 128)
+    assert parse_tiny_name("tiny-llama-h65") is None and parse_tiny_name("tiny-llama-h4096") is None
+    config = AutoConfig.from_pretrained(resolve_model_path("tiny-qwen2-h64"))
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (64, 256, 2)
+    with pytest.raises(ConfigError, match="unknown built-in model tiny-llama-h65"):
+        resolve_model_path("tiny-llama-h65")
+
+
 def test_resolve_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown built-in model tiny-foo: .*opt, llama"):
         resolve_model_path("tiny-foo")

@@ -65,6 +65,19 @@ def test_zero_stages_train_and_save(tmp_path, zero_stage, extra):
     assert_reloads_and_generates(out)
 
 
+@pytest.mark.parametrize("model", ["tiny-gpt_neox-h64", "tiny-qwen2-h64", "tiny-opt-h256"])
+def test_zero3_saves_models_whose_layers_are_below_the_persistence_threshold(tmp_path, model):
+    """ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole on every rank, as
+    views of shared storage: the final save refused them ("None is covering the entire
+    storage") and a finished run lost its export. h64 models have 4k-element attention
+    matrices (below the threshold), h256 262k-element MLP matrices (above DeepSpeed's default)."""
+    out = tmp_path / "sft"
+    ok(run([*QUICK, "--model_name_or_path", model, "--zero_stage", "3", "--max_steps", "2",
+            "--output_dir", str(out)]))
+    assert summary(out)["steps"] == 2
+    assert_reloads_and_generates(out)
+
+
 def test_loss_falls_on_bundled_data_and_metrics_logged(tmp_path):
     out = tmp_path / "sft"
     ok(run([*QUICK, "--max_steps", "0", "--num_train_epochs", "2", "--zero_stage", "2",

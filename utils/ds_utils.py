@@ -310,12 +310,23 @@ def gathered_state_dict(engine) -> dict | None:
 
     ZeRO-3 shards every parameter, so all ranks must take part in the gather."""
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()
-        return state if is_main() else None
+        state = engine._zero3_consolidated_16bit_state_dict()  # gathered copies, but see own_storage
+        return {k: own_storage(v) for k, v in state.items()} if is_main() else None
     if not is_main():
         return None
-    # clone: ZeRO keeps parameters as views of one flat buffer, which safetensors refuses
+    # a copy: the live parameters keep training (and are views of ZeRO's flat buffers)
     return {k: v.detach().cpu().clone() for k, v in engine.module.state_dict().items()}
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor that owns all of its storage, copying only when needed.
+
+    ZeRO keeps parameters as views of flat buffers (stage 0-2, and under stage 3 the parameters
+    below its persistence threshold, which stay whole on every rank), and safetensors refuses
+    to save a view that does not cover its whole storage."""
+    tensor = tensor.detach().cpu()
+    whole = tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    return tensor if whole and tensor.is_contiguous() and tensor.storage_offset() == 0 else tensor.clone()
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
@@ -332,26 +343,43 @@ def _is_peft(module) -> bool:
     return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
 
 
-def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | None = None) -> None:
+def hf_state_dict(engine, dtype: torch.dtype | None = None):
+    """(the HF model, its plain state dict) of an engine, on rank 0 (None elsewhere; under
+    ZeRO-3 every rank must call this): gathered, the reward model's wrapper dropped, LoRA
+    merged into the base weights, floating-point weights cast to `dtype` when given."""
+    state = gathered_state_dict(engine)
+    if not is_main():
+        return None
+    module = engine.module
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if hasattr(module, "hf_model"):  # a wrapper (RewardModel): the HF model inside it
+        module = module.hf_model
+        state = {k[len("hf_model."):]: v for k, v in state.items() if k.startswith("hf_model.")}
+    if _is_peft(module):
+        from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
+        state = merge_lora_state_dict(state, lora_scaling(module), lora_fan_in_fan_out(module))
+        module = module.get_base_model()
+    return module, state
+
+
+def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | None = None,
+                  dtype: torch.dtype | None = None) -> None:
     """Save an engine's model as a plain Hugging Face directory (safetensors + tokenizer).
 
     ZeRO-3 shards are gathered (every rank must call this); LoRA is merged into the base
     weights on a copy of the state dict, so the live training model is left as it was.
+    `dtype` casts the floating-point weights (the fp32 EMA is saved in the training dtype).
     Written atomically: a crash while saving leaves `output_dir` as it was before."""
     from huggingface_hub import save_torch_state_dict
 
-    state = gathered_state_dict(engine)
+    exported = hf_state_dict(engine, dtype)
     if is_main():
-        module = engine.module
-        if hasattr(module, "hf_model"):  # a wrapper (RewardModel): save the HF model inside it
-            module = module.hf_model
-            state = {k[len("hf_model."):]: v for k, v in state.items() if k.startswith("hf_model.")}
-        if _is_peft(module):
-            from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
-            state = merge_lora_state_dict(state, lora_scaling(module), lora_fan_in_fan_out(module))
-            module = module.get_base_model()
+        module, state = exported
         config = module.config
         config.architectures = [type(module).__name__]
+        if dtype is not None:
+            config.dtype = dtype
         tied = _tied_keys(module) if getattr(config, "tie_word_embeddings", False) else []
 
         def write(tmp: Path) -> None:

@@ -6,7 +6,7 @@ import re
 
 from utils.config import ConfigError
 from utils.model.smollm2 import smollm2_path
-from utils.model.tiny import TINY_FAMILIES, tiny_model_path
+from utils.model.tiny import TINY_FAMILIES, parse_tiny_name, tiny_model_path
 
 SMOLLM2 = "smollm2-135m"
 BUILTIN_MODELS = tuple(f"tiny-{f}" for f in TINY_FAMILIES) + (SMOLLM2,)
@@ -29,19 +29,18 @@ def resolve_model_path(name_or_path: str) -> str:
     """Built-in name -> its cached directory (built on first use); local directory -> itself;
     anything else is passed through as a hub id (ConfigError if it cannot be one)."""
     name = str(name_or_path)
-    if name in BUILTIN_MODELS:
-        return str(_builtin_path(name))
+    if name == SMOLLM2:
+        return str(smollm2_path())
     if name.startswith("tiny-"):
-        raise ConfigError(f"unknown built-in model {name}: tiny-<family> takes one of "
-                          f"{', '.join(TINY_FAMILIES)} (or use {SMOLLM2})")
+        tiny = parse_tiny_name(name)
+        if tiny is None:
+            raise ConfigError(f"unknown built-in model {name}: tiny-<family> or tiny-<family>-h<hidden size, "
+                              f"a multiple of 32 up to 2048> takes one of {', '.join(TINY_FAMILIES)} "
+                              f"(or use {SMOLLM2})")
+        return str(tiny_model_path(*tiny))
     if os.path.isdir(name):
         return name
     if os.path.exists(name) or not _could_be_hub_id(name):
         raise not_found(name)
     return name
 
-
-def _builtin_path(name: str):
-    if name == SMOLLM2:
-        return smollm2_path()
-    return tiny_model_path(name.removeprefix("tiny-"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import zlib
 from pathlib import Path
 
@@ -30,10 +31,25 @@ SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
 HIDDEN, LAYERS, HEADS, FFN = 128, 4, 4, 512
+# `tiny-<family>-h<N>`: hidden N, MLP 4N, 2 layers. Sizes on both sides of ZeRO-3's parameter
+# persistence threshold (parameters under it stay whole on every rank, a separate code path):
+# h64 has 4k-element attention matrices, h256 has 262k-element MLP matrices.
+SIZED_LAYERS = 2
 
 
-def _family_kwargs(family: str) -> dict:
+def parse_tiny_name(name: str) -> tuple[str, int] | None:
+    """'tiny-llama' -> ('llama', 128); 'tiny-qwen2-h64' -> ('qwen2', 64); None if not a tiny name."""
+    match = re.fullmatch(r"tiny-(\w+?)(?:-h(\d+))?", name)
+    if match is None or match.group(1) not in TINY_FAMILIES:
+        return None
+    hidden = int(match.group(2) or HIDDEN)
+    return (match.group(1), hidden) if hidden % 32 == 0 and 32 <= hidden <= 2048 else None
+
+
+def _family_kwargs(family: str, hidden: int = HIDDEN) -> dict:
     """Config kwargs per family (vocab and special ids are added by the caller)."""
+    HIDDEN, FFN = hidden, 4 * hidden  # noqa: N806 - the default size's names, resized
+    LAYERS = 4 if hidden == 128 else SIZED_LAYERS  # noqa: N806
     common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
                   max_position_embeddings=MAX_POSITIONS)
     gpt_style = dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS)
@@ -44,12 +60,12 @@ def _family_kwargs(family: str) -> dict:
         "gpt2": dict(gpt_style, n_inner=FFN),
         "gpt_neox": dict(common, intermediate_size=FFN, rotary_pct=0.25),
         "bloom": dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),  # ALiBi: no position limit
-        "gptj": dict(gpt_style, n_inner=FFN, rotary_dim=16),
+        "gptj": dict(gpt_style, n_inner=FFN, rotary_dim=min(16, HIDDEN // HEADS)),
         "gpt_neo": dict(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
                         max_position_embeddings=MAX_POSITIONS, intermediate_size=FFN,
                         attention_types=[[["global", "local"], LAYERS // 2]], window_size=256),
         # CodeGen splits its fused QKV into 4 groups, and tensor parallelism halves that again.
-        "codegen": dict(gpt_style, n_head=8, n_ctx=MAX_POSITIONS, n_inner=FFN, rotary_dim=8),
+        "codegen": dict(gpt_style, n_head=8, n_ctx=MAX_POSITIONS, n_inner=FFN, rotary_dim=min(8, HIDDEN // 8)),
     }[family]
 
 
@@ -118,19 +134,23 @@ def _seed(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def tiny_config(family: str, tokenizer):
+def tiny_config(family: str, tokenizer, hidden: int = HIDDEN):
     from transformers import AutoConfig
     ids = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return AutoConfig.for_model(family, **_family_kwargs(family), **ids)
+    return AutoConfig.for_model(family, **_family_kwargs(family, hidden), **ids)
 
 
-def build_tiny(family: str, tokenizer, out: Path) -> None:
-    """Seeded random init (same family -> same weights), saved as a plain HF directory."""
+def _name(family: str, hidden: int) -> str:
+    return f"tiny-{family}" if hidden == HIDDEN else f"tiny-{family}-h{hidden}"
+
+
+def build_tiny(family: str, tokenizer, out: Path, hidden: int = HIDDEN) -> None:
+    """Seeded random init (same name -> same weights), saved as a plain HF directory."""
     from transformers import AutoModelForCausalLM, GenerationConfig
-    config = tiny_config(family, tokenizer)
+    config = tiny_config(family, tokenizer, hidden)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed(f"tiny-{family}"))
+        torch.manual_seed(_seed(_name(family, hidden)))
         model = AutoModelForCausalLM.from_config(config)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -139,13 +159,14 @@ def build_tiny(family: str, tokenizer, out: Path) -> None:
     save_tokenizer(tokenizer, out)
 
 
-def tiny_model_path(family: str) -> Path:
+def tiny_model_path(family: str, hidden: int = HIDDEN) -> Path:
     from transformers import PreTrainedTokenizerFast
     tok_dir = tokenizer_path()
     tok_stamp = read_stamp(tok_dir)
-    stamp = {"kind": f"tiny-{family}", "version": TINY_VERSION, "tokenizer": tok_stamp}
+    name = _name(family, hidden)
+    stamp = {"kind": name, "version": TINY_VERSION, "tokenizer": tok_stamp}
 
     def build(tmp: Path) -> None:
-        build_tiny(family, PreTrainedTokenizerFast.from_pretrained(tok_dir), tmp)
+        build_tiny(family, PreTrainedTokenizerFast.from_pretrained(tok_dir), tmp, hidden)
 
-    return build_once(cache_dir() / "models" / f"tiny-{family}", stamp, build, required=MODEL_FILES)
+    return build_once(cache_dir() / "models" / name, stamp, build, required=MODEL_FILES)
