@@ -47,3 +47,34 @@ def test_lora_is_folded_into_the_average():
     torch.testing.assert_close(dict(ema.named_parameters())[q_key], 0.9 * start + 0.1 * fused.detach())
     # an un-wrapped frozen weight (the embeddings) is untouched
     torch.testing.assert_close(ema.model.embed_tokens.weight, actor.base_model.model.model.embed_tokens.weight)
+
+
+def test_an_fp32_average_of_a_bf16_actor_moves_where_a_bf16_one_stands_still():
+    """(1 - 0.992) x (actor - ema) is below a bf16 weight's spacing: kept in bf16, almost no
+    entry of the average ever changes; kept in fp32 (as the EMA engine is) it follows the
+    fp32 definition."""
+    torch.manual_seed(0)
+    actor = nn.Linear(64, 64).bfloat16()
+    start = actor.weight.detach().clone()
+    in_bf16, in_fp32 = copy.deepcopy(actor), copy.deepcopy(actor).float()
+    by_hand = start.float()
+    for _ in range(200):
+        with torch.no_grad():
+            actor.weight.add_(1e-3 * torch.randn_like(actor.weight))
+        update_ema(actor, in_bf16, decay=0.992)
+        update_ema(actor, in_fp32, decay=0.992)
+        by_hand = 0.992 * by_hand + 0.008 * actor.weight.detach().float()
+    frozen = (in_bf16.weight == start).float().mean().item()
+    assert frozen > 0.5  # the defect: most bf16 entries never moved
+    assert (in_fp32.weight == start.float()).float().mean().item() < 0.01
+    torch.testing.assert_close(in_fp32.weight.detach(), by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_the_ema_is_placed_like_the_actors_parameters():
+    """With --offload under ZeRO-3 the actor's parameter partitions live in CPU memory: the
+    EMA's do too (and never otherwise), so an update never mixes devices."""
+    from utils.ema import ema_placement
+    assert ema_placement(3, offload=True) == (3, True)
+    assert ema_placement(3, offload=False) == (3, False)
+    for stage in (0, 1, 2):  # offload there moves optimizer state only: parameters stay put
+        assert ema_placement(stage, offload=True) == (stage, False)

@@ -85,8 +85,9 @@ def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
 
 # ---- PPO
 
-from utils.rl_math import (adaptive_kl_coef, entropy_from_logits, gae_advantages,  # noqa: E402
-                           group_relative_advantages, kl_penalized_rewards, policy_loss, value_loss, whiten)
+from utils.rl_math import (adaptive_kl_coef, aggregate_loss, clipped_surrogate, entropy_from_logits,  # noqa: E402
+                           gae_advantages, group_advantages, group_residuals, k3_kl, kl_penalized_rewards,
+                           policy_loss, value_loss, whiten)
 from utils.rl_math import answer_mask as answer_mask_of  # noqa: E402
 
 
@@ -172,13 +173,76 @@ def test_value_loss_clips_by_hand():
     assert abs(loss.item() - 0.5 * (0.64 + 2.25) / 2) < 1e-6
 
 
-def test_group_relative_advantages():
+def test_group_advantages_by_hand():
     scores = torch.tensor([1.0, 0.0, 0.5, 0.5])
-    mask = torch.tensor([[1, 1], [1, 0], [1, 1], [1, 1]])
-    rloo = group_relative_advantages(scores, 2, mask, "rloo")
-    torch.testing.assert_close(rloo, torch.tensor([[1.0, 1.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]))
-    grpo = group_relative_advantages(scores, 2, mask, "grpo")
-    assert grpo[0, 0] > 0 > grpo[1, 0] and grpo[2].abs().sum() == 0
+    torch.testing.assert_close(group_advantages(scores, 2, "rloo"), torch.tensor([1.0, -1.0, 0.0, 0.0]))
+    # grpo: (s - mean) / (std + eps); the pair (1, 0) has std 0.7071
+    grpo = group_advantages(scores, 2, "grpo")
+    torch.testing.assert_close(grpo, torch.tensor([0.5, -0.5, 0.0, 0.0]) / (2 ** -0.5 + 1e-6))
+    # Dr. GRPO: no std
+    torch.testing.assert_close(group_advantages(scores, 2, "grpo", "none"), torch.tensor([0.5, -0.5, 0.0, 0.0]))
+    # batch: the std of all four scores
+    torch.testing.assert_close(group_advantages(scores, 2, "grpo", "batch"),
+                               torch.tensor([0.5, -0.5, 0.0, 0.0]) / (scores.std() + 1e-6))
+    # rloo: leave-one-out over 3
+    torch.testing.assert_close(group_residuals(torch.tensor([3.0, 0.0, 0.0]), 3, "rloo"),
+                               torch.tensor([3.0, -1.5, -1.5]))
+
+
+def test_grpo_does_not_turn_kl_noise_into_advantages_when_scores_tie():
+    """Four answers all scored 1 carry no signal: their advantages are 0 with the KL as a loss
+    term, and only the (small, unscaled) centred KL return with the KL in the reward. Dividing
+    the KL-penalized return by the group's std used to give [-0.23, 0.81, -1.32, 0.74]-like
+    unit-size advantages."""
+    scores = torch.ones(4)
+    kl_returns = torch.tensor([-0.01, 0.02, -0.05, 0.03])
+    assert group_advantages(scores, 4, "grpo").abs().sum() == 0
+    assert group_advantages(torch.full((4,), 0.3), 4, "grpo").abs().sum() == 0  # 0.3 * 4 / 4 != 0.3 in float
+    shaped = group_advantages(scores, 4, "grpo", kl_returns=kl_returns)
+    torch.testing.assert_close(shaped, kl_returns - kl_returns.mean())
+    assert shaped.abs().max() < 0.05
+    for kind in ("rloo", "grpo"):
+        assert group_advantages(torch.full((3,), 0.7), 3, kind).abs().sum() == 0
+
+
+def test_k3_kl_by_hand_and_zero_on_masked_positions():
+    logp = torch.tensor([[-1.0, -2.0, 50.0]])
+    ref = torch.tensor([[-1.5, -2.0, -50.0]])
+    got = k3_kl(logp, ref, torch.tensor([[1, 1, 0]]))
+    d = -0.5  # ref - logp of token 0
+    torch.testing.assert_close(got, torch.tensor([[math.exp(d) - d - 1, 0.0, 0.0]]))
+    assert torch.isfinite(got).all() and (got >= 0).all()
+
+
+def test_a_huge_ratio_on_a_masked_position_does_not_make_the_loss_nan():
+    """The log-ratio is masked before exp: a padding position whose log-probs differ by 1000
+    used to give exp(1000) * 0 = inf * 0 = NaN, and the whole micro-batch was skipped."""
+    new = torch.tensor([[-1.0, 500.0]], requires_grad=True)
+    old = torch.tensor([[-1.0, -500.0]])
+    mask = torch.tensor([[1, 0]])
+    loss = policy_loss(new, old, torch.tensor([[1.0, 1.0]]), mask, clip=0.2)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(-1.0)
+    loss.backward()
+    assert torch.isfinite(new.grad).all() and new.grad[0, 1] == 0
+
+
+def test_clip_higher_widens_only_the_upper_clip():
+    old, new = torch.zeros(1, 2), torch.log(torch.tensor([[1.5, 0.5]]))
+    adv = torch.tensor([[1.0, -1.0]])
+    got = clipped_surrogate(new, old, adv, torch.ones(1, 2), clip=0.2, clip_high=0.28)
+    # token 0: max(-1.5, -1.28) = -1.28; token 1: max(0.5, 0.8) = 0.8
+    torch.testing.assert_close(got, torch.tensor([[-1.28, 0.8]]))
+
+
+def test_loss_aggregations_by_hand():
+    per_token = torch.tensor([[1.0, 2.0, 3.0, 0.0], [4.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    assert aggregate_loss(per_token, mask, "token").item() == pytest.approx(10 / 4)
+    assert aggregate_loss(per_token, mask, "sequence").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(per_token, mask, "dr_grpo", max_len=8).item() == pytest.approx(10 / (2 * 8))
+    assert aggregate_loss(per_token, mask, "dapo", normalizer=5.0).item() == pytest.approx(10 / 5)
+    with pytest.raises(ValueError):
+        aggregate_loss(per_token, mask, "dapo")
 
 
 def test_whiten_and_entropy():

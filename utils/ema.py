@@ -1,11 +1,16 @@
 """Exponential moving average of the actor (Step 3's `--enable_ema`).
 
-ema <- decay * ema + (1 - decay) * actor, parameter by parameter, after every actor update.
-The EMA model is a plain HF model (LoRA, if the actor has it, is folded in: W + s * B @ A).
+ema <- decay * ema + (1 - decay) * actor, parameter by parameter, after every actor optimizer
+step. The average is kept in fp32 whatever the training dtype: one step moves it by
+(1 - decay) * (actor - ema), which in bf16 is mostly below a weight's spacing (with decay 0.992
+most entries would never change). It is saved in the actor's dtype. The EMA model is a plain
+HF model (LoRA, if the actor has it, is folded in: W + s * B @ A).
 
 Under ZeRO-3 both models are partitioned the same way (same world, one partition per rank per
-parameter), so each rank averages only its own partition: nothing is gathered except the small
-LoRA factors. Otherwise the parameters are whole on every rank and averaged as they are.
+parameter), so each rank averages only its own partition, on the device the EMA's partition
+lives on (CPU memory with --offload): nothing is gathered except the small LoRA factors.
+Parameters below ZeRO-3's persistence threshold stay whole on every rank: their whole tensor
+is what forward and saving read, so it is averaged whole (and its partition kept equal).
 """
 from __future__ import annotations
 
@@ -18,6 +23,13 @@ from utils.model.lora import ADAPTER, PEFT_PREFIX, lora_fan_in_fan_out, lora_sca
 
 def _is_peft(model: nn.Module) -> bool:
     return hasattr(model, "peft_config")
+
+
+def ema_placement(actor_zero_stage: int, offload: bool) -> tuple[int, bool]:
+    """(ZeRO stage, parameters in CPU memory) of the EMA engine: partitioned like the actor, and
+    where the actor's parameter partitions live (CPU memory under ZeRO-3 with --offload), so an
+    update never mixes devices or shards."""
+    return actor_zero_stage, offload and actor_zero_stage == 3
 
 
 def _source_params(actor: nn.Module) -> dict[str, tuple[nn.Parameter, tuple | None]]:
@@ -53,6 +65,25 @@ def _partition(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return piece.view_as(part)
 
 
+def _held_whole(param: nn.Parameter) -> bool:
+    """Whether `param.data` is the whole tensor on this rank: not ZeRO-3, or a ZeRO-3 parameter
+    gathered right now (one below the persistence threshold stays gathered once a forward ran;
+    in a frozen engine that never ran forward, like the EMA, it is still partitioned)."""
+    return not hasattr(param, "ds_tensor") or param.data.numel() == param.ds_numel
+
+
+def _full_value(param: nn.Parameter) -> torch.Tensor:
+    if _held_whole(param):
+        return param.data
+    import deepspeed
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.data.clone()
+
+
+def _part_value(param: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
+    return param.ds_tensor if hasattr(param, "ds_tensor") else _partition(param.data, like)
+
+
 @torch.no_grad()
 def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
     """Move `ema` (module of the EMA engine) towards `actor` (module of the actor engine)."""
@@ -64,10 +95,18 @@ def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
         source, lora = sources[name]
         if lora is None and not source.requires_grad:
             continue  # frozen and not LoRA-wrapped: EMA already equals it
-        sharded = hasattr(target, "ds_tensor")
-        value = source.ds_tensor if sharded else source.data
-        if lora is not None:
-            delta = _lora_delta(lora, scaling, fan_in_fan_out)
-            value = value.float() + (_partition(delta, value) if sharded else delta)
-        goal = target.ds_tensor if sharded else target.data
-        goal.lerp_(value.to(goal.dtype), 1.0 - decay)
+        delta = _lora_delta(lora, scaling, fan_in_fan_out) if lora is not None else None
+        if hasattr(target, "ds_tensor"):  # ZeRO-3: this rank's partition
+            _lerp(target.ds_tensor, _part_value(source, target.ds_tensor), delta, decay, partitioned=True)
+        if _held_whole(target):  # not ZeRO-3, or whole right now: forward and saving read this
+            _lerp(target.data, _full_value(source), delta, decay, partitioned=False)
+
+
+def _lerp(goal: torch.Tensor, value: torch.Tensor, delta: torch.Tensor | None, decay: float,
+          partitioned: bool) -> None:
+    """goal <- decay * goal + (1 - decay) * (value + delta), on goal's device, in fp32."""
+    value = value.to(goal.device, torch.float32)
+    if delta is not None:
+        delta = delta.to(goal.device)
+        value = value + (_partition(delta, value) if partitioned else delta)
+    goal.lerp_(value.to(goal.dtype), 1.0 - decay)

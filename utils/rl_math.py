@@ -125,19 +125,44 @@ def gae_advantages(values: torch.Tensor, rewards: torch.Tensor, action_mask: tor
     return advantages, (advantages + values) * mask
 
 
-def group_relative_advantages(scores: torch.Tensor, group_size: int, action_mask: torch.Tensor,
-                              kind: str = "grpo", eps: float = 1e-6) -> torch.Tensor:
-    """Critic-free advantages for `group_size` answers per prompt (rows grouped consecutively):
-    grpo = (score - group mean) / group std; rloo = score - mean of the other answers. Every
-    token of an answer gets its answer's advantage."""
-    groups = scores.float().view(-1, group_size)
-    if kind == "grpo":
-        adv = (groups - groups.mean(1, keepdim=True)) / (groups.std(1, keepdim=True) + eps)
-    elif kind == "rloo":
-        adv = groups - (groups.sum(1, keepdim=True) - groups) / max(group_size - 1, 1)
+def group_residuals(values: torch.Tensor, group_size: int, kind: str) -> torch.Tensor:
+    """(N,) per-answer values, `group_size` answers per prompt in consecutive rows -> each value
+    against its group: rloo = value minus the mean of the other answers' (leave-one-out), grpo =
+    value minus the group mean."""
+    groups = values.float().view(-1, group_size)
+    if kind == "rloo":
+        out = groups - (groups.sum(1, keepdim=True) - groups) / max(group_size - 1, 1)
+    elif kind == "grpo":
+        out = groups - groups.mean(1, keepdim=True)
     else:
         raise ValueError(f"unknown group advantage {kind!r}")
-    return adv.view(-1, 1) * action_mask.float()
+    return out.view(-1)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, kind: str = "grpo", scale: str = "group",
+                     kl_returns: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    """Critic-free advantage of each answer (N,), from the scores (N,) of `group_size` answers per
+    prompt (rows grouped consecutively).
+
+    The scores' part is group_residuals (rloo or grpo); grpo divides it by the std of the
+    group's scores (`scale` "group", GRPO as published), of the whole batch's ("batch"), or not
+    at all ("none", Dr. GRPO). A group whose scores tie carries no signal: its score part is
+    exactly 0 (not the rounding noise of x - mean(x, x, ...) blown up by a ~0 std).
+    `kl_returns` (N,), each answer's summed KL penalty when the KL is shaped into the reward,
+    is added as its own group residual and never divided by a std: otherwise, when the scores
+    tie, the KL's small differences would be normalized into unit-size advantages."""
+    groups = scores.float().view(-1, group_size)
+    adv = group_residuals(scores, group_size, kind).view(-1, group_size)
+    if kind == "grpo" and scale != "none":
+        if scale not in ("group", "batch"):
+            raise ValueError(f"unknown reward scaling {scale!r}")
+        std = groups.std(1, keepdim=True) if scale == "group" else groups.std()
+        adv = adv / (std + eps)
+    tied = groups.amax(1, keepdim=True) == groups.amin(1, keepdim=True)
+    adv = adv.masked_fill(tied, 0.0).view(-1)
+    if kl_returns is not None:
+        adv = adv + group_residuals(kl_returns, group_size, kind)
+    return adv
 
 
 def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -147,14 +172,61 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
     return (values - mean) * torch.rsqrt(var + eps) * mask.to(values.dtype)
 
 
+def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
+                      action_mask: torch.Tensor, clip: float, clip_high: float | None = None) -> torch.Tensor:
+    """PPO's clipped surrogate per answer token (B, A): max(-A * ratio, -A * clip(ratio, 1 - clip,
+    1 + clip_high)), ratio = pi / pi_old; 0 on masked positions. The log-ratio is masked before
+    it is exponentiated, so a huge ratio on a padding position cannot give inf * 0 = NaN.
+    `clip_high` (DAPO's clip-higher) defaults to `clip`."""
+    mask = action_mask.bool()
+    ratio = torch.exp(torch.where(mask, log_probs - old_log_probs, 0.0))
+    high = clip if clip_high is None else clip_high
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - clip, 1 + high)
+    return torch.where(mask, torch.maximum(unclipped, clipped), 0.0)
+
+
+def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate (B, A) of Schulman's k3, as GRPO's KL loss term:
+    exp(ref - logp) - (ref - logp) - 1 (>= 0, unbiased), masked before the exp; 0 when masked."""
+    mask = action_mask.bool()
+    diff = torch.where(mask, ref_log_probs - log_probs, 0.0)
+    return torch.where(mask, torch.exp(diff) - diff - 1.0, 0.0)
+
+
+LOSS_AGGREGATIONS = ("token", "sequence", "dr_grpo", "dapo")
+
+
+def aggregate_loss(per_token: torch.Tensor, action_mask: torch.Tensor, how: str = "token",
+                   max_len: int | None = None, normalizer: float | None = None) -> torch.Tensor:
+    """A per-token loss (B, A) (0 where masked) -> the scalar to backpropagate.
+
+    token     mean over the micro-batch's answer tokens (DeepSpeed-Chat; TRL's "bnpo")
+    sequence  mean over each answer's tokens, then over the answers (GRPO as published)
+    dr_grpo   sum over tokens / (answers x max_len): no length bias (Dr. GRPO)
+    dapo      sum over tokens / `normalizer`: the caller's count of answer tokens in the whole
+              optimizer step (all micro-batches and processes), scaled to DeepSpeed's averaging
+              (DAPO's token-level loss)"""
+    mask = action_mask.to(per_token.dtype)
+    if how == "token":
+        return masked_mean(per_token, mask)
+    if how == "sequence":
+        return masked_mean(per_token, mask, dim=1).mean()
+    if how == "dr_grpo":
+        if not max_len:
+            raise ValueError("dr_grpo needs max_len (the longest answer allowed)")
+        return masked_sum(per_token, mask) / (per_token.size(0) * max_len)
+    if how == "dapo":
+        if not normalizer:
+            raise ValueError("dapo needs the optimizer step's token count")
+        return masked_sum(per_token, mask) / normalizer
+    raise ValueError(f"unknown loss aggregation {how!r}")
+
+
 def policy_loss(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                 action_mask: torch.Tensor, clip: float) -> torch.Tensor:
-    """PPO's clipped surrogate: mean over answer tokens of
-    max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip)), ratio = pi / pi_old."""
-    ratio = torch.exp(log_probs - old_log_probs)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip, 1 + clip)
-    return masked_mean(torch.maximum(unclipped, clipped), action_mask)
+    """PPO's clipped surrogate, mean over the answer tokens (DeepSpeed-Chat's actor loss)."""
+    return aggregate_loss(clipped_surrogate(log_probs, old_log_probs, advantages, action_mask, clip), action_mask)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,

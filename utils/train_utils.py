@@ -233,6 +233,24 @@ def step_if_finite(engine, loss: torch.Tensor) -> bool:
     return True
 
 
+def backward_and_step(engine, loss: torch.Tensor, graph_output: torch.Tensor, boundary: bool = True) -> bool:
+    """backward + step of a DeepSpeed engine in a loop that sets the accumulation boundaries
+    itself (Step 3). Returns whether the loss was finite on every rank.
+
+    A NaN/inf loss is not backpropagated; a zero built from `graph_output` (a finite tensor of
+    the same forward, e.g. the log-probs) is, so every micro-batch still makes exactly one
+    backward and one step: a gradient accumulation always ends where the loop says and the LR
+    schedule stays on its count. Every rank skips alike (the finiteness is agreed on)."""
+    from utils import ds_utils as ds
+    finite = ds.all_ranks(bool(torch.isfinite(loss.detach()).all()))
+    if not finite:
+        loss = graph_output.nan_to_num(0.0, 0.0, 0.0).float().sum() * 0.0
+    engine.set_gradient_accumulation_boundary(boundary)
+    engine.backward(loss)
+    engine.step()
+    return finite
+
+
 class RunCheckpoints:
     """The checkpoint side of a training loop (Steps 1, 2, DPO through fit(); Step 3's rounds):
     where to start (--resume), when to save (--save_steps, a stop signal, the end)."""

@@ -76,7 +76,7 @@ def total_iterations(cfg, loader) -> tuple[int, int]:
         rounds = min(rounds, cfg.test_stop_step)
     if cfg.max_rounds:
         rounds = min(rounds, cfg.max_rounds)
-    return rounds, max(1, math.ceil(rounds * micro_batches_per_round(cfg) / cfg.gradient_accumulation_steps))
+    return rounds, max(1, rounds * optimizer_steps_per_round(cfg))
 
 
 class PhaseFlops:
@@ -110,32 +110,56 @@ class PhaseFlops:
         return {"generation": gen, "scoring": score, "training": train}
 
 
+def accumulation_groups(n_micro: int, accumulation: int) -> list[range]:
+    """The micro-batches of one round, in optimizer steps of `accumulation` each; the round's
+    last step takes what is left, so every round ends with a step (its experience is not
+    mixed into the next round's, and the schedule counts exactly these steps)."""
+    return [range(start, min(start + accumulation, n_micro)) for start in range(0, n_micro, accumulation)]
+
+
 def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite, round_index: int = 0) -> dict:
-    """ppo_epochs passes over the rounds' experience in micro-batches; mean losses. A micro-batch
-    whose loss is NaN/inf was not applied (see train_rlhf): it is counted, left out of the means,
-    and too many in a row stop the run (`round_index`, the rounds finished, names where)."""
+    """ppo_epochs passes over the round's experience in equal micro-batches, grouped into
+    optimizer steps (accumulation_groups); the EMA follows each actor step. Mean losses. A
+    micro-batch whose loss is NaN/inf contributed nothing (see train_rlhf): it is counted, left
+    out of the means, and too many in a row stop the run (`round_index` names where)."""
     engine = trainer.rlhf_engine
+    experience = Experience.concat(exps, trainer.pad_token_id)
+    micro = [m for _ in range(cfg.ppo_epochs) for m in experience.split(cfg.per_device_training_batch_size)]
     actor_losses, critic_losses, unsup_losses, entropies, shifts = [], [], [], [], []
-    for _ in range(cfg.ppo_epochs):
-        for micro in (m for exp in exps for m in exp.split(cfg.per_device_training_batch_size)):
-            actor_loss, critic_loss = trainer.train_rlhf(micro)
-            # the skip was decided alike on every rank, so a raise here cannot hang the others
-            if nonfinite.skip(float("nan") if trainer.last_update_skipped else 0.0, round_index):
-                continue
-            actor_losses.append(actor_loss.item())
-            critic_losses.append(critic_loss.item())
-            entropies.append(trainer.last_entropy)
-            shifts.append(trainer.last_policy_shift)
+    for group in accumulation_groups(len(micro), cfg.gradient_accumulation_steps):
+        tokens = step_token_count([micro[i] for i in group]) if cfg.loss_aggregation == "dapo" else None
+        for i in group:
+            boundary = i == group[-1]
+            actor_loss, critic_loss = trainer.train_rlhf(micro[i], boundary=boundary, step_tokens=tokens)
+            skipped = trainer.last_update_skipped
             if unsup is not None:
-                unsup_losses.append(trainer.train_unsupervised(next(unsup), cfg.unsup_coef).item())
-            if engine.actor_ema is not None:
-                update_ema(engine.actor.module, engine.actor_ema.module, cfg.ema_decay)
+                unsup_loss = trainer.train_unsupervised(next(unsup), cfg.unsup_coef, boundary=boundary)
+                skipped = skipped or not trainer.last_ptx_applied
+                if trainer.last_ptx_applied:
+                    unsup_losses.append(unsup_loss.item())
+            # the skip was decided alike on every rank, so a raise here cannot hang the others
+            if not nonfinite.skip(float("nan") if skipped else 0.0, round_index):
+                actor_losses.append(actor_loss.item())
+                critic_losses.append(critic_loss.item())
+                entropies.append(trainer.last_entropy)
+                shifts.append(trainer.last_policy_shift)
+        if engine.actor_ema is not None:  # once per actor optimizer step, as --ema_decay says
+            update_ema(engine.actor.module, engine.actor_ema.module, cfg.ema_decay)
     out = {"actor_loss": _mean(actor_losses), "critic_loss": _mean(critic_losses), "entropy": _mean(entropies),
            "policy_shift": _mean(shifts), "first_policy_shift": shifts[0] if shifts else float("nan"),
            "skipped_nonfinite": nonfinite.total}
     if unsup_losses:
         out["unsup_loss"] = _mean(unsup_losses)
     return out
+
+
+def step_token_count(micro_batches: list[Experience]) -> float:
+    """Answer tokens of one optimizer step's micro-batches on all processes (DAPO's normalizer)."""
+    count = torch.tensor([float(sum(int(m.action_mask.sum()) for m in micro_batches))], dtype=torch.float64,
+                         device=ds.current_device())
+    if ds.world_size() > 1:
+        torch.distributed.all_reduce(count)
+    return max(count.item(), 1.0)
 
 
 def peak_memory_gb() -> float:
@@ -221,7 +245,9 @@ def save_models(engine, tokenizer, cfg, summary: dict) -> None:
     try:
         for name, model in models.items():
             try:
-                ds.save_hf_model(model, tokenizer, staging / name, extra_json=extra)
+                # the EMA is averaged in fp32 and saved in the training dtype, like the actor
+                ds.save_hf_model(model, tokenizer, staging / name, extra_json=extra,
+                                 dtype=engine.torch_dtype if name == "actor_ema" else None)
             except WriteRefused as err:  # name the model, not its staging folder
                 if not isinstance(err.__cause__, OSError):
                     raise
@@ -314,6 +340,11 @@ def answers_per_rank(cfg) -> int:
 def micro_batches_per_round(cfg) -> int:
     """PPO micro-batches per round (each also consumes one ptx batch when ptx is on)."""
     return answers_per_rank(cfg) // cfg.per_device_training_batch_size * cfg.ppo_epochs
+
+
+def optimizer_steps_per_round(cfg) -> int:
+    """Optimizer steps of the actor (and critic) per round: see accumulation_groups."""
+    return math.ceil(micro_batches_per_round(cfg) / cfg.gradient_accumulation_steps)
 
 
 def _epoch(loader, sampler, epoch: int):

@@ -109,11 +109,29 @@ class PPOAlgoConfig:
     lam: float = field(default=0.95, metadata=doc("GAE lambda."))
     advantage: str = field(default="gae", metadata=doc(
         "How answers are credited: gae (PPO's critic and GAE, as DeepSpeed-Chat), or critic-free over "
-        "--samples_per_prompt answers to each prompt: rloo (each answer's KL-penalized reward minus "
-        "the mean of the others'), grpo (minus the group mean, over the group's std). Critic-free, "
+        "--samples_per_prompt answers to each prompt: rloo (each answer's reward minus the mean of the "
+        "others'), grpo (score minus the group mean, over the group's std: see --scale_rewards, "
+        "--kl_penalty). Critic-free, "
         "no critic is loaded, trained or saved (--critic_model_name_or_path then only names the "
         "reward model, and is not needed with --reward_source checker).",
         choices=("gae", "rloo", "grpo")))
+    kl_penalty: str = field(default="auto", metadata=doc(
+        "Where the KL to the reference enters: reward (-kl_ctl x log-ratio on every answer token, "
+        "InstructGPT/DeepSpeed-Chat; with rloo the group baseline covers it), loss (kl_ctl x a k3 KL "
+        "term in the actor's loss, GRPO as published: the advantages come from the scores alone), or "
+        "auto (loss for grpo, reward otherwise).", choices=("auto", "reward", "loss")))
+    scale_rewards: str = field(default="group", metadata=doc(
+        "grpo: divide each answer's score minus its group's mean by the std of the group's scores "
+        "(group, GRPO), of the whole rollout's (batch), or not at all (none, Dr. GRPO). A group whose "
+        "scores tie gets advantage 0 in every case.", choices=("group", "batch", "none")))
+    loss_aggregation: str = field(default="token", metadata=doc(
+        "How the actor's per-token loss is averaged: token (over the micro-batch's answer tokens, "
+        "DeepSpeed-Chat), sequence (per answer, then over answers: GRPO), dr_grpo (sum / (answers x "
+        "--max_answer_seq_len): no length bias, Dr. GRPO), dapo (over all answer tokens of the "
+        "optimizer step, every micro-batch and process: DAPO).",
+        choices=("token", "sequence", "dr_grpo", "dapo")))
+    cliprange_high: float = field(default=0.0, metadata=doc(
+        "Upper policy ratio clip, 1 + this (DAPO's clip-higher, e.g. 0.28); 0 = --cliprange."))
     samples_per_prompt: int = field(default=1, metadata=doc(
         "Answers sampled per prompt in each rollout (rloo and grpo need at least 2)."))
     whiten_advantages: bool = field(default=False, metadata=doc(
@@ -128,7 +146,8 @@ class PPOAlgoConfig:
         "Generate exactly --max_answer_seq_len tokens per answer, eos included as an ordinary token "
         "(benchmarks: fixed work per rollout, as compared with other toolkits)."))
     enable_ema: bool = field(default=False, metadata=doc("Keep an exponential moving average of the actor."))
-    ema_decay: float = field(default=0.992, metadata=doc("EMA decay per actor update."))
+    ema_decay: float = field(default=0.992, metadata=doc(
+        "EMA decay per actor optimizer step (the average is kept in fp32 whatever --dtype; saved in --dtype)."))
     unsupervised_dataset_name: str = field(default="", metadata=doc(
         "Plain-text source for the ptx loss ('bundled', a text/jsonl file, or a hub set); empty = off."))
     unsupervised_dataset_config_name: str = field(default="", metadata=doc("Hub config of that source."))
@@ -182,6 +201,11 @@ class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, HybridConfig, PPOA
         if self.target_kl < 0 or self.kl_horizon < 1:
             raise ConfigError(f"--target_kl must be >= 0 and --kl_horizon >= 1, got {self.target_kl} "
                               f"and {self.kl_horizon}")
+        if self.scale_rewards != "group" and self.advantage != "grpo":
+            raise ConfigError(f"--scale_rewards {self.scale_rewards} scales grpo's advantages; "
+                              f"--advantage {self.advantage} has none to scale")
+        if self.cliprange_high < 0:
+            raise ConfigError(f"--cliprange_high must be >= 0, got {self.cliprange_high}")
         if not 0 < self.ema_decay < 1:
             raise ConfigError(f"--ema_decay must be in (0, 1), got {self.ema_decay}")
         self.max_seq_len = self.max_prompt_seq_len + self.max_answer_seq_len  # ptx block length

@@ -12,16 +12,16 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from inference.generation import pad_to_width
 from utils import ds_utils as ds
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.reward_model import end_scores
-from utils.rl_math import (answer_mask, answer_width, entropy_from_logits, gae_advantages,
-                           group_relative_advantages, kl_penalized_rewards,
-                           log_probs_from_logits, masked_mean, masked_sum, policy_loss, value_loss,
-                           whiten)
-from utils.train_utils import causal_lm_loss, step_if_finite, to_device
+from utils.rl_math import (aggregate_loss, answer_mask, answer_width, clipped_surrogate, entropy_from_logits,
+                           gae_advantages, group_advantages, k3_kl, kl_penalized_rewards,
+                           log_probs_from_logits, masked_mean, masked_sum, value_loss, whiten)
+from utils.train_utils import backward_and_step, causal_lm_loss, to_device
 
 # reward_fn(prompts (B, P), seq (B, P + A), attention_mask (B, P + A), action_mask (B, A)) -> (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,6 +55,31 @@ class Experience:
         return [Experience(**{name: chunks[i] for name, chunks in parts.items()})
                 for i in range(len(parts["seq"]))]
 
+    @staticmethod
+    def concat(exps: list["Experience"], pad_token_id: int) -> "Experience":
+        """The rows of several rollouts as one: prompts left-padded and answers right-padded to
+        the widest (masks 0 there), so a round's answers split into equal micro-batches
+        whatever the generation batches were."""
+        if len(exps) == 1:
+            return exps[0]
+        p = max(e.prompt_len for e in exps)
+        a = max(e.seq.size(1) - e.prompt_len for e in exps)
+
+        def widen(e: "Experience", name: str) -> torch.Tensor:
+            t = getattr(e, name)
+            if t.dim() == 1:  # scores
+                return t
+            if name == "prompts":
+                return F.pad(t, (p - t.size(1), 0), value=pad_token_id)
+            if name in ("seq", "attention_mask"):  # prompt part left, answer part right
+                fill = pad_token_id if name == "seq" else 0
+                left = F.pad(t[:, :e.prompt_len], (p - e.prompt_len, 0), value=fill)
+                right = F.pad(t[:, e.prompt_len:], (0, a - (t.size(1) - e.prompt_len)), value=fill)
+                return torch.cat([left, right], 1)
+            return F.pad(t, (0, a - t.size(1)), value=0)  # (B, A) answer-token tensors
+
+        return Experience(**{f.name: torch.cat([widen(e, f.name) for e in exps]) for f in fields(Experience)})
+
 
 class DeepSpeedPPOTrainer:
     """PPO on a DeepSpeedRLHFEngine (DeepSpeed-Chat's API). `reward_fn` replaces the reward
@@ -71,6 +96,7 @@ class DeepSpeedPPOTrainer:
         self.reward_fn = reward_fn
         self.uses_critic = getattr(args, "advantage", "gae") == "gae"
         self.kl_coef = args.kl_ctl  # moved between rounds by the loop with --target_kl
+        self.kl_in_loss = kl_penalty_mode(args) == "loss"
         if self.uses_critic and self.critic is None:
             raise ValueError("--advantage gae needs the critic, but the engine was built without one")
         if reward_fn is None and self.reward is None:
@@ -163,13 +189,16 @@ class DeepSpeedPPOTrainer:
             model.train()
 
         a = self.args
-        rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, self.kl_coef,
-                                       a.clip_reward_value)
+        # with the KL as a loss term the reward is the score alone
+        kl_coef = 0.0 if self.kl_in_loss else self.kl_coef
+        rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, kl_coef, a.clip_reward_value)
         if self.uses_critic:
             advantages, returns = gae_advantages(values, rewards, action_mask, a.gamma, a.lam)
-        else:  # each answer's whole KL-penalized reward, against the other answers to its prompt
-            advantages = group_relative_advantages(masked_sum(rewards, action_mask, dim=1), a.samples_per_prompt,
-                                                   action_mask, kind=a.advantage)
+        else:  # each answer against the other answers to its prompt
+            kl_returns = None if self.kl_in_loss else -kl_coef * masked_sum(log_probs - ref_log_probs, action_mask, 1)
+            per_answer = group_advantages(scores.clamp(-a.clip_reward_value, a.clip_reward_value), a.samples_per_prompt,
+                                          a.advantage, getattr(a, "scale_rewards", "group"), kl_returns)
+            advantages = per_answer.unsqueeze(1) * action_mask.float()
             returns = torch.zeros_like(advantages)
         if a.whiten_advantages:
             advantages = whiten(advantages, action_mask)
@@ -179,14 +208,31 @@ class DeepSpeedPPOTrainer:
 
     # ---------------------------------------------------------------- update
 
-    def train_rlhf(self, exp: Experience) -> tuple[torch.Tensor, torch.Tensor]:
-        """One PPO step of actor and critic on `exp`; returns (actor loss, critic loss)."""
+    # DeepSpeed-Chat's trainer steps the actor after its PPO loss; with ptx (the subclass) the
+    # actor's step waits for train_unsupervised, so both losses make one optimizer step.
+    ptx_follows = False
+
+    def train_rlhf(self, exp: Experience, boundary: bool = True,
+                   step_tokens: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One PPO micro-batch of actor and critic on `exp`; returns (actor loss, critic loss).
+
+        `boundary`: this micro-batch ends a gradient accumulation, so the models step (the loop
+        decides; DeepSpeed's own count is not used). `step_tokens`: with --loss_aggregation
+        dapo, the answer tokens of the whole optimizer step on all processes."""
         a = self.args
         log_probs, entropy = self._answer_log_probs(self.actor, exp.seq, exp.attention_mask,
                                                     exp.prompt_len, with_entropy=True)
-        actor_loss = policy_loss(log_probs, exp.log_probs, exp.advantages, exp.action_mask, a.cliprange)
-        # a NaN/inf loss skips that model's update; the loop counts the micro-batch as skipped
-        actor_applied = step_if_finite(self.actor, actor_loss)
+        per_token = clipped_surrogate(log_probs, exp.log_probs, exp.advantages, exp.action_mask, a.cliprange,
+                                      getattr(a, "cliprange_high", None) or None)
+        if self.kl_in_loss:
+            per_token = per_token + self.kl_coef * k3_kl(log_probs, exp.ref_log_probs, exp.action_mask)
+        actor_loss = aggregate_loss(per_token, exp.action_mask, getattr(a, "loss_aggregation", "token"),
+                                    max_len=a.max_answer_seq_len,
+                                    normalizer=self._dapo_normalizer(self.actor, step_tokens))
+        # a NaN/inf loss contributes nothing (a zero gradient through log_probs keeps DeepSpeed's
+        # accumulation intact); the loop counts the micro-batch as skipped
+        actor_applied = backward_and_step(self.actor, actor_loss, log_probs,
+                                          boundary=boundary and not self.ptx_follows)
         self.last_entropy = masked_mean(entropy, exp.action_mask).item()
         # how far this update's policy already is from the rollout's (0 on the first micro-step)
         self.last_policy_shift = masked_mean((exp.log_probs - log_probs.detach()).abs(), exp.action_mask).item()
@@ -196,8 +242,18 @@ class DeepSpeedPPOTrainer:
             return actor_loss.detach(), torch.zeros(())
         values = self._values(self.critic, exp.seq, exp.attention_mask, exp.prompt_len)
         critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, a.cliprange_value)
-        self.last_update_skipped = not (step_if_finite(self.critic, critic_loss) and actor_applied)
+        critic_applied = backward_and_step(self.critic, critic_loss, values, boundary=boundary)
+        self.last_update_skipped = not (critic_applied and actor_applied)
         return actor_loss.detach(), critic_loss.detach()
+
+    @staticmethod
+    def _dapo_normalizer(engine, step_tokens: float | None) -> float | None:
+        """DeepSpeed divides each micro-batch's loss by its accumulation steps and averages the
+        processes' gradients: undo both, so the step's gradient is the sum over its tokens
+        divided by their number."""
+        if step_tokens is None:
+            return None
+        return step_tokens / (engine.gradient_accumulation_steps() * ds.world_size())
 
     @staticmethod
     def experience_stats(exp: Experience) -> dict:
@@ -212,12 +268,25 @@ class DeepSpeedPPOTrainer:
 
 class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
     """PPO plus InstructGPT's "ptx" term: a language-model loss on plain text, weighted by
-    `--unsup_coef`, taken as a separate actor step after each PPO step."""
+    `--unsup_coef`. Its gradient joins the PPO gradient of the same micro-batch: one actor
+    optimizer step for both (as in DeepSpeed-Chat), so the LR schedule counts PPO's steps."""
 
-    def train_unsupervised(self, batch: dict, unsup_coef: float) -> torch.Tensor:
+    ptx_follows = True
+
+    def train_unsupervised(self, batch: dict, unsup_coef: float, boundary: bool = True) -> torch.Tensor:
         batch = to_device(batch, ds.current_device())
         logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                             use_cache=False).logits
         loss = causal_lm_loss(logits, batch["labels"], fp32=self.args.compute_fp32_loss)
-        step_if_finite(self.actor, unsup_coef * loss)
+        self.last_ptx_applied = backward_and_step(self.actor, unsup_coef * loss, logits, boundary=boundary)
         return loss.detach()
+
+
+def kl_penalty_mode(args) -> str:
+    """Where the KL to the reference enters: 'reward' (shaped into the per-token reward, as
+    InstructGPT/DeepSpeed-Chat and RLOO do) or 'loss' (a k3 term in the actor's loss, as GRPO
+    does); --kl_penalty auto picks 'loss' for grpo, 'reward' otherwise."""
+    mode = getattr(args, "kl_penalty", "auto")
+    if mode == "auto":
+        return "loss" if getattr(args, "advantage", "gae") == "grpo" else "reward"
+    return mode

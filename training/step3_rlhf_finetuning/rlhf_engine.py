@@ -16,6 +16,7 @@ from __future__ import annotations
 
 
 from utils import ds_utils as ds
+from utils.ema import ema_placement
 from utils.model import (apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer,
                          resolve_dtype, resolve_model_path)
 
@@ -42,7 +43,7 @@ class DeepSpeedRLHFEngine:
 
         self.actor, self.actor_scheduler = self._init_actor()
         self.ref = self._init_frozen_actor_copy(offload=args.offload_reference_model)
-        self.actor_ema = self._init_frozen_actor_copy(offload=False) if args.enable_ema else None
+        self.actor_ema = self._init_ema() if args.enable_ema else None
         self.critic, self.critic_scheduler = self._init_critic() if self.uses_critic else (None, None)
         self.reward = self._init_reward() if self.uses_reward_model else None
 
@@ -76,6 +77,15 @@ class DeepSpeedRLHFEngine:
         model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
                                trust_remote_code=self.args.trust_remote_code)
         return self._frozen(model, self.args.actor_zero_stage, offload)
+
+    def _init_ema(self):
+        """The actor's starting weights as loaded, kept in fp32 (see utils/ema.py), partitioned
+        and placed like the actor's parameters (ema_placement)."""
+        model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
+                               trust_remote_code=self.args.trust_remote_code).float()
+        zero_stage, offload = ema_placement(self.args.actor_zero_stage, self.args.offload)
+        return ds.initialize_frozen(model, zero_stage=zero_stage, offload=offload, dtype="fp32",
+                                    micro_batch=self.args.per_device_generation_batch_size)
 
     def _init_critic(self):
         a = self.args
