@@ -4,9 +4,16 @@ Run-time builds (tiny models, the converted SmolLM2, tokenized data) go to a fre
 cache per test session, so tests never read or write the user's cache. Set
 RLHFKIT_TEST_CACHE to a folder to reuse builds across sessions while developing."""
 import os
+import random
 import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["RLHFKIT_CACHE"] = os.environ.get("RLHFKIT_TEST_CACHE") or tempfile.mkdtemp(prefix="rlhfkit-test-")
+# tests/test_matrix.py draws its combinations from this seed: a fresh one per session unless given
+os.environ.setdefault("RLHFKIT_MATRIX_SEED", str(random.SystemRandom().randrange(10**6)))
+
+
+def pytest_report_header(config):
+    return f"Step 3 matrix: RLHFKIT_MATRIX_SEED={os.environ['RLHFKIT_MATRIX_SEED']} (set it to rerun those combinations)"
