@@ -3,7 +3,9 @@ DeepSpeed-Chat step outputs load with their weights unchanged; the pickles are r
 only (torch.load weights_only=True), so one holding any other object is refused before it runs.
 
 Every fixture is built here from the built-in tiny models: DeepSpeed-Chat's outputs the way its
-save_hf_format writes them (torch.save of the model's state dict, the model's config.json)."""
+save_hf_format writes them (torch.save of the model's state dict, the model's config.json), its
+reward model as its RewardModel holds it (an AutoModel backbone under `rwtransformer.` and a
+bias-free scalar head `v_head`)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from tests.helpers import save_malicious_weights
 from utils.config import ConfigError
@@ -70,6 +73,28 @@ def dschat_actor(folder: Path, name: str = "tiny-opt", zero3: bool = False) -> P
     return folder
 
 
+def dschat_reward(folder: Path, name: str = "tiny-opt", architectures=None, seed: int = 0):
+    """A DeepSpeed-Chat Step 2 output (or Step 3 critic): its RewardModel's state dict, i.e. the
+    AutoModel backbone as `rwtransformer.*` and a scalar head `v_head.weight`, with the base
+    model's config. Returns the folder, the backbone and the head, to compute scores by hand."""
+    from transformers import AutoModel
+
+    from utils.model import load_tokenizer
+    folder.mkdir(parents=True)
+    backbone = AutoModel.from_pretrained(_base(name)).eval()
+    torch.manual_seed(seed)
+    width = getattr(backbone.config, "word_embed_proj_dim", None) or backbone.config.hidden_size
+    v_head = nn.Linear(width, 1, bias=False)
+    nn.init.normal_(v_head.weight, std=0.5)  # values of a visible size, not near zero
+    state = {f"rwtransformer.{k}": v for k, v in backbone.state_dict().items()}
+    state["v_head.weight"] = v_head.weight.detach()
+    torch.save(state, folder / "pytorch_model.bin")
+    backbone.config.architectures = architectures
+    backbone.config.to_json_file(folder / "config.json")
+    load_tokenizer(name).save_pretrained(folder)
+    return folder, backbone, v_head
+
+
 def _logits(model, tokenizer) -> torch.Tensor:
     batch = tokenizer(["What is 2 + 3?", "Hello"], padding=True, return_tensors="pt")
     with torch.no_grad():
@@ -98,6 +123,56 @@ def test_hf_folder_with_only_pytorch_model_bin_loads_the_same_weights(tmp_path, 
                          ids=["opt", "opt-zero3-save", "llama"])
 def test_deepspeed_chat_step1_output_loads_as_the_actor(tmp_path, name, zero3):
     _same_causal_lm(dschat_actor(tmp_path / "step1", name, zero3), name)
+
+
+def _upstream_end_scores(values: torch.Tensor, input_ids: torch.Tensor, pad_id: int,
+                         num_padding_at_beginning: int = 0) -> torch.Tensor:
+    """DeepSpeed-Chat's rule, written out: the value just before the first pad id found after
+    `num_padding_at_beginning` of them, or at the last position when there is none."""
+    scores = []
+    for row_ids, row_values in zip(input_ids, values):
+        pads = (row_ids == pad_id).nonzero().flatten()
+        end = pads[num_padding_at_beginning].item() if len(pads) > num_padding_at_beginning else len(row_ids)
+        scores.append(row_values[end - 1])
+    return torch.stack(scores)
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-llama", "tiny-gpt2", "tiny-gpt_neox"])
+def test_deepspeed_chat_reward_model_scores_as_its_own_head_does(tmp_path, name):
+    """rwtransformer.* lands on the backbone, v_head on the score head: the reward is the head
+    applied to the backbone's last hidden state at the last real token (right padding), and
+    the critic's per-token values are the head at every real token."""
+    from utils.model import load_reward_model, load_tokenizer
+    folder, backbone, v_head = dschat_reward(tmp_path / "step2", name, architectures=None)
+    tokenizer = load_tokenizer(name)
+    batch = tokenizer(["Human: What is 2 + 3? Assistant: 5", "Human: Hi Assistant: Hello there, friend"],
+                      padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert (mask == 0).any() and not (ids[mask.bool()] == tokenizer.pad_token_id).any()
+    with torch.no_grad():
+        values = v_head(backbone(input_ids=ids, attention_mask=mask).last_hidden_state).squeeze(-1)
+        model = load_reward_model(str(folder), tokenizer).eval()
+        ours = model(ids, mask)
+        score = model.score(ids, mask)
+    assert torch.allclose(score, _upstream_end_scores(values, ids, tokenizer.pad_token_id), atol=1e-5)
+    assert torch.allclose(ours[mask.bool()], values[mask.bool()], atol=1e-5)
+    assert score.abs().min() > 1e-3  # a head that did not load (zeros, fresh init) would not match
+
+
+def test_deepspeed_chat_reward_model_with_its_causal_lm_architectures(tmp_path):
+    """Its config.json is the base model's, often still naming the causal LM class."""
+    from utils.model import load_reward_model, load_tokenizer
+    folder, _, v_head = dschat_reward(tmp_path / "step2", "tiny-opt", architectures=["OPTForCausalLM"])
+    model = load_reward_model(str(folder), load_tokenizer("tiny-opt"))
+    assert torch.equal(model.hf_model.score.weight, v_head.weight)
+
+
+def test_deepspeed_chat_reward_model_is_refused_as_a_causal_lm(tmp_path):
+    from utils.model import load_causal_lm, load_tokenizer
+    folder, _, _ = dschat_reward(tmp_path / "step2", "tiny-opt")
+    with pytest.raises(ConfigError, match="a reward model in DeepSpeed-Chat's layout") as err:
+        load_causal_lm(str(folder), load_tokenizer("tiny-opt"))
+    assert "\n" not in str(err.value)
 
 
 def test_model_from_the_hub_cache_with_only_pytorch_model_bin(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from utils.config import ConfigError
-from utils.model.pickled import pickle_refusal, pickled_weight_files, read_state_dict
+from utils.model.pickled import (dschat_reward_to_sequence_classification, is_dschat_reward_model,
+                                 pickle_refusal, pickled_weight_files, read_state_dict)
 from utils.model.resolve import not_found, resolve_model_path
 from utils.model.tiny import EOT
 
@@ -100,7 +101,8 @@ def load_hf_model(auto_class, name_or_path: str, tokenizer, dtype: torch.dtype =
     causal_lm = auto_class.__name__ == "AutoModelForCausalLM"
     pickles = pickled_weight_files(path, name_or_path)
     if pickles:
-        model, info = _load_pickled(auto_class, pickles, path, name_or_path, config, dtype, trust_remote_code)
+        model, info = _load_pickled(auto_class, pickles, path, name_or_path, config, dtype, trust_remote_code,
+                                    causal_lm)
     else:
         model, info = _load(auto_class, path, name_or_path, "weights", config=config, dtype=dtype,
                             trust_remote_code=trust_remote_code, use_safetensors=True,
@@ -121,7 +123,8 @@ def load_hf_model(auto_class, name_or_path: str, tokenizer, dtype: torch.dtype =
     return model
 
 
-def _load_pickled(auto_class, files: list[str], path: str, name: str, config, dtype, trust_remote_code: bool):
+def _load_pickled(auto_class, files: list[str], path: str, name: str, config, dtype, trust_remote_code: bool,
+                  causal_lm: bool):
     """from_pretrained of weights we read from pickles (utils/model/pickled.py): the state dict
     goes to the class `auto_class` would pick, built first on the meta device only to learn it."""
     from transformers import GenerationConfig
@@ -129,6 +132,12 @@ def _load_pickled(auto_class, files: list[str], path: str, name: str, config, dt
     with torch.device("meta"):
         model_class = type(_guarded(lambda: auto_class.from_config(config, trust_remote_code=trust_remote_code),
                                     path, name, "weights"))
+    if is_dschat_reward_model(state):
+        if causal_lm:
+            raise ConfigError(f"{name} holds a reward model in DeepSpeed-Chat's layout (rwtransformer.* and "
+                              "v_head.weight), not a causal LM: use it as the reward model or critic, and a "
+                              "Step 1 model as the actor or reference")
+        state = dschat_reward_to_sequence_classification(state, model_class.base_model_prefix)
     model, info = _guarded(lambda: model_class.from_pretrained(
         None, config=config, state_dict=state, dtype=dtype, ignore_mismatched_sizes=True,
         output_loading_info=True), path, name, "weights")

@@ -11,6 +11,11 @@ present, else `pytorch_model.bin`, else `pytorch_model.bin.index.json`. Other pi
 opened: a `training_args.bin` or `optimizer.pt` next to the weights is ignored, and a folder
 whose only weights are in such a file (`*.pt`, `*.pth`, `*.ckpt`, a `.bin` of another name) is
 refused, since nothing says which model those tensors belong to.
+
+DeepSpeed-Chat's reward model and critic (its Step 2 and Step 3 outputs) keep their backbone, an
+`AutoModel`, under `rwtransformer.` and the value head, a bias-free linear map of the last hidden
+state to one number, as `v_head.weight`. A `*ForSequenceClassification` with one label holds the
+same weights under its base-model prefix and as `score.weight`, so they are renamed to those.
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLE_WEIGHTS = "pytorch_model.bin"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 OTHER_PICKLES = (".bin", ".pt", ".pth", ".ckpt")
+DSCHAT_BACKBONE, DSCHAT_HEAD = "rwtransformer.", "v_head.weight"
 
 
 def pickled_weight_files(path: str, name: str) -> list[str]:
@@ -131,3 +137,20 @@ def pickle_refusal(name: str, label: str, err: BaseException) -> str:
             f"{f' ({found[1]})' if found else ''}, which unpickling would build by running code; pickled "
             "weights are read as tensors only (torch.load weights_only=True): save the model's state_dict() "
             "alone, or as safetensors")
+
+
+def is_dschat_reward_model(state: dict) -> bool:
+    """A state dict in DeepSpeed-Chat's RewardModel layout (`rwtransformer.*` + `v_head.weight`)."""
+    return DSCHAT_HEAD in state and any(k.startswith(DSCHAT_BACKBONE) for k in state)
+
+
+def dschat_reward_to_sequence_classification(state: dict, base_model_prefix: str) -> dict:
+    """Rename DeepSpeed-Chat's `rwtransformer.X` to `<base_model_prefix>.X` and `v_head.weight` to
+    `score.weight`, the names of a `*ForSequenceClassification`'s backbone and head."""
+    prefix = f"{base_model_prefix}." if base_model_prefix else ""
+
+    def renamed(key: str) -> str:
+        if key == DSCHAT_HEAD:
+            return "score.weight"
+        return prefix + key[len(DSCHAT_BACKBONE):] if key.startswith(DSCHAT_BACKBONE) else key
+    return {renamed(k): v for k, v in state.items()}

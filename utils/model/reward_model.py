@@ -100,7 +100,9 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: torch.dtype = torch.f
                       dropout: float | None = None, trust_remote_code: bool = False,
                       gradient_checkpointing: bool = False) -> RewardModel:
     """From a causal LM (a Step 1 output: the LM head is dropped and the value head starts
-    from the family's default init) or from a saved reward model."""
+    from the family's default init) or from a saved reward model: ours, or DeepSpeed-Chat's
+    (`rwtransformer.*` + `v_head.weight` in pytorch_model.bin, renamed onto this class's
+    backbone and `score` head by utils/model/pickled.py; the same weights, the same scores)."""
     from transformers import AutoModelForSequenceClassification
 
     from utils.model.loading import load_hf_model
