@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import save_malicious_weights
+from tests.helpers import run_module, save_malicious_weights
 from utils.config import ConfigError
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json")
@@ -260,3 +260,22 @@ def test_safetensors_win_over_a_pickle_next_to_them(tmp_path):
     save_malicious_weights(folder / "pytorch_model.bin", tmp_path / "code-ran")
     load_causal_lm(str(folder), load_tokenizer("tiny-opt"))
     assert not (tmp_path / "code-ran").exists()
+
+
+# ---------------------------------------------------------------- Step 3 on DeepSpeed-Chat outputs
+
+def test_step3_runs_on_deepspeed_chat_actor_and_reward_model_and_writes_safetensors(tmp_path):
+    from tests.test_step3 import MODULE, QUICK, finished
+    actor = dschat_actor(tmp_path / "step1", "tiny-llama")
+    reward, _, _ = dschat_reward(tmp_path / "step2", "tiny-llama", architectures=["LlamaForCausalLM"])
+    out = tmp_path / "step3"
+    proc = run_module(MODULE, [*QUICK, "--actor_model_name_or_path", actor, "--critic_model_name_or_path", reward,
+                               "--output_dir", out])
+    finished(proc, out)  # actor/ and critic/ hold model.safetensors
+    from safetensors.torch import load_file
+    for folder in ("actor", "critic"):
+        assert not [p.name for p in (out / folder).iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
+    critic_keys = set(load_file(out / "critic" / "model.safetensors"))
+    assert "score.weight" in critic_keys and not [k for k in critic_keys if k.startswith(("rwtransformer.", "v_head"))]
+    from utils.model import load_reward_model, load_tokenizer
+    load_reward_model(str(out / "critic"), load_tokenizer(str(out / "actor")))  # the saved critic loads back
