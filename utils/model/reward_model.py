@@ -8,6 +8,13 @@ a saved reward model loads with `AutoModelForSequenceClassification` in other to
 The last real token is found from the attention mask, not from pad ids: that handles right
 padding, left padding, and OPT, whose leading BOS `</s>` has the pad id yet is real text
 (what DeepSpeed-Chat's `--num_padding_at_beginning` works around).
+
+DeepSpeed-Chat's reward models load here (utils/model/pickled.py renames their weights) and score
+the same wherever its rule and ours pick the same token: right-padded text with no pad id inside,
+as in Step 2. Its rule differs in two places: it ends a sequence at the first pad id, so a real
+token that has the pad id (eos used as pad) ends it early; and in Step 3, where eos is the pad,
+it reads the token before the generated eos, while ours reads the eos itself (Step 3 counts the
+first eos as part of the answer).
 """
 from __future__ import annotations
 
