@@ -36,3 +36,21 @@ def model_with_other_tokenizer(folder: Path, base: str = "tiny-llama") -> Path:
     tokenizer.add_tokens(["<not-in-the-other-vocabulary>"])
     tokenizer.save_pretrained(folder)
     return folder
+
+
+class RunsCode:
+    """Unpickling this calls os.makedirs(marker): it stands in for whatever code a pickle can run
+    (torch.save pickles any object whose __reduce__ names a callable)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def save_malicious_weights(path: Path, marker: Path, state: dict | None = None) -> Path:
+    """A pytorch_model.bin that looks like a state dict but creates `marker` when fully unpickled."""
+    import torch
+    torch.save({**(state or {}), "payload": RunsCode(marker)}, path)
+    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, assert_ok, error_line, run_module
+from tests.helpers import ROOT, assert_ok, error_line, run_module, save_malicious_weights
 from utils import checkpoint
 from utils.config import ConfigError
 from utils.metrics import read_jsonl
@@ -59,9 +59,19 @@ def _config(folder: Path, **changes) -> None:
     (folder / "config.json").write_text(json.dumps({**config, **changes}))
 
 
-def _pickle_only(folder: Path) -> None:
+CODE_RAN = "code-ran"  # what the malicious pickle below creates if it is ever unpickled
+
+
+def _pickle_of_objects(folder: Path) -> None:
+    """The weights only as pytorch_model.bin, which also holds an object whose unpickling runs code."""
     from safetensors.torch import load_file
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    save_malicious_weights(folder / "pytorch_model.bin", folder / CODE_RAN, load_file(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+
+
+def _weights_in_a_pt_file(folder: Path) -> None:
+    from safetensors.torch import load_file
+    torch.save(load_file(folder / "model.safetensors"), folder / "model.pt")
     (folder / "model.safetensors").unlink()
 
 
@@ -72,7 +82,8 @@ BROKEN_MODELS = {  # name: (how the copy of tiny-llama is broken, what the error
                           "cannot load the weights of"),
     "garbage_weights": (lambda d: (d / "model.safetensors").write_bytes(b"\0" * 100), "cannot load the weights of"),
     "no_weights": (lambda d: (d / "model.safetensors").unlink(), "no file named model.safetensors"),
-    "pickle_only": (_pickle_only, "holds its weights only as pytorch_model.bin (a pickle"),
+    "pickle_of_objects": (_pickle_of_objects, "pytorch_model.bin holds Python objects other than tensors (os.makedirs)"),
+    "weights_in_a_pt_file": (_weights_in_a_pt_file, "holds no model.safetensors or pytorch_model.bin, only model.pt"),
     "missing_weights": (lambda d: _rewrite_weights(d, lambda s: {k: v for k, v in s.items() if "layers.3." not in k}),
                         "of the model's weights are not in its checkpoint"),
     "weights_of_another_shape": (lambda d: _config(d, intermediate_size=1024), "do not fit its config.json"),
@@ -94,6 +105,7 @@ def test_unloadable_models_are_one_config_error(tmp_path, name):
         with pytest.raises(ConfigError) as err:
             load(str(folder), load_tokenizer("tiny-llama"))
         assert BROKEN_MODELS[name][1] in str(err.value) and "\n" not in str(err.value)
+    assert not (folder / CODE_RAN).exists()
 
 
 def test_a_new_value_head_on_a_causal_lm_is_not_a_missing_weight():
@@ -101,12 +113,13 @@ def test_a_new_value_head_on_a_causal_lm_is_not_a_missing_weight():
     load_reward_model("tiny-llama", load_tokenizer("tiny-llama"))  # the score head starts fresh: allowed
 
 
-@pytest.mark.parametrize("name", ["corrupt_config", "unknown_model_type", "truncated_weights", "pickle_only",
+@pytest.mark.parametrize("name", ["corrupt_config", "unknown_model_type", "truncated_weights", "pickle_of_objects",
                                   "missing_weights"])
 def test_unloadable_model_through_step1(tmp_path, name):
     folder = broken_model(tmp_path, name)
     line = refused(STEP1, ["--model_name_or_path", folder], tmp_path / "out")
     assert BROKEN_MODELS[name][1] in line and str(folder) in line
+    assert not (folder / CODE_RAN).exists()
 
 
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch):

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import pickle
 
 import torch
 from torch import nn
 
 from utils.config import ConfigError
+from utils.model.pickled import (dschat_reward_to_sequence_classification, is_dschat_reward_model,
+                                 pickle_refusal, pickled_weight_files, read_state_dict)
 from utils.model.resolve import not_found, resolve_model_path
 from utils.model.tiny import EOT
 
@@ -25,31 +28,22 @@ def _one_line(err: BaseException, limit: int = 400) -> str:
 def _load(loader, path: str, name: str, what: str, **kwargs):
     """from_pretrained with user-facing errors: a missing or unloadable model (corrupt JSON, an
     unknown model_type, a truncated weights file...) is one ConfigError line, not a traceback."""
+    return _guarded(lambda: loader.from_pretrained(path, **kwargs), path, name, what)
+
+
+def _guarded(build, path: str, name: str, what: str):
+    """`build()`, its errors turned into one ConfigError line (see _load)."""
     try:
-        return loader.from_pretrained(path, **kwargs)
+        return build()
     except ConfigError:
         raise
+    except pickle.UnpicklingError as err:  # not expected (pickles are read in pickled.py), but never a traceback
+        raise ConfigError(pickle_refusal(name, "its weights file", err)) from err
     except Exception as err:  # noqa: BLE001 - OSError, ValueError, RuntimeError, SafetensorError...
         if not os.path.isdir(path) and isinstance(err, (OSError, ValueError)):
             raise not_found(name) from err
         where = "" if str(path) == str(name) else f" ({path})"
         raise ConfigError(f"cannot load the {what} of {name}{where}: {_one_line(err)}") from err
-
-
-SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-def _refuse_pickle_only(path: str, name: str) -> None:
-    """A local folder whose weights exist only as pickles (pytorch_model.bin...): refused, since
-    weights are read as safetensors only (a pickle can run code when it is read)."""
-    if not os.path.isdir(path) or any(os.path.isfile(os.path.join(path, f)) for f in SAFE_WEIGHTS):
-        return
-    pickles = sorted(f for f in os.listdir(path) if f.endswith(PICKLE_SUFFIXES))
-    if pickles:
-        raise ConfigError(f"{name} holds its weights only as {pickles[0]} (a pickle, which can run code when "
-                          "read); weights are read as safetensors only: convert it first (transformers' "
-                          "save_pretrained writes model.safetensors)")
 
 
 def _check_weights(model, info: dict, name: str, causal_lm: bool) -> None:
@@ -100,15 +94,20 @@ def load_hf_model(auto_class, name_or_path: str, tokenizer, dtype: torch.dtype =
     from transformers import AutoConfig
     path = resolve_model_path(name_or_path)
     config = _load(AutoConfig, path, name_or_path, "config", trust_remote_code=trust_remote_code)
-    _refuse_pickle_only(path, name_or_path)
     config.pad_token_id = tokenizer.pad_token_id
     config.eos_token_id = tokenizer.eos_token_id
     for key, value in config_overrides.items():
         setattr(config, key, value)
-    model, info = _load(auto_class, path, name_or_path, "weights", config=config, dtype=dtype,
-                        trust_remote_code=trust_remote_code, use_safetensors=True,
-                        ignore_mismatched_sizes=True, output_loading_info=True)
-    _check_weights(model, info, name_or_path, causal_lm=auto_class.__name__ == "AutoModelForCausalLM")
+    causal_lm = auto_class.__name__ == "AutoModelForCausalLM"
+    pickles = pickled_weight_files(path, name_or_path)
+    if pickles:
+        model, info = _load_pickled(auto_class, pickles, path, name_or_path, config, dtype, trust_remote_code,
+                                    causal_lm)
+    else:
+        model, info = _load(auto_class, path, name_or_path, "weights", config=config, dtype=dtype,
+                            trust_remote_code=trust_remote_code, use_safetensors=True,
+                            ignore_mismatched_sizes=True, output_loading_info=True)
+    _check_weights(model, info, name_or_path, causal_lm=causal_lm)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -122,6 +121,33 @@ def load_hf_model(auto_class, name_or_path: str, tokenizer, dtype: torch.dtype =
         model.activation_checkpointing_enable({"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def _load_pickled(auto_class, files: list[str], path: str, name: str, config, dtype, trust_remote_code: bool,
+                  causal_lm: bool):
+    """from_pretrained of weights we read from pickles (utils/model/pickled.py): the state dict
+    goes to the class `auto_class` would pick, built first on the meta device only to learn it."""
+    from transformers import GenerationConfig
+    state = read_state_dict(files, name)
+    with torch.device("meta"):
+        model_class = type(_guarded(lambda: auto_class.from_config(config, trust_remote_code=trust_remote_code),
+                                    path, name, "weights"))
+    if is_dschat_reward_model(state):
+        if causal_lm:
+            raise ConfigError(f"{name} holds a reward model in DeepSpeed-Chat's layout (rwtransformer.* and "
+                              "v_head.weight), not a causal LM: use it as the reward model or critic, and a "
+                              "Step 1 model as the actor or reference")
+        state = dschat_reward_to_sequence_classification(state, model_class.base_model_prefix)
+    model, info = _guarded(lambda: model_class.from_pretrained(
+        None, config=config, state_dict=state, dtype=dtype, ignore_mismatched_sizes=True,
+        output_loading_info=True), path, name, "weights")
+    model.config.name_or_path = path
+    if model.can_generate():  # from_pretrained(None, ...) did not read the folder's generation_config.json
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError):  # none there (or unreadable): the defaults from config.json stay
+            pass
+    return model, info
 
 
 def _is_dropout_prob(key: str, value) -> bool:

@@ -8,6 +8,13 @@ a saved reward model loads with `AutoModelForSequenceClassification` in other to
 The last real token is found from the attention mask, not from pad ids: that handles right
 padding, left padding, and OPT, whose leading BOS `</s>` has the pad id yet is real text
 (what DeepSpeed-Chat's `--num_padding_at_beginning` works around).
+
+DeepSpeed-Chat's reward models load here (utils/model/pickled.py renames their weights) and score
+the same wherever its rule and ours pick the same token: right-padded text with no pad id inside,
+as in Step 2. Its rule differs in two places: it ends a sequence at the first pad id, so a real
+token that has the pad id (eos used as pad) ends it early; and in Step 3, where eos is the pad,
+it reads the token before the generated eos, while ours reads the eos itself (Step 3 counts the
+first eos as part of the answer).
 """
 from __future__ import annotations
 
@@ -100,7 +107,9 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: torch.dtype = torch.f
                       dropout: float | None = None, trust_remote_code: bool = False,
                       gradient_checkpointing: bool = False) -> RewardModel:
     """From a causal LM (a Step 1 output: the LM head is dropped and the value head starts
-    from the family's default init) or from a saved reward model."""
+    from the family's default init) or from a saved reward model: ours, or DeepSpeed-Chat's
+    (`rwtransformer.*` + `v_head.weight` in pytorch_model.bin, renamed onto this class's
+    backbone and `score` head by utils/model/pickled.py; the same weights, the same scores)."""
     from transformers import AutoModelForSequenceClassification
 
     from utils.model.loading import load_hf_model
