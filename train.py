@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import free_port
-from utils.config import ConfigError, parse_config
+from utils.config import ArgumentParser, ConfigError, parse_config
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ RESERVED = ("--output_dir", "--model_name_or_path", "--actor_model_name_or_path"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], help="steps to run, in order")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
                         help="default: smollm2-135m on the bundled task (~20 min on 2 CPU cores); "
@@ -244,7 +244,7 @@ def check_step_flags(step: int, flags: list[str]) -> None:
 
     config_cls = getattr(importlib.import_module(STEPS[step].module), STEPS[step].config)
     try:
-        parse_config(config_cls, flags, exit_on_error=False)
+        parse_config(config_cls, flags, exit_on_error=False, warn=False)  # the step warns itself
     except ConfigError as err:
         raise ConfigError(f"Step {step} flags: {err}") from None
 

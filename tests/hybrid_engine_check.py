@@ -320,7 +320,7 @@ def run_multi(out_dir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("mode", choices=["single", "multi"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)  # the deepspeed launcher adds it

@@ -150,6 +150,7 @@ class HybridConfig:
 
 @dataclass
 class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoopConfig, ModelsConfig, DataConfig):
+    upstream_step = "step3"  # its DeepSpeed-Chat flags (utils/upstream_flags.py); not a flag
     print_answers: bool = field(default=False, metadata=doc("Print a prompt and its answer now and then."))
     print_answers_interval: int = field(default=1, metadata=doc("Iterations between printed answers."))
     enable_test_mode: bool = field(default=False, metadata=doc(
