@@ -61,6 +61,8 @@ def test_quick_preset_runs_all_steps_through_deepspeed_launcher(pipeline):
         assert not (out / f"{folder}.log").exists()
     for step in (1, 2, 3):
         assert f"==> step {step} done in" in proc.stdout
+    assert "==> recipe: quick (--preset" in proc.stdout and proc.stdout.count("(quick recipe)") == 6  # 3 + summary
+    assert "recipe quick" in proc.stdout.split("==> pipeline done in")[1]
     assert "perplexity" in proc.stdout and "accuracy" in proc.stdout and "reward" in proc.stdout
     assert f"python chat.py --path {out / 'step3_rlhf' / 'actor'}" in proc.stdout
 
