@@ -12,7 +12,7 @@ from utils.config import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", required=True, help="model folder (a step's output) or built-in name")
     parser.add_argument("--max_new_tokens", type=int, default=128)
     parser.add_argument("--do_sample", action="store_true", help="sample instead of greedy decoding")

@@ -1,9 +1,11 @@
 """One launcher for the InstructGPT pipeline: Step 1 (supervised fine-tuning), Step 2 (reward
 model) and Step 3 (PPO), each started through the deepspeed launcher, each step's output passed on.
 
-    python train.py                                  # embedded default: smollm2-135m, bundled data
+    python train.py                                  # the demo: smollm2-135m, bundled data, CPU-sized
     python train.py --preset quick                   # tiny random models, about 2 minutes
     python train.py --actor-model facebook/opt-1.3b --reward-model facebook/opt-350m --num-gpus 8
+                                                     # a named model: DeepSpeed-Chat's recipe
+    python train.py --preset deepspeed-chat --data-path Dahoas/rm-static   # its recipe, other data
     python train.py --step 3                         # Step 3 on the Step 1/2 outputs in --output-dir
     python train.py --hostfile hosts --num-gpus 8    # several machines (a DeepSpeed hostfile;
                                                      # the launcher reaches them by passwordless ssh)
@@ -26,18 +28,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import free_port
-from utils.config import ConfigError, parse_config
+from utils.config import ArgumentParser, ConfigError, parse_config
 
 
 @dataclass(frozen=True)
 class Preset:
     actor_model: str
     data: tuple[str, ...]  # data flags all steps share: the same split keeps their shares disjoint
-    steps: dict  # step number -> that step's flags
+    steps: dict  # step number -> that step's flags (later flags win: a step may set its own data)
+    reward_model: str = ""  # Step 2's starting model when the actor is the preset's too ("" = Step 1's output)
 
 
 # "default" is sized to finish all three steps in under 20 minutes on a 2-core CPU with the
-# real pretrained SmolLM2-135M; "quick" uses tiny random models and is what the tests run.
+# real pretrained SmolLM2-135M; "quick" uses tiny random models and is what the tests run;
+# "deepspeed-chat" is DeepSpeed-Chat's own recipe (its single_node OPT-1.3B/350M scripts), the
+# default as soon as --actor-model names a model.
+DS_CHAT_BLEND = ("Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise",
+                 "yitingxie/rlhf-reward-datasets")
 PRESETS = {
     "default": Preset(
         actor_model="smollm2-135m",
@@ -68,7 +75,34 @@ PRESETS = {
                 "--num_warmup_steps", "0", "--max_rounds", "4", "--enable_ema", "--dtype", "fp32",
                 "--log_interval", "1"),
         }),
+    # Upstream's training_scripts/opt/single_node/run_1.3b.sh (Step 1), run_350m.sh (Step 2) and
+    # run_1.3b.sh (Step 3, prompts from Dahoas/rm-static only); one epoch per step (upstream's
+    # single-node Step 1 script runs 16: --step1-args "--num_train_epochs 16"); bf16 on GPUs that
+    # run it (--dtype auto) where upstream used fp16.
+    "deepspeed-chat": Preset(
+        actor_model="facebook/opt-1.3b",
+        reward_model="facebook/opt-350m",
+        data=("--data_path", *DS_CHAT_BLEND, "--data_split", "2,4,4", "--seed", "1234"),
+        steps={
+            1: ("--max_seq_len", "512", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "8",
+                "--learning_rate", "9.65e-6", "--weight_decay", "0", "--num_train_epochs", "1",
+                "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "0",
+                "--dtype", "auto"),
+            2: ("--max_seq_len", "512", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+                "--learning_rate", "5e-5", "--weight_decay", "0.1", "--num_train_epochs", "1", "--dropout", "0",
+                "--gradient_accumulation_steps", "1", "--lr_scheduler_type", "cosine", "--num_warmup_steps", "0",
+                "--dtype", "auto"),
+            3: ("--data_path", "Dahoas/rm-static",
+                "--max_prompt_seq_len", "256", "--max_answer_seq_len", "256",
+                "--per_device_generation_batch_size", "4", "--per_device_training_batch_size", "4",
+                "--generation_batches", "1", "--ppo_epochs", "1", "--num_train_epochs", "1",
+                "--actor_learning_rate", "9.65e-6", "--critic_learning_rate", "5e-6",
+                "--actor_weight_decay", "0", "--critic_weight_decay", "0", "--lr_scheduler_type", "cosine",
+                "--num_warmup_steps", "100", "--gradient_accumulation_steps", "1", "--actor_dropout", "0",
+                "--enable_hybrid_engine", "--enable_ema", "--dtype", "auto"),
+        }),
 }
+DEFAULT_PRESET, MODEL_PRESET = "default", "deepspeed-chat"  # without / with --actor-model
 
 
 @dataclass(frozen=True)
@@ -98,11 +132,13 @@ RESERVED = ("--output_dir", "--model_name_or_path", "--actor_model_name_or_path"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], help="steps to run, in order")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                        help="default: smollm2-135m on the bundled task (~20 min on 2 CPU cores); "
-                        "quick: tiny random models (~2 min)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="the recipe: default: smollm2-135m on the bundled task (~20 min on 2 CPU cores); "
+                        "quick: tiny random models (~2 min); deepspeed-chat: DeepSpeed-Chat's own (its data "
+                        "blend, 512-token SFT, 256+256-token PPO, its learning rates and batch sizes). "
+                        f"Default: {MODEL_PRESET} when --actor-model is given, else {DEFAULT_PRESET}")
     parser.add_argument("--actor-model", default=None, help="Step 1's starting model (default: the preset's)")
     parser.add_argument("--reward-model", default=None,
                         help="Step 2's starting model (default: Step 1's output, so actor and reward model "
@@ -121,6 +157,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--launcher-args", default="",
                         help="extra flags for the deepspeed launcher, quoted (e.g. \"--master_addr 10.0.0.1 "
                         "--ssh_port 2222\" with --hostfile)")
+    parser.add_argument("--data-path", nargs="+", default=None,
+                        help="data of all steps (replaces the preset's --data_path in each step): hub names, "
+                        "local files or folders, 'bundled'")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --output-dir")
@@ -155,6 +194,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.hostfile and kind != "multi_node":
         raise ConfigError(f"--hostfile is for multi_node runs, not --deployment-type {kind}")
     args.deployment_type = kind
+    if args.preset is None:  # a user's own model gets a real recipe, not the CPU demo's 60 steps
+        args.preset = MODEL_PRESET if args.actor_model else DEFAULT_PRESET
+        args.preset_reason = "--actor-model given" if args.actor_model else "no --actor-model"
+    else:
+        args.preset_reason = "--preset"
 
 
 @dataclass
@@ -173,10 +217,13 @@ def make_plan(args: argparse.Namespace) -> Plan:
     root = Path(args.output_dir)
     run = [s for s in args.step if not (args.resume and STEPS[s].done(root))]
     available = lambda s: s in run or STEPS[s].done(root)  # noqa: E731  (runs now or ran before)
-    actor = args.actor_model or PRESETS[args.preset].actor_model
+    preset = PRESETS[args.preset]
+    actor = args.actor_model or preset.actor_model
     sft = str(root / STEPS[1].folder) if available(1) else actor
+    # the preset's reward model fits the preset's actor only (their tokenizers must match)
+    reward_start = args.reward_model or (preset.reward_model if not args.actor_model else "") or sft
     models = {1: {"--model_name_or_path": actor},
-              2: {"--model_name_or_path": args.reward_model or sft}}
+              2: {"--model_name_or_path": reward_start}}
     if 3 in run:
         if available(2):
             reward = str(root / STEPS[2].folder)
@@ -228,7 +275,13 @@ def step_flags(step: int, args: argparse.Namespace, plan: Plan) -> list[str]:
     zero = ({"--zero_stage": args.actor_zero_stage} if step == 1 else
             {"--zero_stage": args.reward_zero_stage} if step == 2 else
             {"--actor_zero_stage": args.actor_zero_stage, "--critic_zero_stage": args.reward_zero_stage})
-    flags = [*preset.data, *preset.steps[step]]
+    data = list(preset.data)
+    for name in preset.steps[step]:  # a step's own data flag replaces the shared one
+        if name.startswith("--"):
+            data = without_flag(data, name)
+    flags = [*data, *preset.steps[step]]
+    if args.data_path:
+        flags = without_flag(flags, "--data_path") + ["--data_path", *args.data_path]
     for name, value in {**plan.models[step], **zero, "--output_dir": plan.folder(step)}.items():
         flags += [name, str(value)]
     if args.resume and plan.folder(step).exists():
@@ -238,13 +291,24 @@ def step_flags(step: int, args: argparse.Namespace, plan: Plan) -> list[str]:
     return flags + user
 
 
+def without_flag(flags: list[str], name: str) -> list[str]:
+    """`flags` less every `name` and the values that follow it."""
+    out, skipping = [], False
+    for flag in flags:
+        if flag.startswith("--"):
+            skipping = flag == name
+        if not skipping:
+            out.append(flag)
+    return out
+
+
 def check_step_flags(step: int, flags: list[str]) -> None:
     """Parse the flags with the step's own config, so a typo stops the pipeline before Step 1."""
     import importlib
 
     config_cls = getattr(importlib.import_module(STEPS[step].module), STEPS[step].config)
     try:
-        parse_config(config_cls, flags, exit_on_error=False)
+        parse_config(config_cls, flags, exit_on_error=False, warn=False)  # the step warns itself
     except ConfigError as err:
         raise ConfigError(f"Step {step} flags: {err}") from None
 
@@ -289,7 +353,7 @@ def run_step(step: int, cmd: list[str], folder: Path) -> float:
     return minutes
 
 
-def summary_line(step: int, folder: Path, minutes: float) -> str:
+def summary_line(step: int, folder: Path, minutes: float, preset: str) -> str:
     meta = STEPS[step]
     model = folder / meta.model if meta.model else folder
     summary = json.loads((model / "training_summary.json").read_text())
@@ -301,7 +365,13 @@ def summary_line(step: int, folder: Path, minutes: float) -> str:
         if "gt_score_first" in summary:
             change += f"ground-truth score {summary['gt_score_first']:.3f} -> {summary['gt_score_last']:.3f}; "
         change += f"KL {summary.get('kl_last', float('nan')):.4g}; "
-    return f"step {step} done in {minutes:.1f} min: {change}model: {model}; log: {folder / 'logs' / 'console.log'}"
+    return (f"step {step} done in {minutes:.1f} min ({preset} recipe): {change}model: {model}; "
+            f"log: {folder / 'logs' / 'console.log'}")
+
+
+def pipeline_summary(minutes: float, preset: str, lines: list[str]) -> list[str]:
+    return [f"pipeline done in {minutes:.1f} min, recipe {preset} (train.py --preset {preset})",
+            *(f"    {line}" for line in lines)]
 
 
 def main(argv=None) -> None:
@@ -314,18 +384,18 @@ def main(argv=None) -> None:
         check_step_flags(step, flags)
         commands[step] = launcher_command(step, args, flags)
     check_tokenizers(args, plan)
+    if plan.run:
+        print(f"==> recipe: {args.preset} ({args.preset_reason}; --preset chooses another)", flush=True)
     for step in args.step:
         if step not in plan.run:
             print(f"==> step {step}: already finished in {plan.folder(step)} (--resume), skipped", flush=True)
     start, lines = time.time(), []
     for step in plan.run:
         minutes = run_step(step, commands[step], plan.folder(step))
-        lines.append(summary_line(step, plan.folder(step), minutes))
+        lines.append(summary_line(step, plan.folder(step), minutes, args.preset))
         print(f"==> {lines[-1]}", flush=True)
     if plan.run:
-        print(f"==> pipeline done in {(time.time() - start) / 60:.1f} min", flush=True)
-        for line in lines:
-            print(f"    {line}", flush=True)
+        print("==> " + "\n".join(pipeline_summary((time.time() - start) / 60, args.preset, lines)), flush=True)
     last = 3 if STEPS[3].done(plan.root) else 1 if STEPS[1].done(plan.root) else None
     if last:
         chat_path = plan.folder(last) / STEPS[last].model if STEPS[last].model else plan.folder(last)

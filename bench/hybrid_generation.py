@@ -158,7 +158,7 @@ def report(args, best: dict) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--prompt_len", type=int, default=32)

@@ -33,7 +33,7 @@ def matmul_peak_flops(dtype: str = "fp32", device: str = "cpu", size: int = 2048
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--size", type=int, default=2048)

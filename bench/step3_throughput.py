@@ -122,7 +122,7 @@ def print_table(results: dict, peak: float, args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--actor", default="tiny-llama")
     parser.add_argument("--critic", default="tiny-llama")
     parser.add_argument("--batch", type=int, default=8)

@@ -103,7 +103,7 @@ def run(args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--actor", required=True)
     parser.add_argument("--critic", required=True)
     parser.add_argument("--data", required=True, help="the benchmark's prompt file (JSON Lines)")

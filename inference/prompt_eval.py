@@ -30,7 +30,7 @@ class ModelAnswers:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path_baseline", required=True, help="model folder or built-in name")
     parser.add_argument("--model_name_or_path_finetune", nargs="+", required=True,
                         help="one or more fine-tuned models to compare with the baseline")

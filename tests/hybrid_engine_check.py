@@ -57,7 +57,7 @@ def reference(model, ids, mask, tokenizer, eos=None, new=NEW) -> list:
 def with_lora(model, seed: int = 7):
     """LoRA with seeded random A and B: peft starts B at zero (fusing would be a no-op) and
     draws A from the global RNG (ranks could differ, and DeepSpeed keeps rank 0's)."""
-    model = apply_lora(model, 4)
+    model = apply_lora(model, 4, lora_alpha=1)  # scale 1/4, not 1: the fused copy must read it from the model
     gen = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if "lora_A" in name or "lora_B" in name:
@@ -320,7 +320,7 @@ def run_multi(out_dir: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("mode", choices=["single", "multi"])
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=-1)  # the deepspeed launcher adds it

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,16 +33,18 @@ def test_frozen_parameters_are_skipped():
     torch.testing.assert_close(ema.weight, before)
 
 
-def test_lora_is_folded_into_the_average():
+@pytest.mark.parametrize("lora_alpha", [0, 1])  # alpha = rank (scale 1), DeepSpeed-Chat's 1 / rank
+def test_lora_is_folded_into_the_average(lora_alpha):
     base = tiny()
     ema = copy.deepcopy(base)
-    actor = apply_lora(base, lora_dim=4, only_optimize_lora=True)
+    actor = apply_lora(base, lora_dim=4, lora_alpha=lora_alpha, only_optimize_lora=True)
+    assert layer_scaling(actor) == (0.25 if lora_alpha == 1 else 1.0)
     for name, param in actor.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.1)  # peft starts B at 0: make the delta non-zero
     q_key = "model.layers.0.self_attn.q_proj.weight"
     layer = actor.base_model.model.model.layers[0].self_attn.q_proj
-    fused = layer.base_layer.weight + layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    fused = layer.base_layer.weight + layer_scaling(actor) * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
     start = dict(ema.named_parameters())[q_key].detach().clone()
     update_ema(actor, ema, decay=0.9)
     torch.testing.assert_close(dict(ema.named_parameters())[q_key], 0.9 * start + 0.1 * fused.detach())
@@ -78,3 +81,7 @@ def test_the_ema_is_placed_like_the_actors_parameters():
     assert ema_placement(3, offload=False) == (3, False)
     for stage in (0, 1, 2):  # offload there moves optimizer state only: parameters stay put
         assert ema_placement(stage, offload=True) == (stage, False)
+
+
+def layer_scaling(actor) -> float:
+    return actor.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]

@@ -61,6 +61,8 @@ def test_quick_preset_runs_all_steps_through_deepspeed_launcher(pipeline):
         assert not (out / f"{folder}.log").exists()
     for step in (1, 2, 3):
         assert f"==> step {step} done in" in proc.stdout
+    assert "==> recipe: quick (--preset" in proc.stdout and proc.stdout.count("(quick recipe)") == 6  # 3 + summary
+    assert "recipe quick" in proc.stdout.split("==> pipeline done in")[1]
     assert "perplexity" in proc.stdout and "accuracy" in proc.stdout and "reward" in proc.stdout
     assert f"python chat.py --path {out / 'step3_rlhf' / 'actor'}" in proc.stdout
 
@@ -332,3 +334,77 @@ def test_quality_bench_with_the_checker_as_reward(pipeline, tmp_path):
     assert len(per_prompt["tasks"]) == len(per_prompt["ppo_seed8_ema"]) == 4
     assert sum(row["n"] for row in by_task.values()) == 4 and set(by_task) == set(per_prompt["tasks"])
     assert "| task | prompts | base | SFT | PPO actor | PPO EMA actor |" in (tmp_path / "quality.md").read_text()
+
+
+# ---- recipes (presets): which one runs, and the flags it gives each step (no training) ---------
+
+def parsed_step(step: int, args, plan):
+    """The step's config as the step itself would parse the flags train.py builds for it."""
+    import importlib
+
+    import train
+    from utils.config import parse_config
+    meta = train.STEPS[step]
+    config_cls = getattr(importlib.import_module(meta.module), meta.config)
+    return parse_config(config_cls, train.step_flags(step, args, plan), exit_on_error=False, warn=False)
+
+
+def test_a_named_actor_model_gets_deepspeed_chats_recipe(tmp_path):
+    import train
+    args, plan = plan_for("--output-dir", tmp_path, "--actor-model", "tiny-opt", "--reward-model", "tiny-opt",
+                          "--num-gpus", 8)
+    assert args.preset == "deepspeed-chat"
+    blend = ["Dahoas/rm-static", "Dahoas/full-hh-rlhf", "Dahoas/synthetic-instruct-gptj-pairwise",
+             "yitingxie/rlhf-reward-datasets"]
+    sft, reward, ppo = (parsed_step(s, args, plan) for s in (1, 2, 3))
+    assert (sft.data_path, sft.data_split, sft.max_seq_len, sft.max_steps, sft.num_examples) == (blend, "2,4,4", 512, 0, 0)
+    assert (sft.learning_rate, sft.weight_decay, sft.num_warmup_steps, sft.per_device_train_batch_size) == (9.65e-6, 0, 0, 8)
+    assert sft.num_train_epochs == 1 and sft.dtype == "auto"  # one epoch per step (upstream's single_node: 16)
+    assert (reward.data_path, reward.max_seq_len, reward.learning_rate, reward.weight_decay) == (blend, 512, 5e-5, 0.1)
+    assert (reward.per_device_train_batch_size, reward.num_train_epochs, reward.dropout, reward.dtype) == (4, 1, 0.0, "auto")
+    assert ppo.data_path == ["Dahoas/rm-static"] and (ppo.max_prompt_seq_len, ppo.max_answer_seq_len) == (256, 256)
+    assert (ppo.per_device_generation_batch_size, ppo.per_device_training_batch_size, ppo.num_train_epochs) == (4, 4, 1)
+    assert (ppo.actor_learning_rate, ppo.critic_learning_rate, ppo.num_warmup_steps) == (9.65e-6, 5e-6, 100)
+    assert ppo.max_rounds == 0 and ppo.enable_ema and ppo.enable_hybrid_engine and ppo.dtype == "auto"
+    assert plan.models[1] == {"--model_name_or_path": "tiny-opt"}
+    flags = train.step_flags(3, args, plan)
+    assert flags.count("--data_path") == 1  # Step 3's own prompt data replaces the blend, not appended
+
+
+def test_without_a_model_the_demo_runs_and_an_explicit_preset_always_wins(tmp_path):
+    args, plan = plan_for("--output-dir", tmp_path)
+    assert args.preset == "default" and plan.models[1] == {"--model_name_or_path": "smollm2-135m"}
+    assert parsed_step(1, args, plan).max_steps == 60
+    args, _ = plan_for("--output-dir", tmp_path, "--actor-model", "tiny-opt", "--preset", "quick")
+    assert args.preset == "quick"
+    args, _ = plan_for("--output-dir", tmp_path, "--reward-model", "tiny-opt")  # the actor is still the demo's
+    assert args.preset == "default"
+
+
+def test_deepspeed_chat_preset_by_name_starts_from_its_models(tmp_path):
+    args, plan = plan_for("--output-dir", tmp_path, "--preset", "deepspeed-chat")
+    assert plan.models[1] == {"--model_name_or_path": "facebook/opt-1.3b"}
+    assert plan.models[2] == {"--model_name_or_path": "facebook/opt-350m"}  # as upstream's e2e_rlhf.py
+    _, plan = plan_for("--output-dir", tmp_path, "--preset", "deepspeed-chat", "--actor-model", "tiny-opt")
+    assert plan.models[2] == {"--model_name_or_path": str(tmp_path / "step1_sft")}  # 350m would not fit tiny-opt
+
+
+@pytest.mark.parametrize("preset", ["default", "quick", "deepspeed-chat"])
+def test_data_path_sets_the_data_of_every_step(tmp_path, preset):
+    import train
+    data = ["bundled", str(tmp_path / "mine.jsonl")]
+    args, plan = plan_for("--output-dir", tmp_path, "--preset", preset, "--data-path", *data)
+    for step in (1, 2, 3):
+        assert parsed_step(step, args, plan).data_path == data, step
+        assert train.step_flags(step, args, plan).count("--data_path") == 1
+
+
+def test_summaries_name_the_recipe(tmp_path):
+    import train
+    (tmp_path / "step1_sft").mkdir()
+    (tmp_path / "step1_sft" / "training_summary.json").write_text(
+        json.dumps({"steps": 3, "perplexity_before": 9.0, "perplexity_after": 5.0}))
+    line = train.summary_line(1, tmp_path / "step1_sft", 1.5, "deepspeed-chat")
+    assert line.startswith("step 1 done in 1.5 min (deepspeed-chat recipe): perplexity 9 -> 5")
+    head, step_line = train.pipeline_summary(2.0, "deepspeed-chat", [line])
+    assert "recipe deepspeed-chat" in head and step_line == "    " + line

@@ -44,6 +44,24 @@ def test_script_flags_parse(script):
     assert namespace.output_dir
 
 
+LORA = (("lora_dim", "lora_alpha", "lora_learning_rate"),  # (rank, alpha, LoRA learning rate) flags
+        ("actor_lora_dim", "actor_lora_alpha", "actor_lora_learning_rate"),
+        ("critic_lora_dim", "critic_lora_alpha", "critic_lora_learning_rate"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT / "training")))
+def test_lora_scripts_fit_the_scale(script):
+    """The update of a LoRA step is about learning rate x alpha / rank: DeepSpeed-Chat's 5e-4 is
+    tuned for its scale 1/rank, so a script here must not exceed learning rate x alpha = 5e-4
+    (e.g. alpha 1 with 5e-4; the default alpha = rank would be rank times further)."""
+    module, args = command(script)
+    namespace = build_parser(getattr(importlib.import_module(module), CONFIGS[module])).parse_args(args)
+    for rank, alpha, lr in LORA:
+        if getattr(namespace, rank, 0) > 0:
+            alpha_value = getattr(namespace, alpha) or getattr(namespace, rank)
+            assert getattr(namespace, lr) * alpha_value <= 5e-4 * 1.001, (rank, alpha_value)
+
+
 TINY_CPU = sorted(ROOT.glob("training/*/training_scripts/cpu/run_tiny.sh"))
 
 

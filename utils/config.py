@@ -6,7 +6,8 @@ runtime + logging); `parse_config` turns it into an argparse parser once, so a f
 defined in exactly one place and means the same thing in every step.
 
 Flag names follow DeepSpeed-Chat (`--data_path`, `--zero_stage`, ...); the dashed spelling
-(`--data-path`) is accepted too.
+(`--data-path`) is accepted too, and so are DeepSpeed-Chat's flags that are named differently
+here or have no use (utils/upstream_flags.py). No flag is reached by an abbreviation.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from utils.upstream_flags import add_upstream_flags, pop_ignored, warn_ignored
 
 
 class ConfigError(ValueError):
@@ -73,7 +76,9 @@ class LoRAConfig:
     lora_module_name: str = field(default="", metadata=doc(
         "Only add LoRA to linear layers whose name contains this (default: all attention and MLP "
         "projections)."))
-    lora_alpha: float = field(default=0.0, metadata=doc("LoRA alpha (default: equal to lora_dim)."))
+    lora_alpha: float = field(default=0.0, metadata=doc(
+        "LoRA alpha: the update B @ A is scaled by alpha / lora_dim (default 0 = lora_dim, scale 1). "
+        "DeepSpeed-Chat scales by 1 / lora_dim: --lora_alpha 1 reproduces it."))
     only_optimize_lora: bool = field(default=False, metadata=doc(
         "Freeze the base weights and train only the LoRA matrices."))
     lora_learning_rate: float = field(default=5e-4, metadata=doc("Learning rate of LoRA parameters."))
@@ -159,11 +164,19 @@ def _scalar_type(tp):
     return tp
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line, not the whole usage text."""
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, not the whole usage text, and a flag is never
+    reached by an abbreviation (`--deepspeed` must not be read as `--deepspeed_config`)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+_Parser = ArgumentParser
 
 
 class _RaisingParser(_Parser):
@@ -174,9 +187,11 @@ class _RaisingParser(_Parser):
 
 
 def build_parser(config_cls, description: str = "", parser_cls=_Parser) -> argparse.ArgumentParser:
-    parser = parser_cls(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = parser_cls(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        epilog="DeepSpeed-Chat's flags are accepted too (README: Coming from DeepSpeed-Chat).")
     hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
+    fields = dataclasses.fields(config_cls)
+    for f in fields:
         tp = hints[f.name]
         names = [f"--{f.name}"]
         kwargs = {"dest": f.name, "help": f.metadata.get("help", "")}
@@ -190,14 +205,19 @@ def build_parser(config_cls, description: str = "", parser_cls=_Parser) -> argpa
         if "choices" in f.metadata:
             kwargs["choices"] = f.metadata["choices"]
         parser.add_argument(*names, default=default, **kwargs)
+    add_upstream_flags(parser, getattr(config_cls, "upstream_step", None), {f.name for f in fields})
     return parser
 
 
-def parse_config(config_cls, argv=None, description: str = "", exit_on_error: bool = True):
+def parse_config(config_cls, argv=None, description: str = "", exit_on_error: bool = True, warn: bool = True):
     """Parse argv into an instance of `config_cls`, then run its `validate()` if it has one.
-    With exit_on_error=False a bad flag raises ConfigError instead of exiting."""
+    With exit_on_error=False a bad flag raises ConfigError instead of exiting. With warn, each
+    DeepSpeed-Chat flag used that has no effect here gets one warning line (rank 0)."""
     parser = build_parser(config_cls, description, _Parser if exit_on_error else _RaisingParser)
     ns = parser.parse_args(_underscore_flags(parser, sys.argv[1:] if argv is None else list(argv)))
+    ignored = pop_ignored(ns)
+    if warn:
+        warn_ignored(ignored)
     cfg = config_cls(**vars(ns))
     if hasattr(cfg, "validate"):
         cfg.validate()

@@ -18,6 +18,7 @@ from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, 
 
 @dataclass
 class SFTConfig(CheckpointConfig, LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+    upstream_step = "step1"  # its DeepSpeed-Chat flags (utils/upstream_flags.py); not a flag
     response_loss_only: bool = field(default=False, metadata=doc(
         "Take the loss on answer tokens only (prompt tokens are masked out)."))
     def validate(self) -> None:

@@ -22,6 +22,7 @@ from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, 
 
 @dataclass
 class DPOConfig(CheckpointConfig, LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+    upstream_step = "dpo"  # its DeepSpeed-Chat flags (utils/upstream_flags.py); not a flag
     beta: float = field(default=0.1, metadata=doc(
         "Strength of the pull towards the reference: implicit reward = beta * log(pi / pi_ref)."))
     label_smoothing: float = field(default=0.0, metadata=doc(

@@ -21,6 +21,7 @@ from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, 
 
 @dataclass
 class RewardConfig(CheckpointConfig, LogConfig, ZeroConfig, RuntimeConfig, OptimConfig, LoRAConfig, ModelConfig, DataConfig):
+    upstream_step = "step2"  # its DeepSpeed-Chat flags (utils/upstream_flags.py); not a flag
     loss: str = field(default="pairwise", metadata=doc(
         "pairwise: -log sigmoid(r_chosen - r_rejected) on the last-token rewards; divergence: "
         "DeepSpeed-Chat's variant, averaged over the tokens after chosen and rejected diverge.",

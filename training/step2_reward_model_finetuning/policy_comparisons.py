@@ -30,7 +30,7 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True, help="the policy to sample (a Step 1 output)")
     parser.add_argument("--output_file", required=True, help="jsonl of prompt/chosen/rejected pairs (new file)")
     parser.add_argument("--num_prompts", type=int, default=512)

@@ -17,7 +17,7 @@ from utils.config import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", required=True)
     parser.add_argument("--prompt", help="one prompt to score responses to")
     parser.add_argument("--response", action="append", default=[], help="a response (repeatable)")

@@ -49,9 +49,13 @@ class ModelsConfig:
     offload_reward_model: bool = field(default=False, metadata=doc(
         "Keep the reward model's parameters in CPU memory (ZeRO-3 parameter offload)."))
     actor_lora_dim: int = field(default=0, metadata=doc("Actor LoRA rank (0 = off)."))
+    actor_lora_alpha: float = field(default=0.0, metadata=doc(
+        "Actor LoRA alpha: the update is scaled by alpha / rank (0 = the rank, scale 1; "
+        "DeepSpeed-Chat's 1 / rank is 1)."))
     actor_lora_module_name: str = field(default="", metadata=doc(
         "Only LoRA-wrap actor layers whose name contains this (default: all projections)."))
     critic_lora_dim: int = field(default=0, metadata=doc("Critic LoRA rank (0 = off)."))
+    critic_lora_alpha: float = field(default=0.0, metadata=doc("Critic LoRA alpha, as --actor_lora_alpha."))
     critic_lora_module_name: str = field(default="", metadata=doc("As --actor_lora_module_name."))
     only_optimize_lora: bool = field(default=False, metadata=doc(
         "Train only the LoRA matrices (and the critic's value head)."))
@@ -169,6 +173,7 @@ class HybridConfig:
 
 @dataclass
 class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, HybridConfig, PPOAlgoConfig, PPOLoopConfig, ModelsConfig, DataConfig):
+    upstream_step = "step3"  # its DeepSpeed-Chat flags (utils/upstream_flags.py); not a flag
     print_answers: bool = field(default=False, metadata=doc("Print a prompt and its answer now and then."))
     print_answers_interval: int = field(default=1, metadata=doc("Iterations between printed answers."))
     enable_test_mode: bool = field(default=False, metadata=doc(

@@ -67,8 +67,8 @@ class DeepSpeedRLHFEngine:
                                dropout=a.actor_dropout, trust_remote_code=a.trust_remote_code,
                                gradient_checkpointing=a.actor_gradient_checkpointing)
         if a.actor_lora_dim > 0:
-            model = apply_lora(model, a.actor_lora_dim, a.actor_lora_module_name,
-                               only_optimize_lora=a.only_optimize_lora)
+            model = apply_lora(model, a.actor_lora_dim, a.actor_lora_module_name, a.actor_lora_alpha,
+                               only_optimize_lora=a.only_optimize_lora, role="actor")
         return self._trained(model, lr=a.actor_learning_rate, weight_decay=a.actor_weight_decay,
                              lora_lr=a.actor_lora_learning_rate, zero_stage=a.actor_zero_stage)
 
@@ -94,7 +94,8 @@ class DeepSpeedRLHFEngine:
                                   gradient_checkpointing=a.critic_gradient_checkpointing)
         if a.critic_lora_dim > 0:
             model.hf_model = apply_lora(model.hf_model, a.critic_lora_dim, a.critic_lora_module_name,
-                                        only_optimize_lora=a.only_optimize_lora)
+                                        a.critic_lora_alpha, only_optimize_lora=a.only_optimize_lora,
+                                        role="critic")
             model.hf_model.score.weight.requires_grad_(True)  # the value head always trains
         return self._trained(model, lr=a.critic_learning_rate, weight_decay=a.critic_weight_decay,
                              lora_lr=a.critic_lora_learning_rate, zero_stage=a.critic_zero_stage)

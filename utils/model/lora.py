@@ -5,6 +5,7 @@ exported as a plain HF checkpoint without merging (and un-merging) the live mode
 """
 from __future__ import annotations
 
+import os
 import re
 import warnings
 
@@ -38,8 +39,10 @@ def lora_target_modules(model: nn.Module, lora_module_name: str = "") -> list[st
 
 
 def apply_lora(model: nn.Module, lora_dim: int, lora_module_name: str = "", lora_alpha: float = 0,
-               only_optimize_lora: bool = False):
-    """Wrap `model` with LoRA adapters of rank `lora_dim` (alpha defaults to the rank)."""
+               only_optimize_lora: bool = False, role: str = ""):
+    """Wrap `model` with LoRA adapters of rank `lora_dim`; their update B @ A is scaled by
+    lora_alpha / lora_dim (alpha defaults to the rank: scale 1; DeepSpeed-Chat's 1 / rank is
+    lora_alpha=1). Says so in one line on rank 0, the scale read back from the model."""
     from peft import LoraConfig, get_peft_model
     from transformers.pytorch_utils import Conv1D
     if lora_dim <= 0:
@@ -56,6 +59,9 @@ def apply_lora(model: nn.Module, lora_dim: int, lora_module_name: str = "", lora
     if not only_optimize_lora:  # peft freezes the base; full fine-tuning + LoRA trains both
         for param in peft_model.parameters():
             param.requires_grad_(True)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{role + ' ' if role else ''}LoRA: rank {lora_dim}, alpha {config.lora_alpha:g}, update scaled by "
+              f"alpha/rank = {lora_scaling(peft_model):g}, on {len(targets)} layers", flush=True)
     return peft_model
 
 
