@@ -156,6 +156,9 @@ def test_long_prompts_are_cut_from_the_left_and_reported_once(tmp_path):
     (["--advantage", "rloo"], "it needs --samples_per_prompt 2 or more"),
     (["--samples_per_prompt", "3", "--per_device_training_batch_size", "8"], "x --samples_per_prompt = 12 answers"),
     (["--reward_source", "checker"], "not a whole bundled task prompt (raise --max_prompt_seq_len)"),  # cut at 32
+    (["--scale_rewards", "none"], "--scale_rewards none scales grpo's advantages; --advantage gae has none"),
+    (["--cliprange_high", "-0.1"], "--cliprange_high must be >= 0"),
+    (["--loss_aggregation", "mean"], "invalid choice: 'mean'"),
 ])
 def test_impossible_flag_values_are_refused(tmp_path, flags, message):
     line = error_line(run_module(MODULE, [*QUICK, *flags, "--output_dir", tmp_path / "x"]))
