@@ -223,7 +223,9 @@ def test_a_huge_ratio_on_a_masked_position_does_not_make_the_loss_nan():
     loss = policy_loss(new, old, torch.tensor([[1.0, 1.0]]), mask, clip=0.2)
     assert torch.isfinite(loss) and loss.item() == pytest.approx(-1.0)
     loss.backward()
-    assert torch.isfinite(new.grad).all() and new.grad[0, 1] == 0
+    assert torch.isfinite(new.grad).all() and new.grad[0, 1] == 0  # was NaN
+    negative = policy_loss(new, old, torch.tensor([[1.0, -1.0]]), mask, clip=0.2)
+    assert negative.item() == pytest.approx(-1.0)  # was inf * 0 = NaN
 
 
 def test_clip_higher_widens_only_the_upper_clip():
