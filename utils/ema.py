@@ -9,8 +9,9 @@ HF model (LoRA, if the actor has it, is folded in: W + s * B @ A).
 Under ZeRO-3 both models are partitioned the same way (same world, one partition per rank per
 parameter), so each rank averages only its own partition, on the device the EMA's partition
 lives on (CPU memory with --offload): nothing is gathered except the small LoRA factors.
-Parameters below ZeRO-3's persistence threshold stay whole on every rank: their whole tensor
-is what forward and saving read, so it is averaged whole (and its partition kept equal).
+A ZeRO-3 parameter below the persistence threshold stays whole on every rank once a forward
+has gathered it; the EMA engine runs none, but should one ever have, such a parameter's whole
+tensor (what forward and saving read) is averaged too, not only its partition.
 """
 from __future__ import annotations
 
