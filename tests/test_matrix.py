@@ -1,6 +1,7 @@
 """A seeded configuration matrix for Step 3: model families and sizes x ZeRO stage x dtype x LoRA
-x ptx x EMA x advantage x processes. Each combination trains 3 rounds (checkpoint each round),
-then resumes the last round from the round-2 checkpoint in a fresh folder, and checks, from
+x ptx x EMA x advantage x loss aggregation x processes. Each combination trains 3 rounds
+(checkpoint each round), then resumes the last round from the round-2 checkpoint in a fresh
+folder, and checks, from
 inside both runs (tests/step3_matrix.py):
 - the LR schedule ends exactly at the last optimizer step (steps taken = scheduler steps = the
   planned total; the cosine LR is 0 there), and the EMA moved once per actor step;
@@ -39,6 +40,7 @@ DIMENSIONS = {
     "ptx": [False, True],
     "ema": [True, False],
     "advantage": ["gae", "rloo", "grpo"],
+    "loss": ["token", "sequence", "dr_grpo", "dapo"],  # --loss_aggregation
     "nproc": [1, 2],
 }
 SEED = int(os.environ["RLHFKIT_MATRIX_SEED"])  # drawn in conftest.py when not given, printed in the header
@@ -61,7 +63,7 @@ def combinations(seed: int, size: int) -> list[dict]:
 def combo_id(combo: dict) -> str:
     flags = [name for name in ("lora", "ptx", "ema") if combo[name]]
     return "-".join([f"s{SEED}", f"{combo['family']}-h{combo['hidden']}", f"z{combo['zero']}", combo["dtype"],
-                     *flags, combo["advantage"], f"{combo['nproc']}p"])
+                     *flags, combo["advantage"], combo["loss"], f"{combo['nproc']}p"])
 
 
 def step3_flags(combo: dict) -> list[str]:
@@ -73,7 +75,7 @@ def step3_flags(combo: dict) -> list[str]:
              "--gradient_accumulation_steps", "2", "--num_warmup_steps", "1", "--lr_scheduler_type", "cosine",
              "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3", "--max_rounds", "3",
              "--save_steps", "1", "--save_total_limit", "3", "--disable_tqdm", "--log_interval", "1",
-             "--advantage", combo["advantage"]]
+             "--advantage", combo["advantage"], "--loss_aggregation", combo["loss"]]
     if combo["advantage"] == "gae":  # 6 answers a round, micro-batches of 3, reward model = the tiny model
         flags += ["--per_device_training_batch_size", "3"]
     else:  # 12 answers (2 per prompt) scored by the checker (ties: a random model scores 0)
