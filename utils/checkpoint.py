@@ -138,11 +138,7 @@ def _save_weights(engine, path: Path) -> None:
     from utils import ds_utils as ds
     state = ds.gathered_state_dict(engine)  # a collective under ZeRO-3: every rank calls it
     if ds.is_main():
-        seen = set()  # tied weights (embeddings and LM head) come back as one tensor twice
-        for key, value in state.items():
-            state[key] = value.clone() if value.data_ptr() in seen else value.contiguous()
-            seen.add(value.data_ptr())
-        save_file(state, str(path))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
 
 
 def _load_weights(engine, path: Path) -> None:

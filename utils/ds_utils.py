@@ -306,12 +306,21 @@ def initialize_frozen(model: torch.nn.Module, *, zero_stage: int, offload: bool,
 
 
 def gathered_state_dict(engine) -> dict | None:
-    """The full state dict of a DeepSpeed engine's module, on rank 0 (None elsewhere).
+    """The full state dict of a DeepSpeed engine's module, on rank 0 (None elsewhere), each tensor
+    a CPU copy of its own (safetensors refuses views and shared storage; tied weights appear
+    under each of their names).
 
     ZeRO-3 shards every parameter, so all ranks must take part in the gather."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathered copies, but see own_storage
-        return {k: own_storage(v) for k, v in state.items()} if is_main() else None
+        if not is_main():
+            return None
+        out, seen = {}, set()
+        for key, value in state.items():  # tied weights (embeddings and LM head) come back as one tensor
+            value = own_storage(value)
+            out[key] = value.clone() if value.data_ptr() in seen else value
+            seen.add(value.data_ptr())
+        return out
     if not is_main():
         return None
     # a copy: the live parameters keep training (and are views of ZeRO's flat buffers)
