@@ -9,9 +9,6 @@ HF model (LoRA, if the actor has it, is folded in: W + s * B @ A).
 Under ZeRO-3 both models are partitioned the same way (same world, one partition per rank per
 parameter), so each rank averages only its own partition, on the device the EMA's partition
 lives on (CPU memory with --offload): nothing is gathered except the small LoRA factors.
-A ZeRO-3 parameter below the persistence threshold stays whole on every rank once a forward
-has gathered it; the EMA engine runs none, but should one ever have, such a parameter's whole
-tensor (what forward and saving read) is averaged too, not only its partition.
 """
 from __future__ import annotations
 
@@ -66,25 +63,6 @@ def _partition(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     return piece.view_as(part)
 
 
-def _held_whole(param: nn.Parameter) -> bool:
-    """Whether `param.data` is the whole tensor on this rank: not ZeRO-3, or a ZeRO-3 parameter
-    gathered right now (one below the persistence threshold stays gathered once a forward ran;
-    in a frozen engine that never ran forward, like the EMA, it is still partitioned)."""
-    return not hasattr(param, "ds_tensor") or param.data.numel() == param.ds_numel
-
-
-def _full_value(param: nn.Parameter) -> torch.Tensor:
-    if _held_whole(param):
-        return param.data
-    import deepspeed
-    with deepspeed.zero.GatheredParameters([param]):
-        return param.data.clone()
-
-
-def _part_value(param: nn.Parameter, like: torch.Tensor) -> torch.Tensor:
-    return param.ds_tensor if hasattr(param, "ds_tensor") else _partition(param.data, like)
-
-
 @torch.no_grad()
 def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
     """Move `ema` (module of the EMA engine) towards `actor` (module of the actor engine)."""
@@ -96,18 +74,10 @@ def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
         source, lora = sources[name]
         if lora is None and not source.requires_grad:
             continue  # frozen and not LoRA-wrapped: EMA already equals it
-        delta = _lora_delta(lora, scaling, fan_in_fan_out) if lora is not None else None
-        if hasattr(target, "ds_tensor"):  # ZeRO-3: this rank's partition
-            _lerp(target.ds_tensor, _part_value(source, target.ds_tensor), delta, decay, partitioned=True)
-        if _held_whole(target):  # not ZeRO-3, or whole right now: forward and saving read this
-            _lerp(target.data, _full_value(source), delta, decay, partitioned=False)
-
-
-def _lerp(goal: torch.Tensor, value: torch.Tensor, delta: torch.Tensor | None, decay: float,
-          partitioned: bool) -> None:
-    """goal <- decay * goal + (1 - decay) * (value + delta), on goal's device, in fp32."""
-    value = value.to(goal.device, torch.float32)
-    if delta is not None:
-        delta = delta.to(goal.device)
-        value = value + (_partition(delta, value) if partitioned else delta)
-    goal.lerp_(value.to(goal.dtype), 1.0 - decay)
+        sharded = hasattr(target, "ds_tensor")  # ZeRO-3: this rank's partition (the actor's alike)
+        goal = target.ds_tensor if sharded else target.data
+        value = (source.ds_tensor if sharded else source.data).to(goal.device, torch.float32)
+        if lora is not None:
+            delta = _lora_delta(lora, scaling, fan_in_fan_out).to(goal.device)
+            value = value + (_partition(delta, value) if sharded else delta)
+        goal.lerp_(value.to(goal.dtype), 1.0 - decay)
