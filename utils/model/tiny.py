@@ -30,7 +30,7 @@ MAX_POSITIONS = 1024
 SPLIT_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-HIDDEN, LAYERS, HEADS, FFN = 128, 4, 4, 512
+HIDDEN, LAYERS, HEADS = 128, 4, 4  # tiny-<family>: hidden 128, MLP 512, 4 layers
 # `tiny-<family>-h<N>`: hidden N, MLP 4N, 2 layers. Sizes on both sides of ZeRO-3's parameter
 # persistence threshold (parameters under it stay whole on every rank, a separate code path):
 # h64 has 4k-element attention matrices, h256 has 262k-element MLP matrices.
@@ -48,24 +48,23 @@ def parse_tiny_name(name: str) -> tuple[str, int] | None:
 
 def _family_kwargs(family: str, hidden: int = HIDDEN) -> dict:
     """Config kwargs per family (vocab and special ids are added by the caller)."""
-    HIDDEN, FFN = hidden, 4 * hidden  # noqa: N806 - the default size's names, resized
-    LAYERS = 4 if hidden == 128 else SIZED_LAYERS  # noqa: N806
-    common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+    ffn, layers = 4 * hidden, LAYERS if hidden == HIDDEN else SIZED_LAYERS
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=HEADS,
                   max_position_embeddings=MAX_POSITIONS)
-    gpt_style = dict(n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=MAX_POSITIONS)
+    gpt_style = dict(n_embd=hidden, n_layer=layers, n_head=HEADS, n_positions=MAX_POSITIONS)
     return {
-        "opt": dict(common, ffn_dim=FFN, word_embed_proj_dim=HIDDEN),
-        "llama": dict(common, intermediate_size=FFN, num_key_value_heads=2),
-        "qwen2": dict(common, intermediate_size=FFN, num_key_value_heads=2),
-        "gpt2": dict(gpt_style, n_inner=FFN),
-        "gpt_neox": dict(common, intermediate_size=FFN, rotary_pct=0.25),
-        "bloom": dict(hidden_size=HIDDEN, n_layer=LAYERS, n_head=HEADS),  # ALiBi: no position limit
-        "gptj": dict(gpt_style, n_inner=FFN, rotary_dim=min(16, HIDDEN // HEADS)),
-        "gpt_neo": dict(hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS,
-                        max_position_embeddings=MAX_POSITIONS, intermediate_size=FFN,
-                        attention_types=[[["global", "local"], LAYERS // 2]], window_size=256),
+        "opt": dict(common, ffn_dim=ffn, word_embed_proj_dim=hidden),
+        "llama": dict(common, intermediate_size=ffn, num_key_value_heads=2),
+        "qwen2": dict(common, intermediate_size=ffn, num_key_value_heads=2),
+        "gpt2": dict(gpt_style, n_inner=ffn),
+        "gpt_neox": dict(common, intermediate_size=ffn, rotary_pct=0.25),
+        "bloom": dict(hidden_size=hidden, n_layer=layers, n_head=HEADS),  # ALiBi: no position limit
+        "gptj": dict(gpt_style, n_inner=ffn, rotary_dim=min(16, hidden // HEADS)),
+        "gpt_neo": dict(hidden_size=hidden, num_layers=layers, num_heads=HEADS,
+                        max_position_embeddings=MAX_POSITIONS, intermediate_size=ffn,
+                        attention_types=[[["global", "local"], layers // 2]], window_size=256),
         # CodeGen splits its fused QKV into 4 groups, and tensor parallelism halves that again.
-        "codegen": dict(gpt_style, n_head=8, n_ctx=MAX_POSITIONS, n_inner=FFN, rotary_dim=min(8, HIDDEN // 8)),
+        "codegen": dict(gpt_style, n_head=8, n_ctx=MAX_POSITIONS, n_inner=ffn, rotary_dim=min(8, hidden // 8)),
     }[family]
 
 
