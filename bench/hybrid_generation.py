@@ -50,13 +50,10 @@ def greedy_config(args, tokenizer):
                              top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
 
 
-def build_engine(args, model):
-    import deepspeed
-
-    from utils import ds_utils as ds
-    optimizer = ds.build_optimizer(model, lr=1e-5, weight_decay=0.0, lora_lr=1e-5, offload=False)
-    config = ds.train_ds_config(micro_batch=args.batch, zero_stage=3, dtype=args.dtype)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+def build_engine(strategy, args, model):
+    from utils.strategy import TrainSpec
+    engine, _ = strategy.prepare_trained(model, TrainSpec(lr=1e-5, weight_decay=0.0, lora_lr=1e-5, zero_stage=3,
+                                                          micro_batch=args.batch, scheduler="constant"))
     return engine
 
 
@@ -71,7 +68,7 @@ def run_variant(args) -> dict:
     import torch
     from transformers import GenerationConfig
 
-    from utils import ds_utils as ds
+    from utils.strategy import DeepSpeedStrategy
     from utils.model import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 
     if args.threads:
@@ -87,8 +84,9 @@ def run_variant(args) -> dict:
         generate = lambda: model.generate(input_ids=ids, attention_mask=mask, generation_config=config)  # noqa: E731
         step = None
     else:
-        ds.init_distributed()
-        engine = build_engine(args, model)
+        strategy = DeepSpeedStrategy(args.dtype)
+        strategy.setup_distributed()
+        engine = build_engine(strategy, args, model)
         step = lambda: train_step(engine, ids, mask)  # noqa: E731
         if args.variant == "zero3":
             def generate():

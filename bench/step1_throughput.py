@@ -41,7 +41,7 @@ def batches(batch_size: int, seq_len: int, count: int, tokenizer):
 def run_variant(args) -> dict:
     import torch
 
-    from utils import ds_utils as ds
+    from utils.strategy import DeepSpeedStrategy, TrainSpec
     from utils.model import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
     from utils.train_utils import causal_lm_loss
 
@@ -52,12 +52,11 @@ def run_variant(args) -> dict:
     data = batches(args.batch_size, args.seq_len, args.steps + args.warmup, tokenizer)
 
     if args.variant == "deepspeed":
-        import deepspeed
-        ds.init_distributed()
+        strategy = DeepSpeedStrategy(args.dtype)
+        strategy.setup_distributed()
         model = load_causal_lm(path, tokenizer, dtype=dtype)
-        optimizer = ds.build_optimizer(model, 1e-5, 0.0, 1e-4, offload=False)
-        config = ds.train_ds_config(micro_batch=args.batch_size, zero_stage=2, dtype=args.dtype)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        engine, _ = strategy.prepare_trained(model, TrainSpec(lr=1e-5, weight_decay=0.0, lora_lr=1e-4, zero_stage=2,
+                                                              micro_batch=args.batch_size, scheduler="constant"))
 
         def step(batch):
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -98,7 +97,7 @@ def run_variant(args) -> dict:
     losses = [step(batch).item() for batch in data[args.warmup:]]
     elapsed = time.perf_counter() - start
     if args.variant == "deepspeed":
-        ds.shutdown_distributed()
+        DeepSpeedStrategy.shutdown()
     return {"variant": args.variant, "seconds": elapsed, "steps": args.steps,
             "tokens_per_s": tokens / elapsed, "padded_tokens_per_s": padded / elapsed,
             "samples_per_s": args.steps * args.batch_size / elapsed,

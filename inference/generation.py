@@ -80,31 +80,3 @@ def seeded_rng(seed: int | None, device: torch.device):
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
         yield
-
-
-@contextlib.contextmanager
-def original_torch_linear():
-    """Undo DeepSpeed's process-wide F.linear replacement for the duration of the block.
-
-    ZeRO-3 swaps torch.nn.functional.linear for `zero3_linear_wrap` (an autograd Function,
-    "memory_efficient_linear", on by default) in the whole process, so every nn.Linear of any
-    model pays for it. Measured on SmolLM2-135M (fp32, batch 8, 1 thread, in a process that
-    had built a ZeRO-3 engine): plain generate 24.3 tok/s with the wrapper, 29.3 with torch's
-    own linear. The wrapper is put back afterwards: the trained engine relies on it."""
-    import torch.nn.functional as F
-    try:
-        from deepspeed.runtime.zero.partition_parameters import \
-            InsertPostInitMethodToModuleSubClasses as ZeroInit
-    except ImportError:  # no DeepSpeed: nothing was replaced
-        yield
-        return
-    original = getattr(ZeroInit, "linear_bk", None)
-    current = F.linear
-    if original is None or current is original:
-        yield
-        return
-    F.linear = original
-    try:
-        yield
-    finally:
-        F.linear = current

@@ -60,7 +60,6 @@ hybrid / HF generate on the ZeRO-3 module / plain unsharded HF generate:
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import gc
 import time
@@ -68,9 +67,14 @@ import time
 import torch
 from torch import nn
 
-from inference.generation import (answer_lengths, check_sampling, draw_seed, generation_config,
-                                  original_torch_linear, pad_to_width, seeded_rng)
+from inference.generation import (answer_lengths, check_sampling, draw_seed, generation_config, pad_to_width,
+                                  seeded_rng)
+from inference.tensor_parallel import (NotSliceable, ShardRefresher, TPGroups, broadcast_seed, check_tp_config,
+                                       gather_group_prompts, shard)
 from utils.config import ConfigError
+from utils.dist import world_size
+from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
+from utils.strategy import DeepSpeedStrategy
 
 
 class HybridEngine:
@@ -88,8 +92,6 @@ class HybridEngine:
                  tp_gather_partition_size: int = 8):
         """engine: the actor's deepspeed.DeepSpeedEngine (engine.module is an HF causal LM, or a
         peft PeftModel wrapping one)."""
-        from inference.tensor_parallel import TPGroups, check_tp_config
-        from utils import ds_utils as ds
         if tp_gather_partition_size < 1:
             raise ConfigError(f"--tp_gather_partition_size must be at least 1, got {tp_gather_partition_size}")
         self.engine = engine
@@ -98,7 +100,7 @@ class HybridEngine:
         self.tp_size = int(inference_tp_size)
         self.release_inference_cache = release_inference_cache
         self._trained, self._lora = _unwrap(engine.module)
-        check_tp_config(self._trained.config, self.tp_size, ds.world_size())
+        check_tp_config(self._trained.config, self.tp_size, world_size())
         self.device = torch.device(getattr(engine, "device", None) or "cpu")
         self._zero3 = engine.zero_optimization_stage() == 3
         self._dtype = next(self._trained.parameters()).dtype
@@ -134,7 +136,7 @@ class HybridEngine:
             config = generation_config(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
-            with original_torch_linear():
+            with DeepSpeedStrategy.torch_linear():
                 out = self._generate(prompt.to(self.device), prompt_mask.to(self.device), config,
                                      generator if do_sample else None, do_sample)
             generate_s = _elapsed(start, self.device)
@@ -170,7 +172,6 @@ class HybridEngine:
 
     def _build(self) -> int:
         """A new inference copy filled with the trained weights (and sharded under TP)."""
-        from inference.tensor_parallel import NotSliceable, ShardRefresher, shard
         self._model = self._refresher = None
         gc.collect()
         model = self._new_copy()
@@ -234,7 +235,6 @@ class HybridEngine:
     def _full_weights(self):
         """Yields, chunk by chunk, the trained weights whole and LoRA-fused, under the plain
         model's names. Under ZeRO-3 a chunk stays gathered only until the next one is asked."""
-        from utils.model import merge_lora_state_dict
         for chunk in self._chunks:
             with self._gathered([p for _, p in chunk]):
                 state = {name: p.data for name, p in chunk}
@@ -243,10 +243,7 @@ class HybridEngine:
                 yield state
 
     def _gathered(self, params):
-        if not self._zero3:
-            return contextlib.nullcontext()
-        import deepspeed
-        return deepspeed.zero.GatheredParameters(params)
+        return DeepSpeedStrategy.gathered(params)
 
     def _leave(self) -> None:
         if not self.release_inference_cache:
@@ -269,7 +266,6 @@ class HybridEngine:
 
     def _generate_tp(self, prompt, mask, config, generator, do_sample: bool) -> torch.Tensor:
         """The group generates its stacked prompts together; this rank keeps its rows."""
-        from inference.tensor_parallel import broadcast_seed, gather_group_prompts
         ids, full_mask, own, extra = gather_group_prompts(prompt, mask, self._groups, self.pad_token_id)
         seed = None
         if do_sample:  # every rank draws (generators stay in step), the first rank's seed wins
@@ -287,7 +283,6 @@ def _unwrap(module: nn.Module):
     if hasattr(module, "peft_config") and hasattr(module, "get_base_model"):
         from peft.tuners.lora import LoraLayer
 
-        from utils.model import lora_fan_in_fan_out, lora_scaling
         if any(getattr(m, "merged", False) for m in module.modules() if isinstance(m, LoraLayer)):
             raise ValueError("the actor's LoRA adapters are merged in place; the hybrid engine "
                              "fuses them into its own copy and expects them unmerged")

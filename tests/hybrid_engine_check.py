@@ -18,9 +18,13 @@ from pathlib import Path
 
 import torch
 
-from inference.generation import original_torch_linear, pad_to_width
+from inference.generation import pad_to_width
 from inference.hybrid_engine import HybridEngine
-from utils import ds_utils as ds
+from utils import dist
+from utils.strategy import DeepSpeedStrategy
+from utils.strategy.ds_config import train_ds_config
+from utils.strategy.export import gathered_state_dict
+from utils.strategy.optim import build_optimizer
 from utils.model import (apply_lora, load_causal_lm, load_tokenizer, merge_lora_state_dict,
                          resolve_model_path)
 
@@ -47,7 +51,7 @@ def plain_model(name: str, tokenizer, state: dict | None = None, dtype=torch.flo
 
 @torch.no_grad()
 def reference(model, ids, mask, tokenizer, eos=None, new=NEW) -> list:
-    with original_torch_linear():
+    with DeepSpeedStrategy.torch_linear():
         out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new,
                              pad_token_id=tokenizer.pad_token_id,
                              eos_token_id=tokenizer.eos_token_id if eos is None else eos)
@@ -71,8 +75,8 @@ def merged_state(peft_model) -> dict:
 
 def build_engine(model, zero_stage: int, dtype: str = "fp32"):
     import deepspeed
-    optimizer = ds.build_optimizer(model, lr=1e-2, weight_decay=0.0, lora_lr=1e-2, offload=False)
-    config = ds.train_ds_config(micro_batch=4, zero_stage=zero_stage, dtype=dtype)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.0, lora_lr=1e-2, offload=False)
+    config = train_ds_config(micro_batch=4, zero_stage=zero_stage, dtype=dtype)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     return engine
 
@@ -143,7 +147,7 @@ def scenario_zero(stage: int, tokenizer, device) -> dict:
     out["hybrid_after_step"] = hybrid_tokens(hybrid, ids, mask)
     out["gathers_after_step"] = counter.gathers
     out["stats_after_step"] = hybrid.last_stats
-    state = ds.gathered_state_dict(engine)
+    state = gathered_state_dict(engine)
     out["ref_after_step"] = reference(plain_model("tiny-llama", tokenizer, state), ids, mask, tokenizer)
     out["step_changed_output"] = ref != out["ref_after_step"]
     out["losses_after_generate"] = train_steps(engine, ids, mask, steps=2)
@@ -204,10 +208,10 @@ def scenario_lora(name: str, stage: int, tokenizer, device) -> dict:
     ref = reference(plain_model(name, tokenizer, merged_state(peft_model)), ids, mask, tokenizer)
     unfused = reference(plain_model(name, tokenizer), ids, mask, tokenizer)
     engine = build_engine(peft_model, stage)
-    before = {k: v.clone() for k, v in ds.gathered_state_dict(engine).items()}
+    before = {k: v.clone() for k, v in gathered_state_dict(engine).items()}
     hybrid = HybridEngine(engine, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     out = {"ref": ref, "unfused_ref": unfused, "hybrid": hybrid_tokens(hybrid, ids, mask)}
-    after = ds.gathered_state_dict(engine)
+    after = gathered_state_dict(engine)
     out["trained_untouched"] = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     out["copy_lora_modules"] = [n for n, _ in hybrid.inference_model.named_modules() if "lora" in n]
     out["copy_class"] = type(hybrid.inference_model).__name__
@@ -223,14 +227,14 @@ def _lora_args(peft_model) -> tuple:
 
 
 def merged_state_from(engine) -> dict:
-    return merge_lora_state_dict(ds.gathered_state_dict(engine), *_lora_args(engine.module))
+    return merge_lora_state_dict(gathered_state_dict(engine), *_lora_args(engine.module))
 
 
 def run_single(out_dir: Path) -> None:
     # tiny models gain nothing from a second thread, and a busy 2-core machine makes two
     # threads stall each other (measured: a tiny-llama generate ran 60x slower under load)
     torch.set_num_threads(1)
-    device = ds.init_distributed()
+    device = DeepSpeedStrategy().setup_distributed()
     tokenizer = load_tokenizer(resolve_model_path("tiny-llama"))
     results = {}
     for stage in (0, 2, 3):
@@ -258,7 +262,7 @@ def scenario_lora_free(name: str, stage: int, tokenizer, device, dtype: str = "f
 
 def scenario_multi(name: str, stage: int, tp: int, lora: bool, tokenizer, device) -> dict:
     """Ranks hold prompts of different lengths and counts; every rank must call generate()."""
-    rank = ds.rank()
+    rank = dist.rank()
     texts = TEXTS[rank:] if rank % 2 else TEXTS[:2]  # rank 1: 3 longer prompts, rank 0: 2
     ids, mask = prompts(tokenizer, texts, device)
     model = plain_model(name, tokenizer).train()
@@ -288,7 +292,7 @@ def scenario_multi(name: str, stage: int, tp: int, lora: bool, tokenizer, device
     train_steps(engine, *prompts(tokenizer, TEXTS[:2], device), steps=2)
     out["hybrid_after_step"] = hybrid_tokens(hybrid, ids, mask)
     out["stats_after_step"] = hybrid.last_stats
-    state = ds.gathered_state_dict(engine)  # rank 0 only
+    state = gathered_state_dict(engine)  # rank 0 only
     if state is not None and lora:
         state = merge_lora_state_dict(state, *_lora_args(engine.module))
     state = _broadcast_state(state)
@@ -309,14 +313,14 @@ def _broadcast_state(state):
 
 def run_multi(out_dir: Path) -> None:
     torch.set_num_threads(1)  # two ranks on a 2-core machine: one thread each
-    device = ds.init_distributed()
+    device = DeepSpeedStrategy().setup_distributed()
     tokenizer = load_tokenizer(resolve_model_path("tiny-llama"))
-    results = {"world": ds.world_size(), "pad": tokenizer.pad_token_id,
+    results = {"world": dist.world_size(), "pad": tokenizer.pad_token_id,
                "tp2_llama_zero3": scenario_multi("tiny-llama", 3, 2, False, tokenizer, device),
                "tp2_opt_lora_zero2": scenario_multi("tiny-opt", 2, 2, True, tokenizer, device),
                "dp_llama_zero3": scenario_multi("tiny-llama", 3, 1, False, tokenizer, device)}
-    (out_dir / f"rank{ds.rank()}.json").write_text(json.dumps(results))
-    ds.shutdown_distributed()
+    (out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(results))
+    DeepSpeedStrategy.shutdown()
 
 
 def main() -> None:

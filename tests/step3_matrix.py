@@ -25,7 +25,8 @@ import torch
 
 from training.step3_rlhf_finetuning import loop, ppo_trainer
 from training.step3_rlhf_finetuning.main import Step3Config
-from utils import ds_utils as ds
+from utils import dist
+from utils.strategy import DeepSpeedStrategy
 from utils.config import parse_config
 from utils.rl_math import group_residuals, masked_sum
 
@@ -35,7 +36,7 @@ ENGINE: dict = {}
 
 def fp32_state(engine) -> dict | None:
     """The engine's plain HF weights in fp32, LoRA merged in fp32 (rank 0; collective)."""
-    exported = ds.hf_state_dict(engine, torch.float32)
+    exported = DeepSpeedStrategy.hf_state_dict(engine, torch.float32)
     return None if exported is None else exported[1]
 
 
@@ -48,17 +49,17 @@ def probe_engine():
 
 
 def probe_ema():
-    real = loop.update_ema
+    real = DeepSpeedStrategy.update_ema
 
-    def update_ema(actor, ema, decay):
+    def update_ema(self, actor, ema, decay):
         engine = ENGINE["engine"]
         actor_now = fp32_state(engine.actor)
-        if ds.is_main():
+        if dist.is_main():
             hand = ENGINE["ema"]
             ENGINE["ema"] = {k: decay * v + (1 - decay) * actor_now[k] for k, v in hand.items()}
         REPORT["ema_updates"] += 1
-        real(actor, ema, decay)
-    loop.update_ema = update_ema
+        real(self, actor, ema, decay)
+    DeepSpeedStrategy.update_ema = update_ema
 
 
 def probe_advantages(cfg):
@@ -102,16 +103,16 @@ def probe_save():
                       else "none")
             for name, model in (("actor", engine.actor), ("actor_ema", engine.actor_ema)) if model is not None}
         REPORT["ema_dtype"] = str(next(engine.actor_ema.module.parameters()).dtype) if engine.actor_ema else None
-        finals = {"actor": ds.hf_state_dict(engine.actor)}
+        finals = {"actor": DeepSpeedStrategy.hf_state_dict(engine.actor)}
         if engine.critic is not None:
-            finals["critic"] = ds.hf_state_dict(engine.critic)
+            finals["critic"] = DeepSpeedStrategy.hf_state_dict(engine.critic)
         if engine.actor_ema is not None:
             ema = fp32_state(engine.actor_ema)
-            if ds.is_main():
+            if dist.is_main():
                 REPORT["ema_max_error"] = max((ema[k] - v).abs().max().item() for k, v in ENGINE["ema"].items())
                 REPORT["ema_moved"] = max((ema[k] - v.float()).abs().max().item()
                                           for k, v in ENGINE["actor_start"].items())
-            finals["actor_ema"] = ds.hf_state_dict(engine.actor_ema, engine.torch_dtype)
+            finals["actor_ema"] = DeepSpeedStrategy.hf_state_dict(engine.actor_ema, engine.torch_dtype)
         ENGINE["finals"] = finals
         real(engine, tokenizer, cfg, summary)
     loop.save_models = save_models
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
     probe_save()
     probe_start()
     loop.run(cfg)
-    if os.environ.get("RANK", "0") == "0":  # the process group is gone: ds.rank() says 0 everywhere
+    if os.environ.get("RANK", "0") == "0":  # the process group is gone: dist.rank() says 0 everywhere
         REPORT["reload_max_error"] = reload_errors(Path(cfg.output_dir), ENGINE["finals"])
         report_path.write_text(json.dumps(REPORT, indent=2))
 

@@ -10,28 +10,32 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
-from utils import ds_utils as ds
-from utils.fs import atomic_directory_write
+from utils.cli import free_port
+from utils.dist import on_cuda
+from utils.strategy.ds_config import eval_ds_config, load_user_ds_config, train_ds_config
+from utils.strategy.export import own_storage
+from utils.fs import atomic_directory_write, check_output_dir
+from utils.strategy.optim import optimizer_param_groups
 from utils.config import ConfigError, parse_config, parse_data_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_config_stages_offload_and_user_override():
-    cfg = ds.train_ds_config(micro_batch=4, grad_accum=2, zero_stage=3, offload=True, dtype="fp32",
-                             user_config=ds.load_user_ds_config(str(ROOT / "configs/ds_override_example.json")))
+    cfg = train_ds_config(micro_batch=4, grad_accum=2, zero_stage=3, offload=True, dtype="fp32",
+                             user_config=load_user_ds_config(str(ROOT / "configs/ds_override_example.json")))
     assert cfg["train_batch_size"] == 8 and cfg["gradient_accumulation_steps"] == 2
     zero = cfg["zero_optimization"]
     assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu"
     assert zero["offload_optimizer"]["device"] == "cpu"
     assert zero["reduce_bucket_size"] == 200000000  # user value wins, siblings kept
     assert cfg["gradient_clipping"] == 0.5 and "bf16" not in cfg and "fp16" not in cfg
-    assert ds.train_ds_config(micro_batch=1, dtype="bf16")["bf16"] == {"enabled": True}
+    assert train_ds_config(micro_batch=1, dtype="bf16")["bf16"] == {"enabled": True}
 
 
 def test_eval_config_partitions_only_under_zero3():
-    assert ds.eval_ds_config(micro_batch=2, zero_stage=2)["zero_optimization"]["stage"] == 0
-    cfg = ds.eval_ds_config(micro_batch=2, zero_stage=3, offload=True)
+    assert eval_ds_config(micro_batch=2, zero_stage=2)["zero_optimization"]["stage"] == 0
+    cfg = eval_ds_config(micro_batch=2, zero_stage=3, offload=True)
     assert cfg["zero_optimization"]["stage"] == 3
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
 
@@ -42,19 +46,19 @@ def test_eval_config_partitions_only_under_zero3():
     ({"zero_stage": 5}, "--zero_stage 5"),
 ])
 def test_impossible_combinations_are_refused(kwargs, message):
-    if kwargs.get("dtype") == "fp16" and ds.on_cuda():
+    if kwargs.get("dtype") == "fp16" and on_cuda():
         pytest.skip("fp16 is valid on CUDA")
     with pytest.raises(ConfigError, match=message):
-        ds.train_ds_config(micro_batch=1, **kwargs)
+        train_ds_config(micro_batch=1, **kwargs)
 
 
 def test_user_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
-        ds.load_user_ds_config(str(tmp_path / "nope.json"))
+        load_user_ds_config(str(tmp_path / "nope.json"))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
-        ds.load_user_ds_config(str(bad))
+        load_user_ds_config(str(bad))
 
 
 def test_atomic_write_keeps_old_contents_when_writer_fails(tmp_path):
@@ -77,19 +81,19 @@ def test_atomic_write_keeps_old_contents_when_writer_fails(tmp_path):
 
 
 def test_check_output_dir(tmp_path):
-    ds.check_output_dir(str(tmp_path / "new"), overwrite=False)
+    check_output_dir(str(tmp_path / "new"), overwrite=False)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="--overwrite_output_dir"):
-        ds.check_output_dir(str(tmp_path / "full"), overwrite=False)
-    ds.check_output_dir(str(tmp_path / "full"), overwrite=True)
+        check_output_dir(str(tmp_path / "full"), overwrite=False)
+    check_output_dir(str(tmp_path / "full"), overwrite=True)
 
 
 def test_param_groups_split_decay_norms_and_lora():
     import torch
     model = torch.nn.ModuleDict({"proj": torch.nn.Linear(4, 4), "norm": torch.nn.LayerNorm(4)})
     model.lora_A = torch.nn.Parameter(torch.zeros(2, 4))
-    groups = ds.optimizer_param_groups(model, weight_decay=0.1, lora_lr=5e-4)
+    groups = optimizer_param_groups(model, weight_decay=0.1, lora_lr=5e-4)
     by_decay = {(g["weight_decay"], g.get("lr")): len(g["params"]) for g in groups}
     assert by_decay == {(0.1, None): 1, (0.0, None): 3, (0.0, 5e-4): 1}
 
@@ -110,14 +114,15 @@ def test_shared_parser_dashes_types_and_split():
 SHM_PROBE = """
 import os, torch, torch.distributed as dist
 from pathlib import Path
-from utils import ds_utils as ds
-ds.init_distributed()
+from utils.strategy import DeepSpeedStrategy
+strategy = DeepSpeedStrategy()
+strategy.setup_distributed()
 mine = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
                            f"{os.environ['MASTER_PORT']}_{dist.get_rank()}")
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
 print("RESULT", mine.exists(), t.item(), flush=True)
-ds.shutdown_distributed()
+strategy.shutdown()
 """
 
 
@@ -127,7 +132,7 @@ def test_cpu_shm_buffer_does_not_outlive_the_run(nproc):
     """DeepSpeed's CPU all-reduce buffer (66 MB of /dev/shm per process) used to stay behind
     after every run; init_distributed removes its name once all ranks have mapped it. (The
     2-process tensor-parallel tests use DeepSpeed's shm all-reduce after that.)"""
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(ds.free_port()), "WORLD_SIZE": str(nproc)}
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(nproc)}
     procs = [subprocess.Popen([sys.executable, "-c", SHM_PROBE], cwd=ROOT, text=True, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]
@@ -144,7 +149,6 @@ def test_own_storage_copies_only_views_of_larger_storage():
     does not cover its storage, so those (and only those) are copied."""
     from safetensors.torch import save
 
-    from utils.ds_utils import own_storage
     flat = torch.arange(10.0)
     view = flat[2:6].view(2, 2)
     whole = torch.ones(3)

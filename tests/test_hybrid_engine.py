@@ -185,8 +185,8 @@ def test_tensor_parallel_refused_family_is_a_clear_error(family):
 
 def test_tp_size_must_divide_the_world(monkeypatch):
     from inference.hybrid_engine import HybridEngine
-    from utils import ds_utils
-    monkeypatch.setattr(ds_utils, "world_size", lambda: 3)
+    import inference.hybrid_engine
+    monkeypatch.setattr(inference.hybrid_engine, "world_size", lambda: 3)
     with pytest.raises(ConfigError, match="must divide the number of processes \\(3\\)"):
         HybridEngine(stub_engine("llama"), pad_token_id=1, eos_token_id=0, inference_tp_size=2)
     with pytest.raises(ConfigError, match="at least 1"):

@@ -19,7 +19,8 @@ from utils import checkpoint
 from utils.config import ConfigError
 from utils.metrics import read_jsonl
 from utils.rl_math import adaptive_kl_coef
-from utils.train_utils import NonFinite, step_if_finite
+from utils.strategy import DeepSpeedStrategy
+from utils.train_utils import NonFinite
 
 MODULE = "training.step1_supervised_finetuning.main"
 STEPS = 16
@@ -114,14 +115,14 @@ class FakeEngine:
 
 
 def test_crash_while_writing_leaves_the_previous_checkpoint_loadable(tmp_path):
-    checkpoint.save({"model": FakeEngine()}, checkpoint.LoopState(step=4, epoch=0, batches_done=4), tmp_path)
+    checkpoint.save(DeepSpeedStrategy("fp32"), {"model": FakeEngine()}, checkpoint.LoopState(step=4, epoch=0, batches_done=4), tmp_path)
     with pytest.raises(OSError):
-        checkpoint.save({"model": FakeEngine(fail=True)}, checkpoint.LoopState(step=6), tmp_path)
+        checkpoint.save(DeepSpeedStrategy("fp32"), {"model": FakeEngine(fail=True)}, checkpoint.LoopState(step=6), tmp_path)
     assert (tmp_path / "checkpoints" / ".tmp-step-00000006").is_dir()  # the torn attempt, aside
     newest = checkpoint.latest(tmp_path)
     assert newest.name == "step-00000004"
     engine = FakeEngine()
-    state = checkpoint.load({"model": engine}, newest)
+    state = checkpoint.load(DeepSpeedStrategy("fp32"), {"model": engine}, newest)
     assert (state.step, state.batches_done) == (4, 4) and engine.loaded == newest / "model"
 
 
@@ -147,9 +148,9 @@ def test_a_non_finite_loss_skips_the_update():
             self.calls.append("step")
 
     engine = Recorder()
-    assert not step_if_finite(engine, torch.tensor(float("nan"))) and engine.calls == []
-    assert not step_if_finite(engine, torch.tensor([1.0, float("inf")])) and engine.calls == []
-    assert step_if_finite(engine, torch.tensor(0.3)) and engine.calls == ["backward", "step"]
+    assert not DeepSpeedStrategy.step_if_finite(engine, torch.tensor(float("nan"))) and engine.calls == []
+    assert not DeepSpeedStrategy.step_if_finite(engine, torch.tensor([1.0, float("inf")])) and engine.calls == []
+    assert DeepSpeedStrategy.step_if_finite(engine, torch.tensor(0.3)) and engine.calls == ["backward", "step"]
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run():

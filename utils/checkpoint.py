@@ -22,7 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-CHECKPOINTS = "checkpoints"
+from utils import dist
+from utils.fs import CHECKPOINTS
+
 STATE = "state.json"
 
 
@@ -77,25 +79,21 @@ def latest(output_dir: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def save(engines: dict, state: LoopState, output_dir: str | Path, keep: int = 0) -> Path:
-    """Write a checkpoint of `engines` ({name: DeepSpeed engine}) and `state`; every rank calls
-    this. Returns the final folder. `keep` > 0 deletes all but the newest `keep` checkpoints."""
-    from utils import ds_utils as ds
-
+def save(strategy, engines: dict, state: LoopState, output_dir: str | Path, keep: int = 0) -> Path:
+    """Write a checkpoint of `engines` ({name: DeepSpeed engine}, through `strategy`) and
+    `state`; every rank calls this. Returns the final folder. `keep` > 0 deletes all but the
+    newest `keep` checkpoints."""
     name = f"step-{state.step:08d}"
     final, tmp = root(output_dir) / name, root(output_dir) / f".tmp-{name}"
-    if ds.is_main():
+    if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash while saving this step before
         tmp.mkdir(parents=True)
-    ds.barrier()
+    dist.barrier()
     for engine_name, engine in engines.items():
-        if _has_checkpointing(engine):
-            engine.save_checkpoint(str(tmp), tag=engine_name, save_latest=False)
-        else:
-            _save_weights(engine, tmp / f"{engine_name}.safetensors")
-    (tmp / f"rng-rank{ds.rank()}.json").write_text(json.dumps(rng_state()))
-    ds.barrier()
-    if ds.is_main():
+        strategy.save_engine(engine, tmp, engine_name)
+    (tmp / f"rng-rank{dist.rank()}.json").write_text(json.dumps(rng_state()))
+    dist.barrier()
+    if dist.is_main():
         (tmp / STATE).write_text(json.dumps(asdict(state), default=float))
         if final.exists():  # the same step saved by an earlier attempt of this run
             shutil.rmtree(final)
@@ -103,58 +101,15 @@ def save(engines: dict, state: LoopState, output_dir: str | Path, keep: int = 0)
         if keep > 0:
             for old in complete(output_dir)[:-keep]:
                 shutil.rmtree(old, ignore_errors=True)
-    ds.barrier()
+    dist.barrier()
     return final
 
 
-def load(engines: dict, folder: Path) -> LoopState:
+def load(strategy, engines: dict, folder: Path) -> LoopState:
     """Restore `engines` (model, optimizer, scheduler) and this rank's RNG from `folder`."""
-    from utils import ds_utils as ds
-    from utils.config import ConfigError
-
     for engine_name, engine in engines.items():
-        if not _has_checkpointing(engine):
-            _load_weights(engine, folder / f"{engine_name}.safetensors")
-            continue
-        path, _ = engine.load_checkpoint(str(folder), tag=engine_name, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise ConfigError(f"checkpoint {folder} has no state for {engine_name}")
-    rng = folder / f"rng-rank{ds.rank()}.json"
+        strategy.load_engine(engine, folder, engine_name)
+    rng = folder / f"rng-rank{dist.rank()}.json"
     if rng.is_file():  # absent when resuming with more processes than saved
         set_rng_state(json.loads(rng.read_text()))
     return LoopState(**json.loads((folder / STATE).read_text()))
-
-
-def _has_checkpointing(engine) -> bool:
-    """Frozen ZeRO-3 engines (the EMA actor) have no DeepSpeed checkpoint engine: their weights
-    are all there is to keep, so they are saved as one safetensors file instead."""
-    return getattr(engine, "checkpoint_engine", None) is not None
-
-
-def _save_weights(engine, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    from utils import ds_utils as ds
-    state = ds.gathered_state_dict(engine)  # a collective under ZeRO-3: every rank calls it
-    if ds.is_main():
-        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-
-
-def _load_weights(engine, path: Path) -> None:
-    import deepspeed
-    from safetensors.torch import load_file
-
-    from utils import ds_utils as ds
-    from utils.config import ConfigError
-    if not path.is_file():
-        raise ConfigError(f"checkpoint file {path} is missing")
-    state = load_file(str(path))
-    with torch.no_grad():
-        for name, param in engine.module.named_parameters():
-            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned: gather, set on rank 0, re-shard
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    if ds.is_main():
-                        param.copy_(state[name])
-            else:
-                param.copy_(state[name])

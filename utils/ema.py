@@ -12,10 +12,12 @@ lives on (CPU memory with --offload): nothing is gathered except the small LoRA 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
-from utils import ds_utils as ds
+from utils.dist import rank
 from utils.model.lora import ADAPTER, PEFT_PREFIX, lora_fan_in_fan_out, lora_scaling
 
 
@@ -46,9 +48,12 @@ def _source_params(actor: nn.Module) -> dict[str, tuple[nn.Parameter, tuple | No
     return out
 
 
-def _lora_delta(lora: tuple, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-    import deepspeed
-    with deepspeed.zero.GatheredParameters(list(lora), enabled=hasattr(lora[0], "ds_id")):
+def _whole(params) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def _lora_delta(lora: tuple, scaling: float, fan_in_fan_out: bool, gathered) -> torch.Tensor:
+    with gathered(lora):
         delta = scaling * (lora[1].float() @ lora[0].float())
     return delta.T if fan_in_fan_out else delta
 
@@ -56,7 +61,7 @@ def _lora_delta(lora: tuple, scaling: float, fan_in_fan_out: bool) -> torch.Tens
 def _partition(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
     """This rank's ZeRO-3 slice of a whole tensor, shaped like the local partition `part`."""
     flat = full.reshape(-1)
-    start = ds.rank() * part.numel()
+    start = rank() * part.numel()
     piece = flat[start:start + part.numel()]
     if piece.numel() < part.numel():  # the last partition is padded
         piece = torch.cat([piece, piece.new_zeros(part.numel() - piece.numel())])
@@ -64,8 +69,10 @@ def _partition(full: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
-    """Move `ema` (module of the EMA engine) towards `actor` (module of the actor engine)."""
+def update_ema(actor: nn.Module, ema: nn.Module, decay: float, gathered=_whole) -> None:
+    """Move `ema` (module of the EMA engine) towards `actor` (module of the actor engine).
+    `gathered(params)`: a context in which ZeRO-3-partitioned LoRA factors are whole (the
+    strategy's; the default suits models that are not partitioned)."""
     sources = _source_params(actor)
     peft = _is_peft(actor)
     scaling = lora_scaling(actor) if peft and any(lora for _, lora in sources.values()) else 0.0
@@ -78,6 +85,6 @@ def update_ema(actor: nn.Module, ema: nn.Module, decay: float) -> None:
         goal = target.ds_tensor if sharded else target.data
         value = (source.ds_tensor if sharded else source.data).to(goal.device, torch.float32)
         if lora is not None:
-            delta = _lora_delta(lora, scaling, fan_in_fan_out).to(goal.device)
+            delta = _lora_delta(lora, scaling, fan_in_fan_out, gathered).to(goal.device)
             value = value + (_partition(delta, value) if sharded else delta)
         goal.lerp_(value.to(goal.dtype), 1.0 - decay)

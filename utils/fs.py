@@ -14,6 +14,12 @@ from utils.config import ConfigError
 REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
+# An output folder's own sub-folders: the run's logs and its checkpoints survive the atomic
+# write of the model beside them.
+LOG_SUBDIR = "logs"
+CHECKPOINTS = "checkpoints"
+
+
 class WriteRefused(ConfigError):
     """A write the disk refused (see REFUSED): reported as one error line, like a ConfigError."""
 
@@ -128,3 +134,13 @@ def replace_directories(moves: dict) -> None:
     for _, _, aside in placed:
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
+
+
+def check_output_dir(output_dir: str, overwrite: bool) -> None:
+    """Refuse to write into a folder that already holds files, unless asked to."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--output_dir {output_dir} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"--output_dir {output_dir} already holds files; pass "
+                          "--overwrite_output_dir to replace them or choose another folder")

@@ -1,13 +1,24 @@
 """Pieces of the training loop that every step shares."""
 from __future__ import annotations
 
+import itertools
 import math
+import shutil
+import signal
 import time
+from dataclasses import asdict
 
 import torch
+import torch.distributed as torch_dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+from tqdm import tqdm
 
+from utils import checkpoint, dist
 from utils.config import ConfigError
+from utils.fs import LOG_SUBDIR, WriteRefused, check_output_dir, refused, refused_write
+from utils.metrics import MetricsLogger
+from utils.strategy import DeepSpeedStrategy, TrainSpec
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -29,8 +40,6 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, fp32: bool = Fals
 @torch.no_grad()
 def evaluate_lm(engine, dataloader, device) -> dict:
     """Token-weighted mean loss and perplexity over the whole eval set, across all ranks."""
-    import torch.distributed as dist
-
     was_training = engine.module.training
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
@@ -40,8 +49,8 @@ def evaluate_lm(engine, dataloader, device) -> dict:
         n_tokens = (batch["labels"][:, 1:] != -100).sum()
         loss = causal_lm_loss(logits, batch["labels"], fp32=True)
         total += torch.stack([loss.double() * n_tokens, n_tokens.double()])
-    if dist.is_initialized():
-        dist.all_reduce(total)
+    if torch_dist.is_initialized():
+        torch_dist.all_reduce(total)
     if was_training:
         engine.train()
     mean = (total[0] / total[1].clamp(min=1)).item()
@@ -50,50 +59,47 @@ def evaluate_lm(engine, dataloader, device) -> dict:
 
 # ---------------------------------------------------------------- run set-up shared by the steps
 
-def start_run(cfg, engines: tuple[dict, ...] = ({},)) -> torch.device:
+def start_run(cfg, engines: tuple[dict, ...] = ({},)) -> DeepSpeedStrategy:
     """Refuse a used output folder, join the process group, settle the dtype, check the trained
     engines' settings (`engines`: check_engine_config's flag names, one dict per engine; the
-    default is the one-model steps' engine), seed everything."""
-    from utils import ds_utils as ds
-    from utils.model import resolve_dtype_name
-
+    default is the one-model steps' engine), seed everything. Returns the run's strategy."""
     # --resume continues in the folder it left, so a used folder is expected there
-    ds.check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or getattr(cfg, "resume", False))
-    device = ds.init_distributed(cfg.local_rank)
-    cfg.dtype = resolve_dtype_name(cfg.dtype, device.type)
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or getattr(cfg, "resume", False))
+    strategy = DeepSpeedStrategy(cfg.dtype, cfg.deepspeed_config)
+    strategy.setup_distributed(cfg.local_rank)
+    cfg.dtype = strategy.dtype
     for flags in engines:
-        check_engine_config(cfg, **flags)
-    ds.set_seed(cfg.seed)
-    return device
+        check_engine_config(strategy, cfg, **flags)
+    dist.set_seed(cfg.seed)
+    return strategy
 
 
-def check_engine_config(cfg, zero_stage_flag: str = "--zero_stage",
+def check_engine_config(strategy: DeepSpeedStrategy, cfg, zero_stage_flag: str = "--zero_stage",
                         micro_batch_flag: str = "--per_device_train_batch_size") -> dict:
     """A trained engine's DeepSpeed config, built before any model or data is loaded so that a
     combination it cannot run (--offload without ZeRO, fp16 without CUDA, batch sizes in
     --deepspeed_config that disagree with the flags) is refused before any work. The flags
     name the engine's settings in `cfg` (Step 3: --actor_zero_stage, --critic_zero_stage and
     --per_device_training_batch_size); errors name them."""
-    from utils import ds_utils as ds
-
     zero_stage, micro_batch = getattr(cfg, zero_stage_flag[2:]), getattr(cfg, micro_batch_flag[2:])
     if cfg.offload and zero_stage == 0:
         raise ConfigError(f"--offload needs ZeRO stage 1, 2 or 3 ({zero_stage_flag})")
-    user = ds.load_user_ds_config(cfg.deepspeed_config)
-    config = ds.train_ds_config(micro_batch=micro_batch, grad_accum=cfg.gradient_accumulation_steps,
-                                zero_stage=zero_stage, offload=cfg.offload, dtype=cfg.dtype, user_config=user)
+    user = strategy.user_config
+    config = strategy.train_config(TrainSpec(lr=0.0, weight_decay=0.0, lora_lr=0.0, zero_stage=zero_stage,
+                                             micro_batch=micro_batch, grad_accum=cfg.gradient_accumulation_steps,
+                                             offload=cfg.offload))
     batch_keys = {"train_micro_batch_size_per_gpu": micro_batch_flag,
                   "gradient_accumulation_steps": "--gradient_accumulation_steps"}
     for key, flag in batch_keys.items():
         if key in user and user[key] != getattr(cfg, flag[2:]):
             raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets {key} {user[key]} but {flag} is "
                               f"{getattr(cfg, flag[2:])}: set batch sizes with the flags")
-    expected = micro_batch * cfg.gradient_accumulation_steps * ds.world_size()
+    expected = micro_batch * cfg.gradient_accumulation_steps * dist.world_size()
     if config["train_batch_size"] != expected:
         raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets train_batch_size "
                           f"{config['train_batch_size']}, which is not {micro_batch_flag} "
                           f"{micro_batch} x --gradient_accumulation_steps "
-                          f"{cfg.gradient_accumulation_steps} x {ds.world_size()} process(es) = {expected}")
+                          f"{cfg.gradient_accumulation_steps} x {dist.world_size()} process(es) = {expected}")
     return config
 
 
@@ -105,8 +111,6 @@ def loader_generator(seed: int) -> torch.Generator:
 
 def make_loaders(train_ds, eval_ds, collate, cfg):
     """(train loader, its sampler for set_epoch, eval loader), sharded over the processes."""
-    from torch.utils.data import DataLoader, DistributedSampler
-
     sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.seed)
     train = DataLoader(train_ds, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
                        collate_fn=collate, generator=loader_generator(cfg.seed))
@@ -120,23 +124,16 @@ def total_optimizer_steps(train_loader, cfg) -> int:
     return cfg.max_steps or math.ceil(len(train_loader) / cfg.gradient_accumulation_steps) * cfg.num_train_epochs
 
 
-def build_engine(model, cfg, total_steps: int):
-    """DeepSpeed engine with our optimizer and schedule; returns (engine, scheduler)."""
-    from utils import ds_utils as ds
-
-    return ds.initialize_trained(
-        model, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, lora_lr=cfg.lora_learning_rate,
-        zero_stage=cfg.zero_stage, offload=cfg.offload, dtype=cfg.dtype,
-        micro_batch=cfg.per_device_train_batch_size, grad_accum=cfg.gradient_accumulation_steps,
-        grad_clip=cfg.max_grad_norm, scheduler=cfg.lr_scheduler_type, warmup_steps=cfg.num_warmup_steps,
-        total_steps=total_steps, user_config=ds.load_user_ds_config(cfg.deepspeed_config))
+def train_spec(cfg, total_steps: int) -> TrainSpec:
+    """The one-model steps' trained engine, from their flags."""
+    return TrainSpec(lr=cfg.learning_rate, weight_decay=cfg.weight_decay, lora_lr=cfg.lora_learning_rate,
+                     zero_stage=cfg.zero_stage, micro_batch=cfg.per_device_train_batch_size,
+                     grad_accum=cfg.gradient_accumulation_steps, grad_clip=cfg.max_grad_norm, offload=cfg.offload,
+                     scheduler=cfg.lr_scheduler_type, warmup_steps=cfg.num_warmup_steps, total_steps=total_steps)
 
 
 def run_logger(cfg):
-    from utils import ds_utils as ds
-    from utils.metrics import MetricsLogger
-
-    return MetricsLogger(f"{cfg.output_dir}/{ds.LOG_SUBDIR}", enabled=ds.is_main(),
+    return MetricsLogger(f"{cfg.output_dir}/{LOG_SUBDIR}", enabled=dist.is_main(),
                          tensorboard=cfg.enable_tensorboard, tensorboard_dir=cfg.tensorboard_path or None)
 
 
@@ -173,7 +170,6 @@ class StopRequest:
         self.signal: int | None = None
 
     def __enter__(self):
-        import signal
         self._old = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
@@ -181,14 +177,12 @@ class StopRequest:
         self.signal = signum
 
     def __exit__(self, *exc):
-        import signal
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
 
     def requested(self) -> bool:
         """Whether any rank was asked to stop (all ranks must agree, to save together)."""
-        from utils import ds_utils as ds
-        return ds.any_rank(self.signal is not None)
+        return dist.any_rank(self.signal is not None)
 
 
 class NonFinite:
@@ -205,7 +199,6 @@ class NonFinite:
     def _left(self) -> str:
         if self.output_dir is None:
             return "the last checkpoint is intact"
-        from utils import checkpoint
         newest = checkpoint.latest(self.output_dir)
         return (f"the newest checkpoint, {newest}, is intact" if newest else
                 "no checkpoint was saved yet")
@@ -222,46 +215,16 @@ class NonFinite:
         return True
 
 
-def step_if_finite(engine, loss: torch.Tensor) -> bool:
-    """backward + step of a DeepSpeed engine, skipped (False) when the loss is NaN/inf on any
-    rank (the update is a collective: every rank must skip alike)."""
-    from utils import ds_utils as ds
-    if not ds.all_ranks(bool(torch.isfinite(loss.detach()).all())):
-        return False
-    engine.backward(loss)
-    engine.step()
-    return True
-
-
-def backward_and_step(engine, loss: torch.Tensor, graph_output: torch.Tensor, boundary: bool = True) -> bool:
-    """backward + step of a DeepSpeed engine in a loop that sets the accumulation boundaries
-    itself (Step 3). Returns whether the loss was finite on every rank.
-
-    A NaN/inf loss is not backpropagated; a zero built from `graph_output` (a finite tensor of
-    the same forward, e.g. the log-probs) is, so every micro-batch still makes exactly one
-    backward and one step: a gradient accumulation always ends where the loop says and the LR
-    schedule stays on its count. Every rank skips alike (the finiteness is agreed on)."""
-    from utils import ds_utils as ds
-    finite = ds.all_ranks(bool(torch.isfinite(loss.detach()).all()))
-    if not finite:
-        loss = graph_output.nan_to_num(0.0, 0.0, 0.0).float().sum() * 0.0
-    engine.set_gradient_accumulation_boundary(boundary)
-    engine.backward(loss)
-    engine.step()
-    return finite
-
-
 class RunCheckpoints:
     """The checkpoint side of a training loop (Steps 1, 2, DPO through fit(); Step 3's rounds):
     where to start (--resume), when to save (--save_steps, a stop signal, the end)."""
 
-    def __init__(self, engines: dict, cfg, name: str, say):
-        self.engines, self.cfg, self.name, self.say = engines, cfg, name, say
+    def __init__(self, strategy: DeepSpeedStrategy, engines: dict, cfg, name: str, say):
+        self.strategy, self.engines, self.cfg, self.name, self.say = strategy, engines, cfg, name, say
         self.every = getattr(cfg, "save_steps", 0)
 
     def start(self, logger):
         """(LoopState, resumed): the newest checkpoint's state with --resume, else a fresh one."""
-        from utils import checkpoint
 
         resume = getattr(self.cfg, "resume", False)
         folder = checkpoint.latest(self.cfg.output_dir) if resume else None
@@ -270,7 +233,7 @@ class RunCheckpoints:
                 self._forget_previous_run()
             logger.truncate_after(-1)  # a fresh start: no earlier run's or attempt's log lines
             return checkpoint.LoopState(), False
-        state = checkpoint.load(self.engines, folder)
+        state = checkpoint.load(self.strategy, self.engines, folder)
         logger.truncate_after(state.step)
         self.say(f"resumed from {folder} (step {state.step}, epoch {state.epoch}, "
                  f"{state.batches_done} batches in)")
@@ -279,33 +242,26 @@ class RunCheckpoints:
     def _forget_previous_run(self) -> None:
         """A fresh run in a folder that holds another run's checkpoints (--overwrite_output_dir,
         no --resume): remove them, so that a later --resume cannot continue the other run."""
-        import shutil
 
-        from utils import checkpoint
-        from utils import ds_utils as ds
         folder = checkpoint.root(self.cfg.output_dir)
         ours = sorted([*folder.glob("step-*"), *folder.glob(".tmp-step-*")]) if folder.is_dir() else []
-        if ds.is_main() and ours:
+        if dist.is_main() and ours:
             for old in ours:  # only what checkpoint.save writes: a user's own files there stay
                 shutil.rmtree(old)
             self.say(f"{self.name}: removed the previous run's {len(ours)} checkpoint folder(s) from "
                      f"{folder} (--overwrite_output_dir)")
-        ds.barrier()
+        dist.barrier()
 
     def save(self, state) -> None:
-        import shutil
 
-        from utils import checkpoint
-        from utils import ds_utils as ds
-        from utils.fs import WriteRefused, refused, refused_write
         try:
-            folder = checkpoint.save(self.engines, state, self.cfg.output_dir,
+            folder = checkpoint.save(self.strategy, self.engines, state, self.cfg.output_dir,
                                      keep=getattr(self.cfg, "save_total_limit", 0))
         except OSError as err:
             if not refused(err):
                 raise
             torn = checkpoint.root(self.cfg.output_dir) / f".tmp-step-{state.step:08d}"
-            if ds.is_main():  # free what the torn attempt took; complete checkpoints are untouched
+            if dist.is_main():  # free what the torn attempt took; complete checkpoints are untouched
                 shutil.rmtree(torn, ignore_errors=True)
             newest = checkpoint.latest(self.cfg.output_dir)
             left = (f"the newest complete checkpoint, {newest}, is intact (rerun with --resume once there "
@@ -328,7 +284,7 @@ class RunCheckpoints:
             self.save(state)
 
 
-def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_steps: int,
+def fit(strategy: DeepSpeedStrategy, engine, scheduler, cfg, name: str, train_loader, train_sampler, total_steps: int,
         loss_fn, evaluate, logger) -> tuple[int, list[dict]]:
     """The training loop every step shares: epochs, accumulation, logging, evaluation,
     checkpoints (--save_steps, --resume, SIGTERM/SIGINT) and skipping non-finite losses.
@@ -337,14 +293,9 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
     into the train/ log lines; `evaluate() -> metrics dict` (run before
     training, after each epoch, and every --eval_interval steps). Returns (optimizer steps
     taken, the evaluations in order)."""
-    import itertools
 
-    from tqdm import tqdm
-
-    from utils import ds_utils as ds
-
-    say = tqdm.write if ds.is_main() else (lambda *_: None)
-    checkpoints = RunCheckpoints({"model": engine}, cfg, name, say)
+    say = tqdm.write if dist.is_main() else (lambda *_: None)
+    checkpoints = RunCheckpoints(strategy, {"model": engine}, cfg, name, say)
     state, resumed = checkpoints.start(logger)
     nonfinite = NonFinite(getattr(cfg, "max_nonfinite_steps", 0), cfg.output_dir)
 
@@ -358,7 +309,7 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
     if not resumed:
         run_eval(0)
     window = ThroughputWindow()
-    progress = tqdm(total=total_steps, initial=state.step, desc=name, disable=cfg.disable_tqdm or not ds.is_main())
+    progress = tqdm(total=total_steps, initial=state.step, desc=name, disable=cfg.disable_tqdm or not dist.is_main())
     engine.train()
     with StopRequest() as stop:
         for epoch in range(state.epoch, cfg.num_train_epochs):
@@ -378,7 +329,7 @@ def fit(engine, scheduler, cfg, name: str, train_loader, train_sampler, total_st
                 engine.set_gradient_accumulation_boundary(boundary)
                 loss, samples, extras = loss_fn(batch)
                 value = loss.item()  # one device sync per micro-step, shared by the check and the log
-                if nonfinite.skip(value if step_if_finite(engine, loss) else float("nan"), state.step):
+                if nonfinite.skip(value if strategy.step_if_finite(engine, loss) else float("nan"), state.step):
                     logger.log(state.step, {"skipped_nonfinite": nonfinite.total}, prefix="train/")
                     say(f"{name}: skipped a micro-batch at step {state.step} (loss {value} here; "
                         "NaN/inf on at least one process)")
@@ -413,8 +364,6 @@ def final_save_refused(err, output_dir, held: str, what: str):
     """The one line for a final save the disk refused: `err`, then `held` (what the output
     folder still holds), then how to finish: rerun with --resume from the newest checkpoint,
     which saves `what`, or, with no checkpoint, that the trained weights are lost."""
-    from utils import checkpoint
-    from utils.fs import WriteRefused
 
     newest = checkpoint.latest(output_dir)
     return WriteRefused(f"{err}; {held}" + (
@@ -422,30 +371,24 @@ def final_save_refused(err, output_dir, held: str, what: str):
         if newest else "; the trained weights are lost (--save_steps keeps checkpoints to resume from)"))
 
 
-def finish_run(engine, tokenizer, cfg, logger, name: str, steps: int, evals: list[dict],
+def finish_run(strategy: DeepSpeedStrategy, engine, tokenizer, cfg, logger, name: str, steps: int, evals: list[dict],
                headline: str) -> dict:
     """Save the model with its config and a summary (each eval metric before and after
     training), print one closing line, close the logs and leave the process group."""
-    from dataclasses import asdict
-
-    from tqdm import tqdm
-
-    from utils import ds_utils as ds
-    from utils.fs import WriteRefused
 
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     summary = {"steps": steps, **{f"{k}_before": v for k, v in first.items()},
                **{f"{k}_after": v for k, v in last.items()}}
     try:
-        ds.save_hf_model(engine, tokenizer, cfg.output_dir,
+        strategy.save_hf_model(engine, tokenizer, cfg.output_dir,
                          extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
     except WriteRefused as err:  # e.g. a full disk: the folder keeps what it held, say how to finish
         raise final_save_refused(err, cfg.output_dir, f"{cfg.output_dir} holds what it held before",
                                  "the model") from err
-    if ds.is_main():
+    if dist.is_main():
         change = (f"{headline} {first[headline]:.4f} -> {last[headline]:.4f}; "
                   if evals and headline in first else "")
         tqdm.write(f"{name} done: {change}model saved to {cfg.output_dir}")
     logger.close()
-    ds.shutdown_distributed()
+    strategy.shutdown()
     return summary

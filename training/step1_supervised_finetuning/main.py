@@ -30,13 +30,14 @@ def main(argv=None) -> None:
     # Imports after parsing so `--help` and config errors answer at once.
     from tqdm import tqdm
 
-    from utils import ds_utils as ds
+    from utils import dist
     from utils.data import DataCollatorSFT, create_prompt_dataset
     from utils.model import apply_lora, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
-    from utils.train_utils import (build_engine, causal_lm_loss, evaluate_lm, finish_run, fit,
-                                   make_loaders, run_logger, start_run, to_device, total_optimizer_steps)
+    from utils.train_utils import (causal_lm_loss, evaluate_lm, finish_run, fit,
+                                   make_loaders, run_logger, start_run, train_spec, to_device, total_optimizer_steps)
 
-    device = start_run(cfg)
+    strategy = start_run(cfg)
+    device = dist.current_device()
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_causal_lm(model_path, tokenizer, dtype=resolve_dtype(cfg.dtype, device.type),
@@ -56,11 +57,11 @@ def main(argv=None) -> None:
     train_loader, train_sampler, eval_loader = make_loaders(
         train_ds, eval_ds, DataCollatorSFT(tokenizer.pad_token_id), cfg)
     total_steps = total_optimizer_steps(train_loader, cfg)
-    engine, scheduler = build_engine(model, cfg, total_steps)
+    engine, scheduler = strategy.prepare_trained(model, train_spec(cfg, total_steps))
     logger = run_logger(cfg)
-    say = tqdm.write if ds.is_main() else (lambda *_: None)
+    say = tqdm.write if dist.is_main() else (lambda *_: None)
     say(f"step1: {len(train_ds)} train / {len(eval_ds)} eval examples, {total_steps} optimizer steps, "
-        f"{ds.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}")
+        f"{dist.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}")
     if len(eval_ds) == 0:
         say("step1: warning: no held-out examples in this step's share; perplexity is not evaluated")
 
@@ -73,9 +74,9 @@ def main(argv=None) -> None:
     def evaluate():
         return evaluate_lm(engine, eval_loader, device) if len(eval_ds) else {}
 
-    step, evals = fit(engine, scheduler, cfg, "step1", train_loader, train_sampler, total_steps,
+    step, evals = fit(strategy, engine, scheduler, cfg, "step1", train_loader, train_sampler, total_steps,
                       loss_fn, evaluate, logger)
-    finish_run(engine, tokenizer, cfg, logger, "step1", step, evals, headline="perplexity")
+    finish_run(strategy, engine, tokenizer, cfg, logger, "step1", step, evals, headline="perplexity")
 
 
 if __name__ == "__main__":

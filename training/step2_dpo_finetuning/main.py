@@ -50,14 +50,15 @@ def main(argv=None) -> None:
     import torch
     from tqdm import tqdm
 
-    from utils import ds_utils as ds
+    from utils import dist
     from utils.data import DataCollatorReward, create_prompt_dataset
     from utils.model import apply_lora, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
     from utils.rl_math import answer_token_mask, dpo_loss, sequence_log_probs
-    from utils.train_utils import (build_engine, finish_run, fit, make_loaders, run_logger, start_run,
+    from utils.train_utils import (finish_run, fit, make_loaders, run_logger, start_run, train_spec,
                                    to_device, total_optimizer_steps)
 
-    device = start_run(cfg)
+    strategy = start_run(cfg)
+    device = dist.current_device()
     dtype = resolve_dtype(cfg.dtype, device.type)
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
                            trust_remote_code=cfg.trust_remote_code,
                            gradient_checkpointing=cfg.gradient_checkpointing)
     adapter_reference = cfg.lora_dim > 0 and cfg.only_optimize_lora and not cfg.ref_model_name_or_path
-    reference = None if adapter_reference else _reference_engine(cfg, model_path, tokenizer, dtype)
+    reference = None if adapter_reference else _reference_engine(strategy, cfg, model_path, tokenizer, dtype)
     if cfg.lora_dim > 0:
         model = apply_lora(model, cfg.lora_dim, cfg.lora_module_name, cfg.lora_alpha,
                            cfg.only_optimize_lora)
@@ -78,11 +79,11 @@ def main(argv=None) -> None:
     train_loader, train_sampler, eval_loader = make_loaders(
         train_ds, eval_ds, DataCollatorReward(tokenizer.pad_token_id), cfg)
     total_steps = total_optimizer_steps(train_loader, cfg)
-    engine, scheduler = build_engine(model, cfg, total_steps)
+    engine, scheduler = strategy.prepare_trained(model, train_spec(cfg, total_steps))
     logger = run_logger(cfg)
-    say = tqdm.write if ds.is_main() else (lambda *_: None)
+    say = tqdm.write if dist.is_main() else (lambda *_: None)
     say(f"dpo: {len(train_ds)} train / {len(eval_ds)} eval pairs, {total_steps} optimizer steps, "
-        f"{ds.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}, beta {cfg.beta}, "
+        f"{dist.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}, beta {cfg.beta}, "
         f"reference: {'LoRA adapters off' if adapter_reference else 'frozen copy'}")
 
     def answer_log_probs(module, batch):
@@ -123,20 +124,19 @@ def main(argv=None) -> None:
             chosen_all.append(chosen)
             rejected_all.append(rejected)
         engine.train()
-        chosen, rejected = ds.all_gather_cat(torch.cat(chosen_all)), ds.all_gather_cat(torch.cat(rejected_all))
-        loss = ds.all_gather_cat(torch.cat(losses)).sum() / chosen.numel()
+        chosen, rejected = dist.all_gather_cat(torch.cat(chosen_all)), dist.all_gather_cat(torch.cat(rejected_all))
+        loss = dist.all_gather_cat(torch.cat(losses)).sum() / chosen.numel()
         return {"accuracy": (chosen > rejected).float().mean().item(),
                 "chosen_reward": chosen.mean().item(), "rejected_reward": rejected.mean().item(),
                 "margin": (chosen - rejected).mean().item(), "loss": loss.item()}
 
-    step, evals = fit(engine, scheduler, cfg, "dpo", train_loader, train_sampler, total_steps,
+    step, evals = fit(strategy, engine, scheduler, cfg, "dpo", train_loader, train_sampler, total_steps,
                       loss_fn, evaluate, logger)
-    finish_run(engine, tokenizer, cfg, logger, "dpo", step, evals, headline="accuracy")
+    finish_run(strategy, engine, tokenizer, cfg, logger, "dpo", step, evals, headline="accuracy")
 
 
-def _reference_engine(cfg, model_path, tokenizer, dtype):
+def _reference_engine(strategy, cfg, model_path, tokenizer, dtype):
     """The frozen reference as a DeepSpeed inference engine (ZeRO-3 sharded when the policy is)."""
-    from utils import ds_utils as ds
     from utils.model import load_causal_lm, require_same_tokenizer, resolve_model_path
 
     ref_path = resolve_model_path(cfg.ref_model_name_or_path) if cfg.ref_model_name_or_path else model_path
@@ -145,8 +145,8 @@ def _reference_engine(cfg, model_path, tokenizer, dtype):
                                cfg.trust_remote_code)
     model = load_causal_lm(ref_path, tokenizer, dtype=dtype, dropout=0.0,
                            trust_remote_code=cfg.trust_remote_code)
-    return ds.initialize_frozen(model, zero_stage=cfg.zero_stage, offload=cfg.offload_reference_model,
-                                dtype=cfg.dtype, micro_batch=2 * cfg.per_device_train_batch_size)
+    return strategy.prepare_frozen(model, zero_stage=cfg.zero_stage, offload=cfg.offload_reference_model,
+                                   micro_batch=2 * cfg.per_device_train_batch_size)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,15 @@ def main(argv=None) -> None:
     import torch
     from tqdm import tqdm
 
-    from utils import ds_utils as ds
+    from utils import dist
     from utils.data import DataCollatorReward, create_prompt_dataset
     from utils.model import (apply_lora, divergence_loss, end_scores, load_reward_model, load_tokenizer,
                              pair_metrics, pairwise_loss, resolve_dtype, resolve_model_path)
-    from utils.train_utils import (build_engine, finish_run, fit, make_loaders, run_logger, start_run,
+    from utils.train_utils import (finish_run, fit, make_loaders, run_logger, start_run, train_spec,
                                    to_device, total_optimizer_steps)
 
-    device = start_run(cfg)
+    strategy = start_run(cfg)
+    device = dist.current_device()
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
     model = load_reward_model(model_path, tokenizer, dtype=resolve_dtype(cfg.dtype, device.type),
@@ -64,11 +65,11 @@ def main(argv=None) -> None:
     train_loader, train_sampler, eval_loader = make_loaders(
         train_ds, eval_ds, DataCollatorReward(tokenizer.pad_token_id), cfg)
     total_steps = total_optimizer_steps(train_loader, cfg)
-    engine, scheduler = build_engine(model, cfg, total_steps)
+    engine, scheduler = strategy.prepare_trained(model, train_spec(cfg, total_steps))
     logger = run_logger(cfg)
-    say = tqdm.write if ds.is_main() else (lambda *_: None)
+    say = tqdm.write if dist.is_main() else (lambda *_: None)
     say(f"step2: {len(train_ds)} train / {len(eval_ds)} eval pairs, {total_steps} optimizer steps, "
-        f"{ds.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}, {cfg.loss} loss")
+        f"{dist.world_size()} process(es), ZeRO-{cfg.zero_stage}, {cfg.dtype}, {cfg.loss} loss")
 
     def scores(batch):
         """(chosen rewards, rejected rewards, values, batch): the first half of the rows are chosen."""
@@ -99,12 +100,12 @@ def main(argv=None) -> None:
             chosen_all.append(chosen.float())
             rejected_all.append(rejected.float())
         engine.train()
-        chosen, rejected = ds.all_gather_cat(torch.cat(chosen_all)), ds.all_gather_cat(torch.cat(rejected_all))
+        chosen, rejected = dist.all_gather_cat(torch.cat(chosen_all)), dist.all_gather_cat(torch.cat(rejected_all))
         return {**pair_metrics(chosen, rejected), "loss": pairwise_loss(chosen, rejected).item()}
 
-    step, evals = fit(engine, scheduler, cfg, "step2", train_loader, train_sampler, total_steps,
+    step, evals = fit(strategy, engine, scheduler, cfg, "step2", train_loader, train_sampler, total_steps,
                       loss_fn, evaluate, logger)
-    finish_run(engine, tokenizer, cfg, logger, "step2", step, evals, headline="accuracy")
+    finish_run(strategy, engine, tokenizer, cfg, logger, "step2", step, evals, headline="accuracy")
 
 
 if __name__ == "__main__":

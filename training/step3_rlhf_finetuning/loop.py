@@ -15,11 +15,10 @@ from tqdm import tqdm
 from training.step3_rlhf_finetuning.ppo_trainer import (DeepSpeedPPOTrainer,
                                                         DeepSpeedPPOTrainerUnsupervised, Experience)
 from training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
-from utils import ds_utils as ds
+from utils import dist
 from utils import flops
 from utils.config import ConfigError
 from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
-from utils.ema import update_ema
 from utils.fs import WriteRefused, refused_write, replace_directories
 from utils.model import load_tokenizer, resolve_model_path
 from utils.rl_math import adaptive_kl_coef
@@ -38,7 +37,7 @@ def prompt_loader(cfg, tokenizer):
     train, _ = create_prompt_dataset(
         cfg.data_path, cfg.data_split, cfg.data_output_path, 3, cfg.seed, tokenizer,
         cfg.max_prompt_seq_len, num_examples=cfg.num_examples, max_prompt_seq_len=cfg.max_prompt_seq_len)
-    per_round = cfg.per_device_generation_batch_size * ds.world_size()
+    per_round = cfg.per_device_generation_batch_size * dist.world_size()
     if len(train) < per_round:
         raise ConfigError(f"Step 3 has {len(train)} prompts, fewer than one generation batch "
                           f"({per_round}): check --data_path/--data_split or lower "
@@ -144,7 +143,7 @@ def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite
                 entropies.append(trainer.last_entropy)
                 shifts.append(trainer.last_policy_shift)
         if engine.actor_ema is not None:  # once per actor optimizer step, as --ema_decay says
-            update_ema(engine.actor.module, engine.actor_ema.module, cfg.ema_decay)
+            engine.strategy.update_ema(engine.actor, engine.actor_ema, cfg.ema_decay)
     out = {"actor_loss": _mean(actor_losses), "critic_loss": _mean(critic_losses), "entropy": _mean(entropies),
            "policy_shift": _mean(shifts), "first_policy_shift": shifts[0] if shifts else float("nan"),
            "skipped_nonfinite": nonfinite.total}
@@ -156,8 +155,8 @@ def ppo_update(trainer, cfg, exps: list[Experience], unsup, nonfinite: NonFinite
 def step_token_count(micro_batches: list[Experience]) -> float:
     """Answer tokens of one optimizer step's micro-batches on all processes (DAPO's normalizer)."""
     count = torch.tensor([float(sum(int(m.action_mask.sum()) for m in micro_batches))], dtype=torch.float64,
-                         device=ds.current_device())
-    if ds.world_size() > 1:
+                         device=dist.current_device())
+    if dist.world_size() > 1:
         torch.distributed.all_reduce(count)
     return max(count.item(), 1.0)
 
@@ -176,12 +175,12 @@ def _mean(xs: list[float]) -> float:
 
 def _reduce_mean(metrics: dict) -> dict:
     """Average each metric over the processes (each rolled out its own prompts)."""
-    if ds.world_size() == 1:
+    if dist.world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=ds.current_device())
+    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dist.current_device())
     torch.distributed.all_reduce(t)
-    return dict(zip(keys, (t / ds.world_size()).tolist()))
+    return dict(zip(keys, (t / dist.world_size()).tolist()))
 
 
 def print_answer(tokenizer, exp: Experience, say) -> None:
@@ -240,32 +239,32 @@ def save_models(engine, tokenizer, cfg, summary: dict) -> None:
     staging = out / STAGING
     models = {name: model for name, model in (("actor", engine.actor), ("actor_ema", engine.actor_ema),
                                                ("critic", engine.critic)) if model is not None}
-    if ds.is_main():
+    if dist.is_main():
         shutil.rmtree(staging, ignore_errors=True)  # left by a crash while saving before
     try:
         for name, model in models.items():
             try:
                 # the EMA is averaged in fp32 and saved in the training dtype, like the actor
-                ds.save_hf_model(model, tokenizer, staging / name, extra_json=extra,
+                engine.strategy.save_hf_model(model, tokenizer, staging / name, extra_json=extra,
                                  dtype=engine.torch_dtype if name == "actor_ema" else None)
             except WriteRefused as err:  # name the model, not its staging folder
                 if not isinstance(err.__cause__, OSError):
                     raise
                 raise refused_write(err.__cause__, f"the final {name} model") from err
-        if ds.is_main():
+        if dist.is_main():
             replace_directories({staging / name: out / name for name in models})
     except WriteRefused as err:
         held = f"{', '.join(models)} in {out} hold what they held before (none was replaced)"
         raise final_save_refused(err, out, held, "the models") from err
     finally:
-        if ds.is_main():
+        if dist.is_main():
             shutil.rmtree(staging, ignore_errors=True)
-    ds.barrier()
+    dist.barrier()
 
 
 def run(cfg, reward_fn=None) -> dict:
     """The whole of Step 3; returns the summary (first/last round metrics)."""
-    start_run(cfg, ENGINES)
+    strategy = start_run(cfg, ENGINES)
     tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
                                trust_remote_code=cfg.trust_remote_code)
     if reward_fn is None and cfg.reward_source == "checker":
@@ -274,21 +273,22 @@ def run(cfg, reward_fn=None) -> dict:
     unsup = unsupervised_batches(cfg, tokenizer)
     rounds, optimizer_steps = total_iterations(cfg, loader)
     engine = DeepSpeedRLHFEngine(cfg.actor_model_name_or_path, cfg.critic_model_name_or_path, tokenizer,
-                                 cfg, optimizer_steps, reward_model_name_or_path=cfg.reward_model_name_or_path or None)
+                                 cfg, optimizer_steps, reward_model_name_or_path=cfg.reward_model_name_or_path or None,
+                                 strategy=strategy)
     trainer_cls = DeepSpeedPPOTrainerUnsupervised if unsup is not None else DeepSpeedPPOTrainer
     trainer = trainer_cls(engine, cfg, reward_fn=reward_fn)
     phase_flops = PhaseFlops(engine, cfg)
     logger = run_logger(cfg)
-    say = tqdm.write if ds.is_main() else (lambda *_: None)
+    say = tqdm.write if dist.is_main() else (lambda *_: None)
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of "
         f"{answers_per_rank(cfg)} answers "
-        f"x {ds.world_size()} "
+        f"x {dist.world_size()} "
         f"process(es), actor ZeRO-{cfg.actor_zero_stage}, "
         f"{f'critic ZeRO-{cfg.critic_zero_stage}' if engine.critic is not None else 'no critic'}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.enable_hybrid_engine else 'off'}")
 
     trained = {"actor": engine.actor, "critic": engine.critic, "actor_ema": engine.actor_ema}
-    checkpoints = RunCheckpoints({name: model for name, model in trained.items() if model is not None},
+    checkpoints = RunCheckpoints(strategy, {name: model for name, model in trained.items() if model is not None},
                                  cfg, "step3", say)
     state, _ = checkpoints.start(logger)
     trainer.kl_coef = state.extra.get("kl_coef", trainer.kl_coef)  # a resumed run's controller
@@ -298,7 +298,7 @@ def run(cfg, reward_fn=None) -> dict:
     if unsup is not None:  # the ptx batches the finished rounds used
         unsup = itertools.islice(unsup, state.step * micro_batches_per_round(cfg), None)
     nonfinite = NonFinite(cfg.max_nonfinite_steps, cfg.output_dir, NONFINITE_ADVICE)
-    progress = tqdm(total=rounds, initial=state.step, desc="step3", disable=cfg.disable_tqdm or not ds.is_main())
+    progress = tqdm(total=rounds, initial=state.step, desc="step3", disable=cfg.disable_tqdm or not dist.is_main())
     with StopRequest() as stop:
         for round_index in range(state.step, rounds):
             metrics = one_round(trainer, cfg, [next(batches)[1] for _ in range(cfg.generation_batches)],
@@ -306,7 +306,7 @@ def run(cfg, reward_fn=None) -> dict:
             state.step = round_index + 1
             if cfg.target_kl > 0:  # the same on every rank: metrics are all-reduced
                 trainer.kl_coef = state.extra["kl_coef"] = adaptive_kl_coef(
-                    trainer.kl_coef, metrics["kl"], cfg.target_kl, answers_per_rank(cfg) * ds.world_size(),
+                    trainer.kl_coef, metrics["kl"], cfg.target_kl, answers_per_rank(cfg) * dist.world_size(),
                     cfg.kl_horizon)
             state.extra.setdefault("first", metrics)
             state.extra["last"] = metrics
@@ -324,11 +324,11 @@ def run(cfg, reward_fn=None) -> dict:
     summary = {"rounds": rounds, **{f"{k}_first": v for k, v in first.items()},
                **{f"{k}_last": v for k, v in last.items()}} if first else {"rounds": 0}
     save_models(engine, tokenizer, cfg, summary)
-    if ds.is_main() and first:
+    if dist.is_main() and first:
         say(f"step3 done: reward {first['reward']:.4f} -> {last['reward']:.4f}, "
             f"KL {last['kl']:.4f}; actor saved to {cfg.output_dir}/actor")
     logger.close()
-    ds.shutdown_distributed()
+    strategy.shutdown()
     return summary
 
 
@@ -361,7 +361,7 @@ def one_round(trainer, cfg, prompt_batches, unsup, phase_flops: PhaseFlops, roun
         exps.append(trainer.generate_experience(batch, step=round_index))
         gen_s += trainer.last_generation_s
     scoring_s = time.perf_counter() - start - gen_s
-    if cfg.print_answers and ds.is_main() and round_index % cfg.print_answers_interval == 0:
+    if cfg.print_answers and dist.is_main() and round_index % cfg.print_answers_interval == 0:
         print_answer(trainer.tokenizer, exps[0], say)
     per_exp = [DeepSpeedPPOTrainer.experience_stats(e) for e in exps]
     stats = {k: _mean([st[k] for st in per_exp]) for k in per_exp[0]}

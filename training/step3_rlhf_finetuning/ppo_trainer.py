@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from inference.generation import pad_to_width
-from utils import ds_utils as ds
+from utils import dist
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.reward_model import end_scores
 from utils.rl_math import (aggregate_loss, answer_mask, answer_width, clipped_surrogate, entropy_from_logits,
                            gae_advantages, group_advantages, k3_kl, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, value_loss, whiten)
-from utils.train_utils import backward_and_step, causal_lm_loss, to_device
+from utils.train_utils import causal_lm_loss, to_device
 
 # reward_fn(prompts (B, P), seq (B, P + A), attention_mask (B, P + A), action_mask (B, A)) -> (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -87,6 +87,7 @@ class DeepSpeedPPOTrainer:
 
     def __init__(self, engine, args, reward_fn: RewardFn | None = None):
         self.rlhf_engine = engine
+        self.strategy = engine.strategy
         self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
         self.args = args
         self.tokenizer = engine.tokenizer
@@ -125,7 +126,7 @@ class DeepSpeedPPOTrainer:
         out = self.actor.module.generate(
             input_ids=prompts, attention_mask=mask, max_new_tokens=a.max_answer_seq_len,
             pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
-            synced_gpus=self.actor.zero_optimization_stage() == 3 and ds.world_size() > 1, **sampling)
+            synced_gpus=self.actor.zero_optimization_stage() == 3 and dist.world_size() > 1, **sampling)
         self.actor.train(was_training)
         # generate pads rows that ended early; it stops once all have ended, so pad to the width
         return pad_to_width(out, prompts.size(1) + a.max_answer_seq_len, self.pad_token_id)
@@ -160,7 +161,7 @@ class DeepSpeedPPOTrainer:
         --samples_per_prompt K the experience has K rows per prompt, each prompt's rows together."""
         if isinstance(prompts, dict):
             prompts, mask = prompts["prompt"], prompts["prompt_att_mask"]
-        device = ds.current_device()
+        device = dist.current_device()
         prompts, mask = prompts.to(device), mask.to(device)
         k = getattr(self.args, "samples_per_prompt", 1)
         if k > 1:  # each prompt's answers in consecutive rows: the groups of rloo / grpo
@@ -231,7 +232,7 @@ class DeepSpeedPPOTrainer:
                                     normalizer=self._dapo_normalizer(self.actor, step_tokens))
         # a NaN/inf loss contributes nothing (a zero gradient through log_probs keeps DeepSpeed's
         # accumulation intact); the loop counts the micro-batch as skipped
-        actor_applied = backward_and_step(self.actor, actor_loss, log_probs,
+        actor_applied = self.strategy.backward_and_step(self.actor, actor_loss, log_probs,
                                           boundary=boundary and not self.ptx_follows)
         self.last_entropy = masked_mean(entropy, exp.action_mask).item()
         # how far this update's policy already is from the rollout's (0 on the first micro-step)
@@ -242,7 +243,7 @@ class DeepSpeedPPOTrainer:
             return actor_loss.detach(), torch.zeros(())
         values = self._values(self.critic, exp.seq, exp.attention_mask, exp.prompt_len)
         critic_loss = value_loss(values, exp.values, exp.returns, exp.action_mask, a.cliprange_value)
-        critic_applied = backward_and_step(self.critic, critic_loss, values, boundary=boundary)
+        critic_applied = self.strategy.backward_and_step(self.critic, critic_loss, values, boundary=boundary)
         self.last_update_skipped = not (critic_applied and actor_applied)
         return actor_loss.detach(), critic_loss.detach()
 
@@ -253,7 +254,7 @@ class DeepSpeedPPOTrainer:
         divided by their number."""
         if step_tokens is None:
             return None
-        return step_tokens / (engine.gradient_accumulation_steps() * ds.world_size())
+        return step_tokens / (engine.gradient_accumulation_steps() * dist.world_size())
 
     @staticmethod
     def experience_stats(exp: Experience) -> dict:
@@ -274,11 +275,11 @@ class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
     ptx_follows = True
 
     def train_unsupervised(self, batch: dict, unsup_coef: float, boundary: bool = True) -> torch.Tensor:
-        batch = to_device(batch, ds.current_device())
+        batch = to_device(batch, dist.current_device())
         logits = self.actor(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                             use_cache=False).logits
         loss = causal_lm_loss(logits, batch["labels"], fp32=self.args.compute_fp32_loss)
-        self.last_ptx_applied = backward_and_step(self.actor, unsup_coef * loss, logits, boundary=boundary)
+        self.last_ptx_applied = self.strategy.backward_and_step(self.actor, unsup_coef * loss, logits, boundary=boundary)
         return loss.detach()
 
 

@@ -10,20 +10,27 @@ reward     frozen reward model (the Step 2 output), `--offload_reward_model`; No
            `--reward_source checker` (the answers are scored by the task's checker instead)
 
 All five exchange token ids, so every tokenizer must equal the actor's: checked first, before
-any model is loaded.
+any model is loaded. Every engine is built by the run's DeepSpeedStrategy (`strategy`; one is
+made from `args` when not given, as DeepSpeed-Chat's scripts construct the engine directly).
 """
 from __future__ import annotations
 
 
-from utils import ds_utils as ds
+from utils.dist import current_device
 from utils.ema import ema_placement
 from utils.model import (apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer,
-                         resolve_dtype, resolve_model_path)
+                         resolve_model_path)
+from utils.strategy import DeepSpeedStrategy, TrainSpec
 
 
 class DeepSpeedRLHFEngine:
     def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer,
-                 args, num_total_iters: int, reward_model_name_or_path: str | None = None):
+                 args, num_total_iters: int, reward_model_name_or_path: str | None = None,
+                 strategy: DeepSpeedStrategy | None = None):
+        if strategy is None:
+            strategy = DeepSpeedStrategy(args.dtype, args.deepspeed_config)
+            strategy.setup_distributed()
+        self.strategy = strategy
         self.args = args
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
@@ -38,8 +45,8 @@ class DeepSpeedRLHFEngine:
             if path is not None and path != self.actor_path:
                 require_same_tokenizer(tokenizer, path, role, f"the actor ({actor_model_name_or_path})",
                                        args.trust_remote_code)
-        self.device = ds.current_device()
-        self.torch_dtype = resolve_dtype(args.dtype, self.device.type)
+        self.device = current_device()
+        self.torch_dtype = strategy.torch_dtype
 
         self.actor, self.actor_scheduler = self._init_actor()
         self.ref = self._init_frozen_actor_copy(offload=args.offload_reference_model)
@@ -49,17 +56,16 @@ class DeepSpeedRLHFEngine:
 
     # A micro-batch of the frozen engines is a whole generation batch (they only score it).
     def _frozen(self, model, zero_stage: int, offload: bool):
-        return ds.initialize_frozen(model, zero_stage=zero_stage, offload=offload, dtype=self.args.dtype,
-                                    micro_batch=self.args.per_device_generation_batch_size)
+        return self.strategy.prepare_frozen(model, zero_stage=zero_stage, offload=offload,
+                                            micro_batch=self.args.per_device_generation_batch_size)
 
     def _trained(self, model, *, lr, weight_decay, lora_lr, zero_stage):
         a = self.args
-        return ds.initialize_trained(
-            model, lr=lr, weight_decay=weight_decay, lora_lr=lora_lr, zero_stage=zero_stage,
-            offload=a.offload, dtype=a.dtype, micro_batch=a.per_device_training_batch_size,
-            grad_accum=a.gradient_accumulation_steps, grad_clip=a.max_grad_norm,
-            scheduler=a.lr_scheduler_type, warmup_steps=a.num_warmup_steps,
-            total_steps=self.num_total_iters, user_config=ds.load_user_ds_config(a.deepspeed_config))
+        return self.strategy.prepare_trained(model, TrainSpec(
+            lr=lr, weight_decay=weight_decay, lora_lr=lora_lr, zero_stage=zero_stage, offload=a.offload,
+            micro_batch=a.per_device_training_batch_size, grad_accum=a.gradient_accumulation_steps,
+            grad_clip=a.max_grad_norm, scheduler=a.lr_scheduler_type, warmup_steps=a.num_warmup_steps,
+            total_steps=self.num_total_iters))
 
     def _init_actor(self):
         a = self.args
@@ -84,8 +90,8 @@ class DeepSpeedRLHFEngine:
         model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
                                trust_remote_code=self.args.trust_remote_code).float()
         zero_stage, offload = ema_placement(self.args.actor_zero_stage, self.args.offload)
-        return ds.initialize_frozen(model, zero_stage=zero_stage, offload=offload, dtype="fp32",
-                                    micro_batch=self.args.per_device_generation_batch_size)
+        return self.strategy.prepare_frozen(model, zero_stage=zero_stage, offload=offload, dtype="fp32",
+                                            micro_batch=self.args.per_device_generation_batch_size)
 
     def _init_critic(self):
         a = self.args
