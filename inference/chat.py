@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
+
 
 @dataclass
 class GenerationSettings:
@@ -92,7 +94,6 @@ class ChatSession:
 
 def load_for_generation(path: str, dtype: str = "auto", trust_remote_code: bool = False):
     """(model on the GPU if there is one else the CPU, in eval mode; its tokenizer)."""
-    from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)

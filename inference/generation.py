@@ -15,6 +15,8 @@ import contextlib
 
 import torch
 
+from utils.rl_math import answer_mask
+
 
 def generation_config(*, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                       top_p: float, pad_token_id: int, eos_token_id):
@@ -52,7 +54,6 @@ def answer_lengths(answers: torch.Tensor, eos_token_id) -> torch.Tensor:
     without an eos id, as generate then never stops early)."""
     if eos_token_id is None:
         return torch.full((answers.shape[0],), answers.shape[1], device=answers.device)
-    from utils.rl_math import answer_mask
     # the one first-eos rule of the toolkit; its pad id is only read when there is no eos id
     return answer_mask(answers, eos_token_id, pad_token_id=-1).sum(dim=1)
 

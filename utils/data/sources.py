@@ -15,6 +15,7 @@ from pathlib import Path
 import datasets
 
 from utils.config import ConfigError
+from utils.data import bundled
 from utils.data.raw_datasets import (HUB_ADAPTERS, RawDataset, as_answer, as_prompt,
                                      hub_fingerprint, holdout, human_prompt, load_hub_dataset,
                                      make_sample, with_origin)
@@ -298,11 +299,9 @@ class BundledSource(Source):
         self.num = num
 
     def fingerprint(self) -> str:
-        from utils.data import bundled
         return f"bundled:{self.num}:split{BUNDLED_SPLIT_SEED}:{file_hash(Path(bundled.__file__))}"
 
     def load(self, seed: int) -> RawDataset:
-        from utils.data import bundled
         samples = with_origin((make_sample(human_prompt(e["prompt"]), as_answer(e["chosen"]),
                                            as_answer(e["rejected"]))
                                for e in bundled.generate_examples(num=self.num, seed=0)), "")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.config import ConfigError
+from utils.model.loading import load_hf_model
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,6 @@ def load_reward_model(name_or_path: str, tokenizer, dtype: torch.dtype = torch.f
     backbone and `score` head by utils/model/pickled.py; the same weights, the same scores)."""
     from transformers import AutoModelForSequenceClassification
 
-    from utils.model.loading import load_hf_model
     try:
         hf_model = load_hf_model(AutoModelForSequenceClassification, name_or_path, tokenizer, dtype,
                                  dropout, trust_remote_code, gradient_checkpointing, num_labels=1)

