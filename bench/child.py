@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+from utils.model import resolve_dtype_name
+
 PREFIX = "RESULT "
 
 
@@ -30,3 +32,23 @@ def read_result(proc: subprocess.CompletedProcess, name: str) -> dict:
     if line is None:
         sys.exit(f"{name} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return json.loads(line[len(PREFIX):])
+
+
+def child_or_runs(module: str, variants, args, run_variant, skip: tuple[str, ...]) -> dict | None:
+    """The benchmarks' shared main: in a child (`--variant` given) measure that variant with
+    `run_variant(args)` and report it (returns None); in the parent run every variant in its own
+    child, alternating, `args.repeats` times, and return {variant: [results...]}."""
+    args.dtype = resolve_dtype_name(args.dtype, "cpu")
+    if args.variant:
+        report_result(run_variant(args))
+        return None
+    runs = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name in variants:
+            runs[name].append(run_child(module, name, args, skip=skip))
+    return runs
+
+
+def best_runs(runs: dict) -> dict:
+    """Each variant's fastest run (tokens per second)."""
+    return {name: max(results, key=lambda r: r["tokens_per_s"]) for name, results in runs.items()}

@@ -20,7 +20,7 @@ import json
 import resource
 import time
 
-from bench.child import report_result, run_child
+from bench.child import best_runs, child_or_runs
 
 VARIANTS = {
     "hybrid": "hybrid engine, actor under ZeRO-3",
@@ -170,19 +170,10 @@ def main() -> None:
     parser.add_argument("--out", default="", help="also write the results to this JSON file")
     args = parser.parse_args()
 
-    from utils.model import resolve_dtype_name
-    args.dtype = resolve_dtype_name(args.dtype, "cpu")
-    if args.variant:  # child process: measure one variant, print one JSON line
-        report_result(run_variant(args))
+    runs = child_or_runs("bench.hybrid_generation", VARIANTS, args, run_variant, skip=("out", "repeats", "variants"))
+    if runs is None:  # a child: it has reported its one variant
         return
-
-    runs = {name: [] for name in VARIANTS}
-    for _ in range(args.repeats):
-        for name in VARIANTS:
-            runs[name].append(run_child("bench.hybrid_generation", name, args,
-                                        skip=("out", "repeats", "variants")))
-    best = {name: max(r, key=lambda x: x["tokens_per_s"]) for name, r in runs.items()}
-    summary = report(args, best)
+    summary = report(args, best_runs(runs))
     if args.out:
         for results in runs.values():
             for r in results:

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from bench.child import report_result, run_child
+from bench.child import best_runs, child_or_runs
 
 VARIANTS = {
     "plain": "plain PyTorch loop, torch AdamW(fused)",
@@ -117,18 +117,10 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the results here")
     args = parser.parse_args()
 
-    from utils.model import resolve_dtype_name
-    args.dtype = resolve_dtype_name(args.dtype, "cpu")
-    if args.variant:  # child process: measure one variant, print one JSON line
-        report_result(run_variant(args))
+    results = child_or_runs("bench.step1_throughput", VARIANTS, args, run_variant, skip=("json", "repeats"))
+    if results is None:  # a child: it has reported its one variant
         return
-
-    results = {name: [] for name in VARIANTS}
-    for _ in range(args.repeats):
-        for name in VARIANTS:
-            results[name].append(run_child("bench.step1_throughput", name, args, skip=("json", "repeats")))
-
-    best = {name: max(runs, key=lambda r: r["tokens_per_s"]) for name, runs in results.items()}
+    best = best_runs(results)
     print(f"\nStep 1 throughput, {args.model}, {args.dtype}, batch {args.batch_size}, {args.steps} steps "
           f"(best of {args.repeats} alternating runs), {os.cpu_count()} CPU threads")
     print(f"{'variant':<52} {'tokens/s':>9} {'samples/s':>10} {'s/step':>7}")
