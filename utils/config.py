@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,7 @@ def _is_list(tp) -> bool:
 def _scalar_type(tp):
     """int | None -> int; list[str] -> str."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if _is_list(tp) or (args and typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None))):
+    if _is_list(tp) or (args and typing.get_origin(tp) in (typing.Union, types.UnionType)):
         return args[0]
     return tp
 
@@ -356,25 +357,33 @@ def parse_data_split(split: str) -> list[float]:
     return [p / total for p in parts]
 
 
-def validate_run(cfg, default_output_dir: str, positive: tuple[str, ...]) -> None:
+def validate_run(cfg, default_output_dir: str, positive: dict[str, int]) -> None:
     """Checks and defaults every step shares: the data split, the output and data-cache
-    folders, and the flags in `positive` at least 1."""
+    folders, the checkpoint counts, and `positive` ({flag: its value}) at least 1."""
     parse_data_split(cfg.data_split)
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir
     if not cfg.data_output_path:
         cfg.data_output_path = str(cache_dir() / "data")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("save_steps", "save_total_limit", "max_nonfinite_steps"):
-        if getattr(cfg, name, 0) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    require_positive(positive)
+    for flag, value in {"--save_steps": cfg.save_steps, "--save_total_limit": cfg.save_total_limit,
+                        "--max_nonfinite_steps": cfg.max_nonfinite_steps}.items():
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+
+
+def require_positive(values: dict[str, int]) -> None:
+    """Each {flag: value} at least 1."""
+    for flag, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")
 
 
 def validate_training(cfg, default_output_dir: str) -> None:
     """validate_run for the one-model steps (1, 2, DPO), plus their LoRA check."""
-    validate_run(cfg, default_output_dir, ("per_device_train_batch_size", "per_device_eval_batch_size",
-                                           "gradient_accumulation_steps", "max_seq_len"))
+    validate_run(cfg, default_output_dir, {
+        "--per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "--per_device_eval_batch_size": cfg.per_device_eval_batch_size,
+        "--gradient_accumulation_steps": cfg.gradient_accumulation_steps, "--max_seq_len": cfg.max_seq_len})
     if cfg.only_optimize_lora and cfg.lora_dim <= 0:
         raise ConfigError("--only_optimize_lora needs --lora_dim > 0")

@@ -17,7 +17,6 @@ turns a flat namespace (DeepSpeed-Chat's scripts build one) into a Step3Config t
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -242,11 +241,15 @@ class Step3Config(FlatNames, CheckpointConfig, LogConfig, RuntimeConfig, BatchCo
         return self.answers_per_rank // self.per_device_training_batch_size * self.ppo_epochs
 
     def validate(self) -> None:
-        validate_run(self, "output/step3_rlhf", (
-            "per_device_generation_batch_size", "per_device_training_batch_size", "generation_batches",
-            "ppo_epochs", "gradient_accumulation_steps", "num_train_epochs"))
-        _validate_positive(self.generation, ("max_prompt_seq_len", "max_answer_seq_len", "samples_per_prompt"))
-        _validate_positive(self.hybrid, ("inference_tp_size",))
+        g = self.generation
+        validate_run(self, "output/step3_rlhf", {
+            "--per_device_generation_batch_size": self.per_device_generation_batch_size,
+            "--per_device_training_batch_size": self.per_device_training_batch_size,
+            "--generation_batches": self.generation_batches, "--ppo_epochs": self.ppo_epochs,
+            "--max_prompt_seq_len": g.max_prompt_seq_len, "--max_answer_seq_len": g.max_answer_seq_len,
+            "--gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "--inference_tp_size": self.hybrid.inference_tp_size, "--num_train_epochs": self.num_train_epochs,
+            "--samples_per_prompt": g.samples_per_prompt})
         if self.max_rounds < 0:
             raise ConfigError(f"--max_rounds must be >= 0, got {self.max_rounds}")
         if self.answers_per_rank % self.per_device_training_batch_size:
@@ -266,12 +269,6 @@ class Step3Config(FlatNames, CheckpointConfig, LogConfig, RuntimeConfig, BatchCo
                               f"--data_path bundled, got {' '.join(self.data_path)}")
         if self.reward_source == "checker" and self.reward_model_name_or_path:
             raise ConfigError("--reward_model_name_or_path has no use with --reward_source checker")
-
-
-def _validate_positive(part, names: tuple[str, ...]) -> None:
-    for name in names:
-        if getattr(part, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1 (got {getattr(part, name)})")
 
 
 def validate_ppo(ppo: PPOConfig, samples_per_prompt: int) -> None:
@@ -301,8 +298,12 @@ def as_step3_config(args) -> Step3Config:
     values = to_flat(Step3Config())
     for flag in flags_for(STEP3, set(values)):
         name = flag.name[2:]
-        if flag.to and name in given and flag.to not in given and (flag.value is not None or given[name]):
-            given[flag.to] = flag.const if flag.value is None else given[name]
+        if not flag.to or name not in given:
+            continue
+        if flag.value is None and given[name]:  # a switch on: --disable_actor_dropout sets actor_dropout 0
+            given[flag.to] = flag.const
+        elif flag.value is not None and flag.to not in given:  # an older name of a flag it lacks
+            given[flag.to] = given[name]
     values.update({name: value for name, value in given.items() if name in values})
     return from_flat(Step3Config, values)
 
