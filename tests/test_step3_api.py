@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, assert_ok
+from training.step1_supervised_finetuning.main import SFTConfig
 from training.step3_rlhf_finetuning.config import (STEP3_FLAGS, EngineConfig, Step3Config, as_step3_config,
                                                    config_record)
 from training.step3_rlhf_finetuning.rewards import (CheckerSource, FunctionSource, RewardModelSource, reward_source,
@@ -21,6 +22,7 @@ from training.step3_rlhf_finetuning.rewards import (CheckerSource, FunctionSourc
 from training.step3_rlhf_finetuning.update import TrainStats
 from utils.config import build_parser, flag_table, parse_config, resolve, to_flat
 from utils.data import bundled
+from utils.model import load_tokenizer
 from utils.upstream_flags import STEP3, flags_for
 
 # ------------------------------------------------------------------ config
@@ -64,7 +66,6 @@ def test_flat_flags_fill_the_typed_parts():
 
 
 def test_the_parser_of_a_flat_config_is_its_fields():
-    from training.step1_supervised_finetuning.main import SFTConfig
     assert set(flag_table(SFTConfig)) == {f.name for f in dataclasses.fields(SFTConfig)}
     assert all(name == path for name, path in flag_table(SFTConfig).items())
 
@@ -105,7 +106,6 @@ def test_help_lists_every_flag_once():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from utils.model import load_tokenizer
     return load_tokenizer("tiny-llama")
 
 
