@@ -7,7 +7,7 @@ loop's calls, and writes what they measured to FILE as JSON (rank 0):
 - update_ema: before each EMA update, the actor's weights (gathered, LoRA merged in fp32) move a
   hand-computed fp32 EMA, ema <- d * ema + (1 - d) * actor, started from the EMA engine's own
   weights; `ema_max_error` is the largest difference from the EMA engine's weights at the end.
-- generate_experience: with critic-free advantages, every prompt whose answers' scores tie must
+- rollout (generate_experience): with critic-free advantages, every prompt whose answers' scores tie must
   get exactly the advantage of its KL part alone (0 when the KL is a loss term);
   `tied_groups` counts them and `tied_max_advantage` is the largest score-part left.
 - save_models: each trained engine's optimizer steps, its scheduler's steps and the total the
@@ -63,18 +63,19 @@ def probe_ema():
 
 
 def probe_advantages(cfg):
-    real = ppo_trainer.DeepSpeedPPOTrainer.generate_experience
+    real = ppo_trainer.DeepSpeedPPOTrainer.rollout
 
-    def generate_experience(self, *args, **kwargs):
-        exp = real(self, *args, **kwargs)
-        if cfg.advantage == "gae":
-            return exp
-        k = cfg.samples_per_prompt
+    def rollout(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        exp = out.experience
+        if cfg.ppo.advantage == "gae":
+            return out
+        k = cfg.generation.samples_per_prompt
         scores = exp.scores.view(-1, k)
         kl_part = torch.zeros_like(exp.scores)
-        if not self.kl_in_loss:
+        if not cfg.ppo.kl_in_loss:
             kl_returns = -self.kl_coef * masked_sum(exp.log_probs - exp.ref_log_probs, exp.action_mask, 1)
-            kl_part = group_residuals(kl_returns, k, cfg.advantage)
+            kl_part = group_residuals(kl_returns, k, cfg.ppo.advantage)
         score_part = (exp.advantages - kl_part.unsqueeze(1)) * exp.action_mask
         tied = scores.amax(1) == scores.amin(1)
         REPORT["groups"] += len(tied)
@@ -82,8 +83,8 @@ def probe_advantages(cfg):
         if tied.any():
             left = score_part.view(-1, k, score_part.size(1))[tied].abs().max().item()
             REPORT["tied_max_advantage"] = max(REPORT["tied_max_advantage"], left)
-        return exp
-    ppo_trainer.DeepSpeedPPOTrainer.generate_experience = generate_experience
+        return out
+    ppo_trainer.DeepSpeedPPOTrainer.rollout = rollout
 
 
 def probe_save():

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import os
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,7 +160,7 @@ def _is_list(tp) -> bool:
 def _scalar_type(tp):
     """int | None -> int; list[str] -> str."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if _is_list(tp) or (args and typing.get_origin(tp) in (typing.Union, getattr(__import__("types"), "UnionType", None))):
+    if _is_list(tp) or (args and typing.get_origin(tp) in (typing.Union, types.UnionType)):
         return args[0]
     return tp
 
@@ -186,39 +187,144 @@ class _RaisingParser(_Parser):
         raise ConfigError(message)
 
 
+@dataclass(frozen=True)
+class Flag:
+    """One command-line flag of a config: its flat name, the dotted path of the field it sets
+    (`actor_zero_stage` -> `actor.zero_stage`), and that field's type, default and help."""
+    name: str
+    path: str
+    type: object
+    default: object
+    metadata: dict
+
+
+def group(cls, prefix: str = "", help: dict[str, str] | None = None, **defaults):
+    """A field holding a nested config group (a composed config, e.g. Step 3's `actor`). Its
+    fields are flags named `prefix + field name` (DeepSpeed-Chat's flat names: `--actor_lora_dim`
+    sets `actor.lora_dim`); `defaults` and `help` override the group's own per use."""
+    return field(default_factory=lambda: cls(**defaults),
+                 metadata={"group": cls, "prefix": prefix, "help": help or {}, "defaults": defaults})
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def config_flags(config_cls, prefix: str = "", path: str = "", overrides: dict | None = None) -> list[Flag]:
+    """Every flag of a config class, nested groups expanded in place (one mechanism for flat
+    and composed configs: a flat config's flags are its fields)."""
+    hints = typing.get_type_hints(config_cls)
+    out = []
+    for f in dataclasses.fields(config_cls):
+        if "group" in f.metadata:
+            meta = f.metadata
+            out += config_flags(meta["group"], prefix + meta["prefix"], f"{path}{f.name}.",
+                                {"help": meta["help"], "defaults": meta["defaults"]})
+            continue
+        default, metadata = _default(f), dict(f.metadata)
+        if overrides:
+            default = overrides["defaults"].get(f.name, default)
+            metadata["help"] = overrides["help"].get(f.name, metadata.get("help", ""))
+        out.append(Flag(prefix + f.name, path + f.name, hints[f.name], default, metadata))
+    return out
+
+
+def flag_table(config_cls) -> dict[str, str]:
+    """The alias table: flat flag name (DeepSpeed-Chat's) -> dotted field path."""
+    return {flag.name: flag.path for flag in config_flags(config_cls)}
+
+
+def from_flat(config_cls, values: dict):
+    """A config instance from flat flag values (an argparse namespace's vars). Every flag of
+    the class must be present; nested groups are built from their prefixed flags."""
+    unknown = set(values) - set(flag_table(config_cls))
+    if unknown:
+        raise TypeError(f"{config_cls.__name__} has no flag(s) {', '.join(sorted(unknown))}")
+    return _build(config_cls, values, "")
+
+
+def _build(config_cls, values: dict, prefix: str):
+    kwargs = {}
+    for f in dataclasses.fields(config_cls):
+        if "group" in f.metadata:
+            kwargs[f.name] = _build(f.metadata["group"], values, prefix + f.metadata["prefix"])
+        elif f.init:
+            kwargs[f.name] = values[prefix + f.name]
+    return config_cls(**kwargs)
+
+
+def to_flat(cfg) -> dict:
+    """The inverse of from_flat: {flat flag name: value}."""
+    return {flag.name: resolve(cfg, flag.path) for flag in config_flags(type(cfg))}
+
+
+def resolve(cfg, path: str):
+    """The value at a dotted field path (`actor.zero_stage`)."""
+    for part in path.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+class FlatNames:
+    """Mixin for composed configs: DeepSpeed-Chat's flat names read and set their nested field
+    (`cfg.actor_zero_stage` is `cfg.actor.zero_stage`), for code written against its flat
+    `args` and helpers that name a setting by its flag (train_utils.check_engine_config). Only
+    names that are not attributes reach this; the project's own code uses the typed fields."""
+
+    def __getattr__(self, name: str):
+        path = _flat_paths(type(self)).get(name)
+        if path is None or "." not in path:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return resolve(self, path)
+
+    def __setattr__(self, name: str, value) -> None:
+        path = _flat_paths(type(self)).get(name)
+        if path is not None and "." in path:
+            owner, _, leaf = path.rpartition(".")
+            setattr(resolve(self, owner), leaf, value)
+        else:
+            object.__setattr__(self, name, value)
+
+
+_FLAT_PATHS: dict[type, dict[str, str]] = {}
+
+
+def _flat_paths(config_cls) -> dict[str, str]:
+    if config_cls not in _FLAT_PATHS:
+        _FLAT_PATHS[config_cls] = flag_table(config_cls)
+    return _FLAT_PATHS[config_cls]
+
+
 def build_parser(config_cls, description: str = "", parser_cls=_Parser) -> argparse.ArgumentParser:
     parser = parser_cls(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         epilog="DeepSpeed-Chat's flags are accepted too (README: Coming from DeepSpeed-Chat).")
-    hints = typing.get_type_hints(config_cls)
-    fields = dataclasses.fields(config_cls)
-    for f in fields:
-        tp = hints[f.name]
-        names = [f"--{f.name}"]
-        kwargs = {"dest": f.name, "help": f.metadata.get("help", "")}
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if tp is bool:
+    flags = config_flags(config_cls)
+    for flag in flags:
+        kwargs = {"dest": flag.name, "help": flag.metadata.get("help", "")}
+        if flag.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif _is_list(tp):
-            kwargs.update(nargs="*", type=_scalar_type(tp))
+        elif _is_list(flag.type):
+            kwargs.update(nargs="*", type=_scalar_type(flag.type))
         else:
-            kwargs["type"] = _scalar_type(tp)
-        if "choices" in f.metadata:
-            kwargs["choices"] = f.metadata["choices"]
-        parser.add_argument(*names, default=default, **kwargs)
-    add_upstream_flags(parser, getattr(config_cls, "upstream_step", None), {f.name for f in fields})
+            kwargs["type"] = _scalar_type(flag.type)
+        if "choices" in flag.metadata:
+            kwargs["choices"] = flag.metadata["choices"]
+        parser.add_argument(f"--{flag.name}", default=flag.default, **kwargs)
+    add_upstream_flags(parser, getattr(config_cls, "upstream_step", None), {flag.name for flag in flags})
     return parser
 
 
 def parse_config(config_cls, argv=None, description: str = "", exit_on_error: bool = True, warn: bool = True):
-    """Parse argv into an instance of `config_cls`, then run its `validate()` if it has one.
-    With exit_on_error=False a bad flag raises ConfigError instead of exiting. With warn, each
-    DeepSpeed-Chat flag used that has no effect here gets one warning line (rank 0)."""
+    """Parse argv into an instance of `config_cls` (nested groups built from their flat flags:
+    from_flat), then run its `validate()` if it has one. With exit_on_error=False a bad flag
+    raises ConfigError instead of exiting. With warn, each DeepSpeed-Chat flag used that has no
+    effect here gets one warning line (rank 0)."""
     parser = build_parser(config_cls, description, _Parser if exit_on_error else _RaisingParser)
     ns = parser.parse_args(_underscore_flags(parser, sys.argv[1:] if argv is None else list(argv)))
     ignored = pop_ignored(ns)
     if warn:
         warn_ignored(ignored)
-    cfg = config_cls(**vars(ns))
+    cfg = from_flat(config_cls, vars(ns))
     if hasattr(cfg, "validate"):
         cfg.validate()
     return cfg
@@ -251,25 +357,33 @@ def parse_data_split(split: str) -> list[float]:
     return [p / total for p in parts]
 
 
-def validate_run(cfg, default_output_dir: str, positive: tuple[str, ...]) -> None:
+def validate_run(cfg, default_output_dir: str, positive: dict[str, int]) -> None:
     """Checks and defaults every step shares: the data split, the output and data-cache
-    folders, and the flags in `positive` at least 1."""
+    folders, the checkpoint counts, and `positive` ({flag: its value}) at least 1."""
     parse_data_split(cfg.data_split)
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir
     if not cfg.data_output_path:
         cfg.data_output_path = str(cache_dir() / "data")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"--{name} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("save_steps", "save_total_limit", "max_nonfinite_steps"):
-        if getattr(cfg, name, 0) < 0:
-            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    require_positive(positive)
+    for flag, value in {"--save_steps": cfg.save_steps, "--save_total_limit": cfg.save_total_limit,
+                        "--max_nonfinite_steps": cfg.max_nonfinite_steps}.items():
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+
+
+def require_positive(values: dict[str, int]) -> None:
+    """Each {flag: value} at least 1."""
+    for flag, value in values.items():
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1 (got {value})")
 
 
 def validate_training(cfg, default_output_dir: str) -> None:
     """validate_run for the one-model steps (1, 2, DPO), plus their LoRA check."""
-    validate_run(cfg, default_output_dir, ("per_device_train_batch_size", "per_device_eval_batch_size",
-                                           "gradient_accumulation_steps", "max_seq_len"))
+    validate_run(cfg, default_output_dir, {
+        "--per_device_train_batch_size": cfg.per_device_train_batch_size,
+        "--per_device_eval_batch_size": cfg.per_device_eval_batch_size,
+        "--gradient_accumulation_steps": cfg.gradient_accumulation_steps, "--max_seq_len": cfg.max_seq_len})
     if cfg.only_optimize_lora and cfg.lora_dim <= 0:
         raise ConfigError("--only_optimize_lora needs --lora_dim > 0")

@@ -15,28 +15,30 @@ made from `args` when not given, as DeepSpeed-Chat's scripts construct the engin
 """
 from __future__ import annotations
 
-
+from training.step3_rlhf_finetuning.config import EngineConfig, Step3Config, as_step3_config
 from utils.dist import current_device
 from utils.ema import ema_placement
-from utils.model import (apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer,
-                         resolve_model_path)
+from utils.model import apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer, resolve_model_path
 from utils.strategy import DeepSpeedStrategy, TrainSpec
 
 
 class DeepSpeedRLHFEngine:
+    """`args`: a Step3Config, or a flat namespace as DeepSpeed-Chat's scripts build
+    (as_step3_config)."""
+
     def __init__(self, actor_model_name_or_path: str, critic_model_name_or_path: str, tokenizer,
                  args, num_total_iters: int, reward_model_name_or_path: str | None = None,
                  strategy: DeepSpeedStrategy | None = None):
+        self.args = cfg = as_step3_config(args)
         if strategy is None:
-            strategy = DeepSpeedStrategy(args.dtype, args.deepspeed_config)
+            strategy = DeepSpeedStrategy(cfg.dtype, cfg.deepspeed_config)
             strategy.setup_distributed()
         self.strategy = strategy
-        self.args = args
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.actor_path = resolve_model_path(actor_model_name_or_path)
-        self.uses_reward_model = getattr(args, "reward_source", "model") == "model"
-        self.uses_critic = getattr(args, "advantage", "gae") == "gae"
+        self.uses_reward_model = cfg.reward_source == "model"
+        self.uses_critic = cfg.ppo.uses_critic
         # paths of models not used are not resolved: they need not exist
         self.critic_path = resolve_model_path(critic_model_name_or_path) if self.uses_critic else None
         self.reward_path = (resolve_model_path(reward_model_name_or_path or critic_model_name_or_path)
@@ -44,69 +46,64 @@ class DeepSpeedRLHFEngine:
         for role, path in (("critic", self.critic_path), ("reward model", self.reward_path)):
             if path is not None and path != self.actor_path:
                 require_same_tokenizer(tokenizer, path, role, f"the actor ({actor_model_name_or_path})",
-                                       args.trust_remote_code)
+                                       cfg.trust_remote_code)
         self.device = current_device()
         self.torch_dtype = strategy.torch_dtype
 
-        self.actor, self.actor_scheduler = self._init_actor()
-        self.ref = self._init_frozen_actor_copy(offload=args.offload_reference_model)
-        self.actor_ema = self._init_ema() if args.enable_ema else None
-        self.critic, self.critic_scheduler = self._init_critic() if self.uses_critic else (None, None)
-        self.reward = self._init_reward() if self.uses_reward_model else None
+        self.actor, self.actor_scheduler = self._init_actor(cfg.actor)
+        self.ref = self._init_frozen_actor_copy(cfg.actor.zero_stage, offload=cfg.offload_reference_model)
+        self.actor_ema = self._init_ema(cfg.actor.zero_stage) if cfg.ppo.enable_ema else None
+        self.critic, self.critic_scheduler = self._init_critic(cfg.critic) if self.uses_critic else (None, None)
+        self.reward = self._init_reward(cfg.critic.zero_stage) if self.uses_reward_model else None
 
     # A micro-batch of the frozen engines is a whole generation batch (they only score it).
-    def _frozen(self, model, zero_stage: int, offload: bool):
-        return self.strategy.prepare_frozen(model, zero_stage=zero_stage, offload=offload,
+    def _frozen(self, model, zero_stage: int, offload: bool, dtype: str | None = None):
+        return self.strategy.prepare_frozen(model, zero_stage=zero_stage, offload=offload, dtype=dtype,
                                             micro_batch=self.args.per_device_generation_batch_size)
 
-    def _trained(self, model, *, lr, weight_decay, lora_lr, zero_stage):
-        a = self.args
+    def _trained(self, model, part: EngineConfig):
+        a: Step3Config = self.args
         return self.strategy.prepare_trained(model, TrainSpec(
-            lr=lr, weight_decay=weight_decay, lora_lr=lora_lr, zero_stage=zero_stage, offload=a.offload,
-            micro_batch=a.per_device_training_batch_size, grad_accum=a.gradient_accumulation_steps,
-            grad_clip=a.max_grad_norm, scheduler=a.lr_scheduler_type, warmup_steps=a.num_warmup_steps,
-            total_steps=self.num_total_iters))
+            lr=part.learning_rate, weight_decay=part.weight_decay, lora_lr=part.lora_learning_rate,
+            zero_stage=part.zero_stage, offload=a.offload, micro_batch=a.per_device_training_batch_size,
+            grad_accum=a.gradient_accumulation_steps, grad_clip=a.max_grad_norm, scheduler=a.lr_scheduler_type,
+            warmup_steps=a.num_warmup_steps, total_steps=self.num_total_iters))
 
-    def _init_actor(self):
-        a = self.args
+    def _init_actor(self, part: EngineConfig):
         model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype,
-                               dropout=a.actor_dropout, trust_remote_code=a.trust_remote_code,
-                               gradient_checkpointing=a.actor_gradient_checkpointing)
-        if a.actor_lora_dim > 0:
-            model = apply_lora(model, a.actor_lora_dim, a.actor_lora_module_name, a.actor_lora_alpha,
-                               only_optimize_lora=a.only_optimize_lora, role="actor")
-        return self._trained(model, lr=a.actor_learning_rate, weight_decay=a.actor_weight_decay,
-                             lora_lr=a.actor_lora_learning_rate, zero_stage=a.actor_zero_stage)
+                               dropout=part.dropout, trust_remote_code=self.args.trust_remote_code,
+                               gradient_checkpointing=part.gradient_checkpointing)
+        if part.lora_dim > 0:
+            model = apply_lora(model, part.lora_dim, part.lora_module_name, part.lora_alpha,
+                               only_optimize_lora=self.args.only_optimize_lora, role="actor")
+        return self._trained(model, part)
 
-    def _init_frozen_actor_copy(self, offload: bool):
+    def _init_frozen_actor_copy(self, zero_stage: int, offload: bool):
         """Reference or EMA: the starting actor weights, sharded like the actor under ZeRO-3."""
         model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
                                trust_remote_code=self.args.trust_remote_code)
-        return self._frozen(model, self.args.actor_zero_stage, offload)
+        return self._frozen(model, zero_stage, offload)
 
-    def _init_ema(self):
+    def _init_ema(self, actor_zero_stage: int):
         """The actor's starting weights as loaded, kept in fp32 (see utils/ema.py), partitioned
         and placed like the actor's parameters (ema_placement)."""
         model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
                                trust_remote_code=self.args.trust_remote_code).float()
-        zero_stage, offload = ema_placement(self.args.actor_zero_stage, self.args.offload)
-        return self.strategy.prepare_frozen(model, zero_stage=zero_stage, offload=offload, dtype="fp32",
-                                            micro_batch=self.args.per_device_generation_batch_size)
+        zero_stage, offload = ema_placement(actor_zero_stage, self.args.offload)
+        return self._frozen(model, zero_stage, offload, dtype="fp32")
 
-    def _init_critic(self):
-        a = self.args
+    def _init_critic(self, part: EngineConfig):
         model = load_reward_model(self.critic_path, self.tokenizer, dtype=self.torch_dtype,
-                                  dropout=a.critic_dropout, trust_remote_code=a.trust_remote_code,
-                                  gradient_checkpointing=a.critic_gradient_checkpointing)
-        if a.critic_lora_dim > 0:
-            model.hf_model = apply_lora(model.hf_model, a.critic_lora_dim, a.critic_lora_module_name,
-                                        a.critic_lora_alpha, only_optimize_lora=a.only_optimize_lora,
+                                  dropout=part.dropout, trust_remote_code=self.args.trust_remote_code,
+                                  gradient_checkpointing=part.gradient_checkpointing)
+        if part.lora_dim > 0:
+            model.hf_model = apply_lora(model.hf_model, part.lora_dim, part.lora_module_name,
+                                        part.lora_alpha, only_optimize_lora=self.args.only_optimize_lora,
                                         role="critic")
             model.hf_model.score.weight.requires_grad_(True)  # the value head always trains
-        return self._trained(model, lr=a.critic_learning_rate, weight_decay=a.critic_weight_decay,
-                             lora_lr=a.critic_lora_learning_rate, zero_stage=a.critic_zero_stage)
+        return self._trained(model, part)
 
-    def _init_reward(self):
+    def _init_reward(self, critic_zero_stage: int):
         model = load_reward_model(self.reward_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
                                   trust_remote_code=self.args.trust_remote_code)
-        return self._frozen(model, self.args.critic_zero_stage, self.args.offload_reward_model)
+        return self._frozen(model, critic_zero_stage, self.args.offload_reward_model)

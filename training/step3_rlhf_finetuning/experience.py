@@ -1,0 +1,75 @@
+"""What one rollout leaves for PPO: the `Experience` batch, and its text."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Experience:
+    """One rollout batch with all PPO needs; (B, A) tensors cover the answer tokens."""
+    prompts: torch.Tensor         # (B, P) left-padded prompt ids
+    seq: torch.Tensor             # (B, P + A) prompt + answer, pads after the answer
+    attention_mask: torch.Tensor  # (B, P + A) real tokens of prompt and answer
+    action_mask: torch.Tensor     # (B, A) answer tokens up to and including the first eos
+    log_probs: torch.Tensor       # (B, A) actor when generating (PPO's "old" policy)
+    ref_log_probs: torch.Tensor   # (B, A) reference model
+    values: torch.Tensor          # (B, A) critic when generating
+    scores: torch.Tensor          # (B,) reward model score of each whole answer
+    rewards: torch.Tensor         # (B, A) KL-penalized per-token rewards
+    advantages: torch.Tensor      # (B, A)
+    returns: torch.Tensor         # (B, A)
+
+    def __len__(self) -> int:
+        return self.seq.size(0)
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompts.size(1)
+
+    def split(self, size: int) -> list["Experience"]:
+        """Micro-batches of `size` rows for the PPO updates."""
+        parts = {f.name: getattr(self, f.name).split(size) for f in fields(self)}
+        return [Experience(**{name: chunks[i] for name, chunks in parts.items()})
+                for i in range(len(parts["seq"]))]
+
+    @staticmethod
+    def concat(exps: list["Experience"], pad_token_id: int) -> "Experience":
+        """The rows of several rollouts as one: prompts left-padded and answers right-padded to
+        the widest (masks 0 there), so a round's answers split into equal micro-batches
+        whatever the generation batches were."""
+        if len(exps) == 1:
+            return exps[0]
+        p = max(e.prompt_len for e in exps)
+        a = max(e.seq.size(1) - e.prompt_len for e in exps)
+        return Experience(**{f.name: torch.cat([_widen(e, f.name, p, a, pad_token_id) for e in exps])
+                             for f in fields(Experience)})
+
+
+def _widen(e: Experience, name: str, p: int, a: int, pad_token_id: int) -> torch.Tensor:
+    """One field of `e` padded to prompt width p and answer width a."""
+    t = getattr(e, name)
+    if t.dim() == 1:  # scores
+        return t
+    if name == "prompts":
+        return F.pad(t, (p - t.size(1), 0), value=pad_token_id)
+    if name in ("seq", "attention_mask"):  # prompt part left, answer part right
+        fill = pad_token_id if name == "seq" else 0
+        left = F.pad(t[:, :e.prompt_len], (p - e.prompt_len, 0), value=fill)
+        right = F.pad(t[:, e.prompt_len:], (0, a - (t.size(1) - e.prompt_len)), value=fill)
+        return torch.cat([left, right], 1)
+    return F.pad(t, (0, a - t.size(1)), value=0)  # (B, A) answer-token tensors
+
+
+def decode_rollout(tokenizer, prompts, seq, action_mask) -> tuple[list[str], list[str]]:
+    """(prompt texts, answer texts) of a rollout, special tokens and padding dropped."""
+    texts = [tokenizer.decode(row[row != tokenizer.pad_token_id], skip_special_tokens=True) for row in prompts]
+    answers = [tokenizer.decode(row[mask.bool()], skip_special_tokens=True)
+               for row, mask in zip(seq[:, prompts.size(1):], action_mask)]
+    return texts, answers
+
+
+def decoded(tokenizer, exp: Experience) -> tuple[list[str], list[str]]:
+    return decode_rollout(tokenizer, exp.prompts, exp.seq, exp.action_mask)

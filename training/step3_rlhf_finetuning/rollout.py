@@ -1,0 +1,78 @@
+"""The rollout: the actor answers a batch of prompts (through the hybrid engine, or plain HF
+`generate` on the DeepSpeed engine), `samples_per_prompt` answers to each."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from inference.generation import pad_to_width
+from inference.hybrid_engine import HybridEngine
+from training.step3_rlhf_finetuning.config import GenerationConfig, HybridConfig
+from utils import dist
+from utils.rl_math import answer_mask, answer_width
+
+
+@dataclass
+class Answers:
+    """Sampled answers, before any scoring."""
+    prompts: torch.Tensor         # (B, P) left-padded prompt ids, each prompt's answers in consecutive rows
+    seq: torch.Tensor             # (B, P + A) prompt + answer, A the longest answer
+    attention_mask: torch.Tensor  # (B, P + A)
+    action_mask: torch.Tensor     # (B, A) answer tokens up to and including the first eos
+    generation_s: float           # seconds spent generating
+
+    @property
+    def prompt_len(self) -> int:
+        return self.prompts.size(1)
+
+
+class AnswerSampler:
+    """Samples the actor's answers with the settings of `--temperature/--top_k/--top_p`."""
+
+    def __init__(self, actor, tokenizer, generation: GenerationConfig, hybrid: HybridConfig):
+        self.actor, self.gen = actor, generation
+        self.pad_token_id = tokenizer.pad_token_id
+        # with ignore_eos nothing ends an answer early: every answer is max_answer_seq_len tokens
+        self.eos_token_id = None if generation.ignore_eos else tokenizer.eos_token_id
+        self.hybrid = None
+        if hybrid.enable_hybrid_engine:
+            self.hybrid = HybridEngine(
+                actor, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+                inference_tp_size=hybrid.inference_tp_size, release_inference_cache=hybrid.release_inference_cache,
+                tp_gather_partition_size=hybrid.tp_gather_partition_size)
+
+    @torch.no_grad()
+    def sample(self, prompts: torch.Tensor, mask: torch.Tensor) -> Answers:
+        device = dist.current_device()
+        prompts, mask = prompts.to(device), mask.to(device)
+        k = self.gen.samples_per_prompt
+        if k > 1:  # each prompt's answers in consecutive rows: the groups of rloo / grpo
+            prompts, mask = prompts.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+        start = time.perf_counter()
+        seq = self._generate(prompts, mask)
+        generation_s = time.perf_counter() - start
+        prompt_len = prompts.size(1)
+        answers = seq[:, prompt_len:]
+        action_mask = (torch.ones_like(answers, dtype=torch.bool) if self.eos_token_id is None
+                       else answer_mask(answers, self.eos_token_id, self.pad_token_id))
+        # drop the columns after the longest answer: every later forward skips the padding
+        width = answer_width(action_mask)
+        seq, action_mask = seq[:, :prompt_len + width], action_mask[:, :width]
+        return Answers(prompts, seq, torch.cat([mask, action_mask.long()], 1), action_mask, generation_s)
+
+    def _generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        g = self.gen
+        sampling = {"do_sample": True, "temperature": g.temperature, "top_k": g.top_k, "top_p": g.top_p}
+        if self.hybrid is not None:
+            return self.hybrid.generate(prompts, mask, max_new_tokens=g.max_answer_seq_len, **sampling)
+        was_training = self.actor.module.training
+        self.actor.eval()
+        out = self.actor.module.generate(
+            input_ids=prompts, attention_mask=mask, max_new_tokens=g.max_answer_seq_len,
+            pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+            synced_gpus=self.actor.zero_optimization_stage() == 3 and dist.world_size() > 1, **sampling)
+        self.actor.train(was_training)
+        # generate pads rows that ended early; it stops once all have ended, so pad to the width
+        return pad_to_width(out, prompts.size(1) + g.max_answer_seq_len, self.pad_token_id)
