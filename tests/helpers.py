@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,47 @@ def run_module(module: str, args, launcher=None, timeout: int = 600) -> subproce
                           timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def _text(stream) -> str:
+    """Captured output as text ("" for none, or for a Popen's pipe object)."""
+    if isinstance(stream, bytes):
+        return stream.decode(errors="replace")
+    return stream if isinstance(stream, str) else ""
+
+
+def describe(proc, stdout=None, stderr=None) -> str:
+    """What a finished subprocess did, for an assertion message: its command, exit code and the
+    tails of its output (pass stdout/stderr for a Popen whose pipes were already read)."""
+    args = proc.args if isinstance(proc.args, (list, tuple)) else [proc.args]
+    out = _text(stdout if stdout is not None else getattr(proc, "stdout", None))
+    err = _text(stderr if stderr is not None else getattr(proc, "stderr", None))
+    return (f"command: {shlex.join(map(str, args))}\nexit code: {proc.returncode}\n"
+            f"--- stdout (last 3000 chars) ---\n{out[-3000:]}\n--- stderr (last 5000 chars) ---\n{err[-5000:]}")
+
+
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    """The run exited 0; else fail with its command, exit code and output tails."""
+    if proc.returncode != 0:
+        raise AssertionError(f"expected exit code 0\n{describe(proc)}")
+
+
+def assert_exit(proc: subprocess.CompletedProcess, code: int) -> None:
+    """The run exited with `code` and printed no traceback; else fail showing what it did."""
+    if proc.returncode != code or "Traceback" in _text(proc.stderr):
+        raise AssertionError(f"expected exit code {code} and no traceback\n{describe(proc)}")
+
+
+def ended_early(proc: subprocess.Popen, what: str) -> AssertionError:
+    """For a polled Popen that exited (or a wait that ran out): the error naming `what` was
+    awaited, with the process's command, exit code and output. Kills it first if still running."""
+    if proc.poll() is None:
+        proc.kill()
+    out, err = proc.communicate()
+    return AssertionError(f"{what}\n{describe(proc, out or '', err or '')}")
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `error: ...` line a refused run ends with (exit 2, no traceback)."""
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert_exit(proc, 2)
     return proc.stderr.strip().splitlines()[-1]
 
 

@@ -14,7 +14,7 @@ import torch
 
 from utils.metrics import read_jsonl
 
-from tests.helpers import run_module
+from tests.helpers import assert_ok, describe, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "training.step1_supervised_finetuning.main"
@@ -30,7 +30,7 @@ def run(args, launcher=None, timeout=600):
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert_ok(proc)
     return proc
 
 
@@ -125,7 +125,7 @@ def test_zero3_two_processes(tmp_path):
 
 def bad(args, tmp_path) -> str:
     proc = run([*QUICK, "--output_dir", str(tmp_path / "never"), *args])
-    assert proc.returncode != 0
+    assert proc.returncode != 0, describe(proc)
     err = proc.stderr.strip()
     assert "Traceback" not in err, err
     last = err.splitlines()[-1]
@@ -163,5 +163,5 @@ def test_existing_output_is_not_overwritten(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     proc = run([*QUICK, "--output_dir", str(out)])
-    assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
+    assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr, describe(proc)
     assert (out / "precious.txt").read_text() == "keep me"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, assert_ok, error_line, model_with_other_tokenizer, run_module
+from tests.helpers import ROOT, assert_ok, describe, error_line, model_with_other_tokenizer, run_module
 from utils.metrics import read_jsonl
 
 STEP_FOLDERS = ("step1_sft", "step2_reward", "step3_rlhf")
@@ -139,7 +139,7 @@ def test_chat_on_step3_outputs(pipeline, model):
     proc = subprocess.run([sys.executable, "chat.py", "--path", out / "step3_rlhf" / model,
                            "--max_new_tokens", "4"], cwd=ROOT, input=script, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ok(proc)
     assert proc.stdout.count("Assistant: ") == 3 and "(history cleared)" in proc.stdout
 
 
@@ -178,7 +178,7 @@ def test_step3_alone_reuses_earlier_outputs(pipeline, tmp_path):
 def test_failed_step_stops_the_pipeline_with_its_error_and_log(tmp_path):
     out = tmp_path / "run"
     proc = launch("--preset", "quick", "--output-dir", out, "--step1-args", f"--data_path {tmp_path / 'none.jsonl'}")
-    assert proc.returncode != 0
+    assert proc.returncode != 0, describe(proc)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step 1 failed") and "none.jsonl" in last
     assert f"log: {out / 'step1_sft.log'}" in last and (out / "step1_sft.log").is_file()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_ok
 from utils.config import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +75,7 @@ def test_cpu_tiny_script_runs(script, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(["bash", str(script), str(out)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_ok(proc)
     model = out / "actor" if "step3" in script.parts[-4] else out
     assert (model / "training_summary.json").is_file() and (model / "model.safetensors").is_file()
 
