@@ -61,6 +61,22 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     return proc.stderr.strip().splitlines()[-1]
 
 
+def deepspeed_on_a_free_port(folder: Path) -> dict:
+    """Environment whose PATH finds, first, a `deepspeed` that adds `--master_port <free port>`
+    to the real launcher's arguments: for scripts that call the launcher without a port (its
+    default 29500 may be held by another run on this machine). Pass it as the env of the run."""
+    import shutil
+
+    from utils.cli import free_port
+    beside = Path(sys.executable).parent / "deepspeed"
+    real = str(beside) if beside.is_file() else shutil.which("deepspeed")
+    folder.mkdir(parents=True, exist_ok=True)
+    shim = folder / "deepspeed"
+    shim.write_text(f'#!/bin/sh\nexec {shlex.quote(real)} --master_port {free_port()} "$@"\n')
+    shim.chmod(0o755)
+    return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def model_with_other_tokenizer(folder: Path, base: str = "tiny-llama") -> Path:
     """A copy of built-in `base` whose tokenizer has one extra token (a mismatch to refuse)."""
     import shutil

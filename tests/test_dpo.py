@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_ok, error_line, model_with_other_tokenizer, run_module
+from utils.cli import free_port
 from utils.metrics import read_jsonl
 
 MODULE = "training.step2_dpo_finetuning.main"
@@ -74,7 +75,7 @@ def test_dpo_lora_uses_the_adapters_off_model_as_reference(tmp_path):
 def test_dpo_zero3_two_processes(tmp_path):
     out = tmp_path / "dpo_2p"
     proc = run(["--zero_stage", "3", "--output_dir", out],
-               launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29741"])
+               launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert "2 process(es)" in proc.stdout + proc.stderr
     assert trained(proc, out)["margin_after"] > 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils.cli import free_port
 from utils.metrics import read_jsonl
 
 from tests.helpers import assert_ok, describe, run_module
@@ -113,7 +114,7 @@ def test_lora_trains_only_adapters_and_exports_merged(tmp_path):
 @pytest.mark.slow
 def test_zero3_two_processes(tmp_path):
     out = tmp_path / "sft_2p"
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", "29731"]
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
     proc = ok(run([*QUICK, "--zero_stage", "3", "--output_dir", str(out)], launcher=launcher))
     assert "2 process(es)" in proc.stdout + proc.stderr
     s = summary(out)

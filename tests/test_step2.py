@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.helpers import assert_exit, assert_ok, run_module
+from utils.cli import free_port
 
 MODULE = "training.step2_reward_model_finetuning.main"
 QUICK = ["--model_name_or_path", "tiny-llama", "--num_examples", "400", "--max_seq_len", "64",
@@ -67,7 +68,7 @@ def test_reward_model_with_lora(tmp_path):
 def test_reward_model_zero3_two_processes(tmp_path):
     out = tmp_path / "rm_2p"
     proc = run([*QUICK, "--zero_stage", "3", "--output_dir", str(out)],
-               launcher=["deepspeed", "--num_gpus", "2", "--master_port", "29733"])
+               launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert "2 process(es)" in proc.stdout + proc.stderr
     trained(proc, out)
     assert_reloads_both_ways_with_same_scores(out)

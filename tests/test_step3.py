@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import assert_ok, error_line, model_with_other_tokenizer, run_module
+from utils.cli import free_port
 from utils.metrics import read_jsonl
 
 MODULE = "training.step3_rlhf_finetuning.main"
@@ -87,12 +88,12 @@ def test_zero2_plain_generate_whitened_advantages_and_ignored_eos(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,port", [(2, 29752), (3, 29751)])
-def test_two_processes_with_ema(tmp_path, stage, port):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_with_ema(tmp_path, stage):
     out = tmp_path / f"z{stage}_2p"
     proc = run_module(MODULE, [*QUICK, "--actor_zero_stage", str(stage), "--critic_zero_stage", str(stage),
                                "--enable_ema", "--output_dir", out],
-                      launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(port)])
+                      launcher=["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())])
     assert "x 2 process(es)" in proc.stdout + proc.stderr
     finished(proc, out)
     assert_chats(out / "actor_ema")
