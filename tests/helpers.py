@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shlex
 import subprocess
 import sys
@@ -59,6 +60,27 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     """The one `error: ...` line a refused run ends with (exit 2, no traceback)."""
     assert_exit(proc, 2)
     return proc.stderr.strip().splitlines()[-1]
+
+
+def session_rng(name: str) -> tuple[random.Random, str]:
+    """A random generator for one test's random choices (e.g. a kill point), drawn from the
+    session seed RLHFKIT_MATRIX_SEED (tests/conftest.py prints it; set it to rerun the same
+    draws) and the test's name, so tests do not shift each other's draws. Returns the generator
+    and a note naming the seed, for assertion messages."""
+    seed = os.environ["RLHFKIT_MATRIX_SEED"]
+    return random.Random(f"{seed}/{name}"), f"RLHFKIT_MATRIX_SEED={seed}"
+
+
+def logged_rows(path: Path) -> list[dict]:
+    """The complete lines of a metrics.jsonl that a running (or killed) process may be writing:
+    [] before the file exists; a last line without its newline (written half-way as we read) is
+    left out instead of failing to parse."""
+    import json
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
 def deepspeed_on_a_free_port(folder: Path) -> dict:
