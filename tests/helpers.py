@@ -99,6 +99,39 @@ def deepspeed_on_a_free_port(folder: Path) -> dict:
     return {**os.environ, "PATH": f"{folder}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
+def assert_chat_reply_is_greedy(folder: Path, message: str = "What is 2 + 3?", max_new_tokens: int = 4) -> str:
+    """A model this toolkit saved loads for chat as chat.py builds it (Human/Assistant turns, as
+    it was trained) and its greedy reply is exactly the text of the tokens the model itself
+    puts after that prompt: found here one argmax at a time from its logits (up to eos, or a
+    next "Human:" turn), decoded from the new tokens only. Returns the reply."""
+    import torch
+
+    from inference.chat import ChatSession, GenerationSettings, default_prompt_format
+    from utils.model import load_causal_lm, load_tokenizer
+    tokenizer = load_tokenizer(str(folder))
+    model = load_causal_lm(str(folder), tokenizer).eval()
+    prompt_format = default_prompt_format(str(folder))
+    assert prompt_format == "human_assistant", f"{folder}: not recognised as trained here ({prompt_format})"
+    session = ChatSession(model, tokenizer, GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False),
+                          prompt_format=prompt_format)
+    reply = session.reply(message)
+
+    prompt = tokenizer(f" Human: {message} Assistant:")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        while len(new) < max_new_tokens:
+            ids = torch.tensor([prompt + new])
+            token = int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax())
+            new.append(token)
+            if token == tokenizer.eos_token_id or "Human:" in tokenizer.decode(new, skip_special_tokens=True):
+                break
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    expected = text.split(" Human:")[0].split("\nHuman:")[0].strip()
+    assert reply == expected, (f"{folder}: chat replied {reply!r} to {message!r}; greedy decoding gives "
+                               f"{expected!r} (new tokens {new})")
+    return reply
+
+
 def model_with_other_tokenizer(folder: Path, base: str = "tiny-llama") -> Path:
     """A copy of built-in `base` whose tokenizer has one extra token (a mismatch to refuse)."""
     import shutil

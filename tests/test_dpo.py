@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_ok, error_line, model_with_other_tokenizer, run_module
+from tests.helpers import assert_chat_reply_is_greedy, assert_ok, error_line, model_with_other_tokenizer, run_module
 from utils.cli import free_port
 from utils.metrics import read_jsonl
 
@@ -45,12 +45,7 @@ def assert_preference_learned(summary: dict) -> None:
 def test_dpo_raises_preference_accuracy_and_saves_a_chat_model(tmp_path):
     out = tmp_path / "dpo"
     assert_preference_learned(trained(run(["--output_dir", out]), out))
-    from inference.chat import ChatSession, GenerationSettings
-    from utils.model import load_causal_lm, load_tokenizer
-    tokenizer = load_tokenizer(str(out))
-    session = ChatSession(load_causal_lm(str(out), tokenizer), tokenizer,
-                          GenerationSettings(max_new_tokens=4, do_sample=False), prompt_format="auto")
-    assert isinstance(session.reply("What is 2 + 3?"), str)
+    assert_chat_reply_is_greedy(out)
 
 
 def test_dpo_zero3_with_offloaded_reference_and_label_smoothing(tmp_path):

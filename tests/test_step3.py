@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_ok, error_line, model_with_other_tokenizer, run_module
+from tests.helpers import assert_chat_reply_is_greedy, assert_ok, error_line, model_with_other_tokenizer, run_module
 from utils.cli import free_port
 from utils.metrics import read_jsonl
 
@@ -39,12 +39,7 @@ def finished(proc, out: Path, n_rounds: int = 2, folders=("actor", "critic")) ->
 
 
 def assert_chats(actor: Path) -> None:
-    from inference.chat import ChatSession, GenerationSettings
-    from utils.model import load_causal_lm, load_tokenizer
-    tokenizer = load_tokenizer(str(actor))
-    session = ChatSession(load_causal_lm(str(actor), tokenizer), tokenizer,
-                          GenerationSettings(max_new_tokens=4, do_sample=False), prompt_format="auto")
-    assert isinstance(session.reply("What is 2 + 3?"), str)
+    assert_chat_reply_is_greedy(actor)
 
 
 def test_ppo_raises_a_programmatic_reward(tmp_path):
