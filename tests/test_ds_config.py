@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, describe
+from tests.helpers import ROOT
 from utils import ds_utils as ds
 from utils.fs import atomic_directory_write
 from utils.config import ConfigError, parse_config, parse_data_split
@@ -132,6 +132,7 @@ def test_cpu_shm_buffer_does_not_outlive_the_run(nproc):
                               stderr=subprocess.PIPE, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]
     outs = [p.communicate(timeout=300) for p in procs]
+    from tests.helpers import describe
     assert all(p.returncode == 0 for p in procs), "\n".join(describe(p, *o) for p, o in zip(procs, outs))
     results = [line.split()[1:] for out, _ in outs for line in out.splitlines() if line.startswith("RESULT")]
     assert results == [["False", str(float(sum(range(1, nproc + 1))))]] * nproc
