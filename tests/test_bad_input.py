@@ -109,8 +109,18 @@ def test_unloadable_models_are_one_config_error(tmp_path, name):
 
 
 def test_a_new_value_head_on_a_causal_lm_is_not_a_missing_weight():
+    """A reward model from a causal LM loads (its score head starts fresh: allowed) and every
+    other weight is the checkpoint's own, not a freshly initialized one."""
+    from safetensors.torch import load_file
+
     from utils.model import load_reward_model, load_tokenizer
-    load_reward_model("tiny-llama", load_tokenizer("tiny-llama"))  # the score head starts fresh: allowed
+    state = load_reward_model("tiny-llama", load_tokenizer("tiny-llama")).hf_model.state_dict()
+    saved = load_file(_base() / "model.safetensors")
+    backbone = sorted(k for k in state if k != "score.weight")
+    assert backbone and set(backbone) <= set(saved), sorted(set(backbone) - set(saved))
+    differ = [k for k in backbone if not torch.equal(state[k], saved[k])]
+    assert not differ, f"not loaded from the checkpoint: {differ}"
+    assert state["score.weight"].shape == (1, saved["model.embed_tokens.weight"].shape[1])
 
 
 @pytest.mark.parametrize("name", ["corrupt_config", "unknown_model_type", "truncated_weights", "pickle_of_objects",

@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 from inference.chat import ChatSession, GenerationSettings
+from tests.helpers import assert_ok
 from utils.model import load_causal_lm, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def test_scripted_session_two_turns_and_clear():
     proc = subprocess.run([sys.executable, "chat.py", "--path", "tiny-llama", "--max_new_tokens", "4"],
                           cwd=ROOT, input=script, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ok(proc)
     out = proc.stdout
     assert out.count("Assistant: ") == 3
     assert "(history cleared)" in out

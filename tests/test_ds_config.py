@@ -137,7 +137,8 @@ def test_cpu_shm_buffer_does_not_outlive_the_run(nproc):
                               stderr=subprocess.PIPE, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
              for r in range(nproc)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs[0][1][-3000:]
+    from tests.helpers import describe
+    assert all(p.returncode == 0 for p in procs), "\n".join(describe(p, *o) for p, o in zip(procs, outs))
     results = [line.split()[1:] for out, _ in outs for line in out.splitlines() if line.startswith("RESULT")]
     assert results == [["False", str(float(sum(range(1, nproc + 1))))]] * nproc
     leftover = Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{env['MASTER_PORT']}_*")

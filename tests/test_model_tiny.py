@@ -231,7 +231,7 @@ def test_a_rank_other_than_0_builds_a_complete_model(tmp_path):
     """transformers' save_pretrained writes no config or weights on a rank other than 0 once
     torch.distributed is up; a cold-cache build that rank 1 won left a stamped folder holding
     only the tokenizer, and every rank then failed to load the model (no model_type)."""
-    from tests.helpers import ROOT
+    from tests.helpers import ROOT, describe
     from utils.cli import free_port
     cache = _cache_with_tokenizer(tmp_path / "cache")
     env = {**os.environ, "RLHFKIT_CACHE": str(cache), "MASTER_ADDR": "127.0.0.1",
@@ -240,7 +240,7 @@ def test_a_rank_other_than_0_builds_a_complete_model(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(describe(p, *o) for p, o in zip(procs, outs))
     assert all("LOADED LlamaForCausalLM" in out for out, _ in outs)
     built = cache / "models" / "tiny-llama"
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= {

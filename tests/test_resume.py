@@ -4,7 +4,6 @@ checkpoint leaves the previous one loadable; non-finite losses are skipped, then
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,24 +13,52 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, assert_ok, error_line, run_module
+from tests.helpers import ROOT, assert_ok, describe, ended_early, error_line, logged_rows, run_module, session_rng
 from utils import checkpoint
 from utils.config import ConfigError
-from utils.metrics import read_jsonl
 from utils.rl_math import adaptive_kl_coef
 from utils.strategy import DeepSpeedStrategy
 from utils.train_utils import NonFinite
 
 MODULE = "training.step1_supervised_finetuning.main"
 STEPS = 16
+SAVE_STEPS = 3
 RUN = ["--model_name_or_path", "tiny-llama", "--num_examples", "400", "--max_seq_len", "64",
        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--learning_rate", "2e-3",
        "--dtype", "fp32", "--max_steps", str(STEPS), "--zero_stage", "2", "--disable_tqdm",
-       "--log_interval", "1", "--save_steps", "3"]
+       "--log_interval", "1", "--save_steps", str(SAVE_STEPS)]
 
 
 def losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/loss" in r}
+    return {r["step"]: r["train/loss"] for r in logged_rows(out / "logs" / "metrics.jsonl") if "train/loss" in r}
+
+
+def logged_steps(out: Path, key: str = "train/loss") -> list[int]:
+    """Every step's log line in file order: a step logged twice (or lost) shows here, where a
+    dict keyed by step would hide it."""
+    return [r["step"] for r in logged_rows(out / "logs" / "metrics.jsonl") if key in r]
+
+
+def step_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def left_by_the_kill(out: Path, every: int, total: int, key: str, where: str) -> tuple[Path, str]:
+    """What a SIGKILLed run left, read once it is dead (it may have logged or saved more between
+    the poll that saw the kill point and the kill): its newest complete checkpoint, checked
+    against its newest logged step, and `where` extended with both for later messages.
+
+    A save at step n ends before step n + 1 is logged, so the newest checkpoint is the last save
+    point before the newest logged step, or that step itself when its save had completed."""
+    last = max(logged_steps(out, key), default=0)
+    saved = checkpoint.latest(out)
+    where += f"; after the kill: newest logged step {last}, newest checkpoint {saved and saved.name}"
+    assert 0 < last < total, f"the run was not killed before its end: {where}"
+    assert not (out / "training_summary.json").exists(), where
+    before = (last - 1) // every * every  # the last save point before `last`
+    allowed = {before, last} if last % every == 0 else {before}
+    assert saved is not None and step_of(saved) in allowed, f"expected a checkpoint at step {sorted(allowed)}: {where}"
+    return saved, where
 
 
 def start(out: Path, *extra) -> subprocess.Popen:
@@ -40,15 +67,14 @@ def start(out: Path, *extra) -> subprocess.Popen:
 
 
 def wait_for_step(proc: subprocess.Popen, out: Path, step: int, timeout: float = 300) -> None:
-    """Until the run has logged `step` (or fail if it ended first)."""
+    """Until the run has logged `step` (or fail, showing its output, if it ended first)."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        log = out / "logs" / "metrics.jsonl"
-        if log.is_file() and max(losses(out), default=0) >= step:
-            return
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
+    while max(losses(out), default=0) < step:
+        if proc.poll() is not None:
+            raise ended_early(proc, f"the run ended before logging step {step}")
+        if time.time() > deadline:
+            raise ended_early(proc, f"step {step} not logged in {timeout}s")
         time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +88,23 @@ def uninterrupted(tmp_path_factory) -> dict[int, float]:
 
 
 def test_sigkill_at_a_random_step_then_resume_matches(tmp_path, uninterrupted):
-    kill_at = random.Random(os.getpid()).randint(4, STEPS - 6)
+    rng, seed = session_rng("test_sigkill_at_a_random_step_then_resume_matches")
+    kill_at = rng.randint(4, STEPS - 6)
+    where = f"kill point: once step {kill_at} of {STEPS} is logged ({seed})"
     out = tmp_path / "killed"
     proc = start(out)
     wait_for_step(proc, out, kill_at)
     proc.kill()  # SIGKILL: no chance to save
-    proc.wait()
-    # A checkpoint may land between the poll above and the kill, so bound it by the end, not kill_at.
-    saved = checkpoint.latest(out)
-    assert saved is not None and int(saved.name.split("-")[1]) < STEPS
-    assert max(losses(out)) < STEPS, "the run finished before the kill"
-    assert not (out / "training_summary.json").exists()
-    assert_ok(run_module(MODULE, [*RUN, "--output_dir", out, "--resume"]))
+    proc.communicate()
+    saved, where = left_by_the_kill(out, SAVE_STEPS, STEPS, "train/loss", where)
+    proc = run_module(MODULE, [*RUN, "--output_dir", out, "--resume"])
+    assert_ok(proc)
+    assert f"resumed from {saved} (step {step_of(saved)}," in proc.stdout + proc.stderr, where + "\n" + describe(proc)
+    assert logged_steps(out) == list(range(1, STEPS + 1)), where  # each step once: cut back, then continued
     resumed = losses(out)
-    assert sorted(resumed) == list(range(1, STEPS + 1)), f"killed at {kill_at}"  # no step twice
     for step, loss in uninterrupted.items():
-        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), (step, kill_at)
-    assert json.loads((out / "training_summary.json").read_text())["steps"] == STEPS
+        assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), f"step {step}; {where}"
+    assert json.loads((out / "training_summary.json").read_text())["steps"] == STEPS, where
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
@@ -86,11 +112,15 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path, uninterrupted):
     proc = start(out, "--save_steps", "0")  # no periodic checkpoints: the signal alone saves
     wait_for_step(proc, out, 3)
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err[-3000:]
-    saved = checkpoint.latest(out)
-    assert saved is not None
-    assert_ok(run_module(MODULE, [*RUN, "--output_dir", out, "--resume"]))
+    out_text, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err, describe(proc, out_text, err)
+    saved, last = checkpoint.latest(out), max(losses(out))
+    # no periodic saves: the one checkpoint is the signal's, at the step the run had reached
+    assert saved is not None and step_of(saved) == last, (saved, last)
+    proc = run_module(MODULE, [*RUN, "--output_dir", out, "--resume"])
+    assert_ok(proc)
+    assert f"resumed from {saved} (step {last}," in proc.stdout + proc.stderr, describe(proc)
+    assert logged_steps(out) == list(range(1, STEPS + 1))
     resumed = losses(out)
     for step, loss in uninterrupted.items():
         assert resumed[step] == pytest.approx(loss, rel=1e-4, abs=1e-5), step
@@ -177,7 +207,7 @@ ADAPTIVE_KL = ["--target_kl", "0.05", "--kl_horizon", "20"]
 
 
 def step3_rows(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r}
+    return {r["step"]: r for r in logged_rows(out / "logs" / "metrics.jsonl") if "train/reward" in r}
 
 
 CRITIC_FREE_PTX = ["--unsupervised_dataset_name", "bundled", "--advantage", "rloo", "--samples_per_prompt", "2"]
@@ -203,17 +233,21 @@ def test_step3_killed_and_resumed_matches_an_uninterrupted_run(tmp_path, stage, 
     proc = subprocess.Popen([sys.executable, "-m", STEP3, *flags, "--output_dir", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (checkpoint.latest(out) and max(step3_rows(out), default=0) >= 3):
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+    while max(step3_rows(out), default=0) < 3:  # round 3 logged: the round-2 checkpoint is complete
+        if proc.poll() is not None or time.time() > deadline:
+            raise ended_early(proc, "round 3 not logged before the run ended or 300 s passed")
         time.sleep(0.2)
     proc.kill()
-    proc.wait()
-    assert_ok(run_module(STEP3, [*flags, "--output_dir", out, "--resume"]))
+    proc.communicate()
+    saved, where = left_by_the_kill(out, 2, ROUNDS, "train/reward", f"killed once round 3 of {ROUNDS} was logged")
+    proc = run_module(STEP3, [*flags, "--output_dir", out, "--resume"])
+    assert_ok(proc)
+    assert f"resumed from {saved} (step {step_of(saved)}," in proc.stdout + proc.stderr, where + "\n" + describe(proc)
+    assert logged_steps(out, "train/reward") == list(range(1, ROUNDS + 1)), where
     resumed = step3_rows(out)
-    assert sorted(resumed) == list(range(1, ROUNDS + 1))
     for step, row in expected.items():
         for key in KEYS:
-            assert resumed[step][key] == pytest.approx(row[key], rel=1e-3, abs=1e-4), (step, key)
+            assert resumed[step][key] == pytest.approx(row[key], rel=1e-3, abs=1e-4), (step, key, where)
     folders = ("actor", "actor_ema") if extra == CRITIC_FREE_PTX else ("actor", "actor_ema", "critic")
     assert sorted(p.name for p in out.iterdir() if (p / "model.safetensors").is_file()) == sorted(folders)
 

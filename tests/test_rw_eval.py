@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import assert_exit, assert_ok
 from utils.model import load_reward_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ def test_scores_match_training_tokenization(reward_dir, tmp_path):
     data.write_text(json.dumps(rows[0]) + "\n")
     proc = rw_eval("--model_name_or_path", str(reward_dir), "--prompt", rows[0]["prompt"],
                    "--response", "5", "--response", "The answer is 6.")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ok(proc)
     printed = [float(line.split()[0]) for line in proc.stdout.splitlines() if line.startswith("  ")]
 
     tok = load_tokenizer(str(reward_dir))
@@ -58,7 +59,7 @@ def test_file_of_pairs_reports_accuracy(reward_dir, tmp_path):
     data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) + "\n"
                             for i in range(3)))
     proc = rw_eval("--model_name_or_path", str(reward_dir), "--file", str(data))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ok(proc)
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("pair accuracy")
     assert all("chosen_score" in json.loads(l) for l in lines[:3])
@@ -68,5 +69,5 @@ def test_bad_file_row_is_one_line(reward_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "x"}\n')
     proc = rw_eval("--model_name_or_path", str(reward_dir), "--file", str(data))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert_exit(proc, 2)
     assert "row 0 needs prompt" in proc.stderr.strip().splitlines()[-1]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from utils.cli import free_port
 from utils.metrics import read_jsonl
 
-from tests.helpers import run_module
+from tests.helpers import assert_ok, describe, run_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "training.step1_supervised_finetuning.main"
@@ -30,7 +31,7 @@ def run(args, launcher=None, timeout=600):
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    assert_ok(proc)
     return proc
 
 
@@ -113,7 +114,7 @@ def test_lora_trains_only_adapters_and_exports_merged(tmp_path):
 @pytest.mark.slow
 def test_zero3_two_processes(tmp_path):
     out = tmp_path / "sft_2p"
-    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", "29731"]
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
     proc = ok(run([*QUICK, "--zero_stage", "3", "--output_dir", str(out)], launcher=launcher))
     assert "2 process(es)" in proc.stdout + proc.stderr
     s = summary(out)
@@ -125,7 +126,7 @@ def test_zero3_two_processes(tmp_path):
 
 def bad(args, tmp_path) -> str:
     proc = run([*QUICK, "--output_dir", str(tmp_path / "never"), *args])
-    assert proc.returncode != 0
+    assert proc.returncode != 0, describe(proc)
     err = proc.stderr.strip()
     assert "Traceback" not in err, err
     last = err.splitlines()[-1]
@@ -163,5 +164,5 @@ def test_existing_output_is_not_overwritten(tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     proc = run([*QUICK, "--output_dir", str(out)])
-    assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr
+    assert proc.returncode == 2 and "--overwrite_output_dir" in proc.stderr, describe(proc)
     assert (out / "precious.txt").read_text() == "keep me"

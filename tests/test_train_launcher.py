@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, assert_ok, error_line, model_with_other_tokenizer, run_module
-from utils.metrics import read_jsonl
+from tests.helpers import (ROOT, assert_ok, describe, ended_early, error_line, logged_rows, model_with_other_tokenizer,
+                           run_module, session_rng)
+from utils import checkpoint
 
 STEP_FOLDERS = ("step1_sft", "step2_reward", "step3_rlhf")
 
@@ -88,7 +88,7 @@ LOGGED = {"step1_sft": ("train/loss",), "step2_reward": ("train/loss",),
 
 
 def logged(folder: Path) -> dict[int, tuple]:
-    rows = read_jsonl(folder / "logs" / "metrics.jsonl") if (folder / "logs" / "metrics.jsonl").is_file() else []
+    rows = logged_rows(folder / "logs" / "metrics.jsonl")  # complete lines: a running step may be writing
     keys = LOGGED[folder.name]
     return {r["step"]: tuple(r[k] for k in keys) for r in rows if keys[0] in r}
 
@@ -98,11 +98,13 @@ def kill_when_logged(proc: subprocess.Popen, folder: Path, step: int, timeout: f
     logged `step`: a preempted job, nobody gets to save."""
     deadline = time.time() + timeout
     while max(logged(folder), default=0) < step:
-        assert proc.poll() is None, f"ended before {folder.name} step {step}: {proc.communicate()[1][-3000:]}"
-        assert time.time() < deadline, f"{folder.name} step {step} not reached"
+        if proc.poll() is not None or time.time() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise ended_early(proc, f"{folder.name} step {step} not logged before the run ended or {timeout}s passed")
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
 
 
 @pytest.mark.slow
@@ -111,25 +113,34 @@ def test_sigkill_across_steps_then_resume_matches(pipeline, tmp_path):
     finished steps, continues the killed one from its checkpoint and runs the rest: every step
     logs what the uninterrupted run logged."""
     straight, _ = pipeline
-    rng = random.Random(os.getpid())
-    folder, step = rng.choice([("step1_sft", rng.randint(4, 7)), ("step2_reward", rng.randint(3, 5)),
+    rng, seed = session_rng("test_sigkill_across_steps_then_resume_matches")
+    # at least two steps (Step 3: one round) before the step's end, so the kill lands inside it
+    folder, step = rng.choice([("step1_sft", rng.randint(4, 6)), ("step2_reward", rng.randint(3, 4)),
                                ("step3_rlhf", 2)])
+    where = f"killed once {folder} logged step {step} ({seed})"
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", *QUICK, "--output-dir", str(out)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     kill_when_logged(proc, out / folder, step)
-    assert not (out / folder / "training_summary.json").exists() and not (out / folder / "actor").exists()
+    # read what the run left once it is dead: it may have logged and saved more since the poll
+    last, saved = max(logged(out / folder)), checkpoint.latest(out / folder)
+    where += f"; after the kill: newest logged step {last}, newest checkpoint {saved and saved.name}"
+    assert last < max(logged(straight / folder)), f"the step ended before the kill: {where}"
+    assert not (out / folder / "training_summary.json").exists() and not (out / folder / "actor").exists(), where
+    assert saved is not None, where
     proc = launch(*QUICK, "--output-dir", out, "--resume")
     assert_ok(proc)
     killed = STEP_FOLDERS.index(folder)
-    assert proc.stdout.count("(--resume), skipped") == killed, (folder, step)
-    assert "resumed from" in (out / folder / "logs" / "console.log").read_text(), (folder, step)
+    assert proc.stdout.count("(--resume), skipped") == killed, where
+    assert f"resumed from {saved} " in (out / folder / "logs" / "console.log").read_text(), where
     for name in STEP_FOLDERS:
-        want, got = logged(straight / name), logged(out / name)
-        assert sorted(got) == sorted(want), (name, folder, step)  # no step logged twice or lost
+        want = logged(straight / name)
+        steps = [r["step"] for r in logged_rows(out / name / "logs" / "metrics.jsonl") if LOGGED[name][0] in r]
+        assert steps == sorted(want), (name, where)  # each step logged once, none lost
+        got = logged(out / name)
         for n, values in want.items():
-            assert got[n] == pytest.approx(values, rel=1e-3, abs=1e-4), (name, n, folder, step)
+            assert got[n] == pytest.approx(values, rel=1e-3, abs=1e-4), (name, n, where)
 
 
 @pytest.mark.parametrize("model", ["actor", "actor_ema"])
@@ -139,7 +150,7 @@ def test_chat_on_step3_outputs(pipeline, model):
     proc = subprocess.run([sys.executable, "chat.py", "--path", out / "step3_rlhf" / model,
                            "--max_new_tokens", "4"], cwd=ROOT, input=script, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ok(proc)
     assert proc.stdout.count("Assistant: ") == 3 and "(history cleared)" in proc.stdout
 
 
@@ -178,7 +189,7 @@ def test_step3_alone_reuses_earlier_outputs(pipeline, tmp_path):
 def test_failed_step_stops_the_pipeline_with_its_error_and_log(tmp_path):
     out = tmp_path / "run"
     proc = launch("--preset", "quick", "--output-dir", out, "--step1-args", f"--data_path {tmp_path / 'none.jsonl'}")
-    assert proc.returncode != 0
+    assert proc.returncode != 0, describe(proc)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: step 1 failed") and "none.jsonl" in last
     assert f"log: {out / 'step1_sft.log'}" in last and (out / "step1_sft.log").is_file()
@@ -315,6 +326,26 @@ def test_quality_bench_on_the_pipelines_models(pipeline, tmp_path):
     assert (tmp_path / "quality.md").is_file() and (tmp_path / "quality_curves.png").stat().st_size > 0
 
 
+def assert_groups_follow_per_prompt(result: dict) -> None:
+    """quality.json's per-group numbers, computed again by hand from its per-prompt scores: each
+    model's score is its prompts' mean; a group's gain over SFT is the mean over prompts of (the
+    seeds' mean score - SFT's), its standard error the sample standard deviation of those
+    differences over sqrt(prompts)."""
+    per_prompt, seeds = result["per_prompt"], result["seeds"]
+    sft = per_prompt["sft"]
+    for name, score in result["scores"].items():
+        assert score == pytest.approx(sum(per_prompt[name]) / len(per_prompt[name]), abs=1e-12), name
+    for kind, suffix in (("PPO actor", ""), ("PPO EMA actor", "_ema")):
+        columns = [per_prompt[f"ppo_seed{seed}{suffix}"] for seed in seeds]
+        diffs = [sum(column[i] for column in columns) / len(columns) - sft[i] for i in range(len(sft))]
+        n = len(diffs)
+        gain = sum(diffs) / n
+        se = (sum((d - gain) ** 2 for d in diffs) / (n - 1)) ** 0.5 / n ** 0.5
+        group = result["groups"][kind]
+        assert group["gain"] == pytest.approx(gain, abs=1e-12), (kind, diffs, group)
+        assert group["gain_se"] == pytest.approx(se, abs=1e-12), (kind, diffs, group)
+
+
 @pytest.mark.slow
 def test_quality_bench_with_the_checker_as_reward(pipeline, tmp_path):
     """--reward checker: no reward model trained or loaded, Step 3 (here critic-free RLOO) per seed,
@@ -328,7 +359,8 @@ def test_quality_bench_with_the_checker_as_reward(pipeline, tmp_path):
     result = json.loads((tmp_path / "quality.json").read_text())
     assert set(result["scores"]) == {"base", "sft", "ppo_seed7", "ppo_seed7_ema", "ppo_seed8", "ppo_seed8_ema"}
     assert result["other"]["reward used by Step 3"] == "checker" and not (tmp_path / "step2_reward").exists()
-    assert result["groups"]["PPO EMA actor"]["n"] == 2 and result["groups"]["PPO actor"]["gain_se"] >= 0
+    assert result["groups"]["PPO EMA actor"]["n"] == 2
+    assert_groups_follow_per_prompt(result)
     assert result["step3"]["step3_seed8"]["rounds"] == 1
     per_prompt, by_task = result["per_prompt"], result["by_task"]
     assert len(per_prompt["tasks"]) == len(per_prompt["ppo_seed8_ema"]) == 4

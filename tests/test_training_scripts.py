@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import assert_ok, deepspeed_on_a_free_port
 from utils.config import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +69,13 @@ TINY_CPU = sorted(ROOT.glob("training/*/training_scripts/cpu/run_tiny.sh"))
 @pytest.mark.parametrize("script", TINY_CPU, ids=lambda p: p.parts[-4])
 def test_cpu_tiny_script_runs(script, tmp_path):
     """The CPU example scripts are run, not only parsed (the SmolLM2 ones take minutes: parsed)."""
-    import os
     import subprocess
 
     out = tmp_path / "out"
+    env = deepspeed_on_a_free_port(tmp_path / "bin")  # the scripts' launcher would take port 29500
     proc = subprocess.run(["bash", str(script), str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                          timeout=600, env={**env, "PYTHONUNBUFFERED": "1"})
+    assert_ok(proc)
     model = out / "actor" if "step3" in script.parts[-4] else out
     assert (model / "training_summary.json").is_file() and (model / "model.safetensors").is_file()
 
