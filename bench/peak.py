@@ -1,8 +1,8 @@
 """The machine's measured matrix-multiply peak, the yardstick for each phase's FLOP/s.
 
 A square matmul large enough to be compute-bound, best of several timed runs after a warm-up.
-On this project's 2-core AVX2 CPU: fp32 ~150-190 GFLOP/s; bf16 has no native path there and
-runs ~8x slower than fp32, so the peak must be taken for the dtype a run really uses.
+A CPU without a native bf16 path runs bf16 several times slower than fp32, so the peak must be
+taken for the dtype a run really uses (figures: docs/2026-11-23-step1-deepspeed-overhead.md).
 
     python -m bench.peak --dtype fp32
 """

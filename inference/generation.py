@@ -2,12 +2,10 @@
 
 Generation is Hugging Face `generate` on the inference copy, with a GenerationConfig made from
 scratch (nothing inherited from the checkpoint's generation_config: SmolLM2's, for one, would
-add its own sampling defaults). Measured against a hand-written decode loop over a
-DynamicCache (same position ids, same argmax): token-for-token equal, and the same speed on
-SmolLM2-135M (batch 8, 32 new tokens, 1 thread: 37-41 tok/s for both); on tiny-llama the loop
-was ~15% faster (1066 vs 921 tok/s), i.e. HF's per-step overhead only shows on models of a few
-million parameters. `generate` keeps every family's position-id and cache quirks right, so it
-stays.
+add its own sampling defaults). Against a hand-written decode loop over a DynamicCache it gives
+the same tokens at the same speed on SmolLM2-135M (HF's per-step overhead shows only on models of
+a few million parameters; docs/2026-11-23-hybrid-engine.md), and it keeps every family's
+position-id and cache quirks right, so it stays.
 """
 from __future__ import annotations
 

@@ -32,31 +32,13 @@ ZeRO-3 with several processes: every rank must call generate() (the gathers are 
 With TP 1 generation itself has no collective, so ranks may stop at different lengths; with TP
 the group's ranks hold identical logits and identical RNG streams, so they stop together.
 
-Measured here (2-core AMD EPYC, fp32, torch 2.13 CPU, DeepSpeed 0.19.8; bench/hybrid_generation.py,
-batch 8, 32-token prompts, 64 new tokens, actor under ZeRO-3 in one process), tokens/s for
-hybrid / HF generate on the ZeRO-3 module / plain unsharded HF generate:
-  SmolLM2-135M, 1 thread:  47.6 / 23.6 / 51.0  (2.01x the ZeRO-3 module, 0.93x plain)
-  SmolLM2-135M, 2 threads: 53.5 / 23.0 / 59.6  (2.33x, 0.90x)
-  tiny-llama,   1 thread:  1598 / 338 / 1590   (4.73x, 1.00x)
-  With 2 threads a ZeRO-3 process is slower at everything multi-threaded, the copy included:
-  after ZeRO-3's deepspeed.initialize a 2-thread torch.layer_norm on 8x128 went from 7 to
-  32 us per call (unchanged with 1 thread); the cause is inside DeepSpeed and not undone here.
-  Where the time goes (torch.profiler, SmolLM2, 1 thread, 32 new tokens): the refresh (ZeRO-3
-  gather + copy into the inference copy) is 0.09 s of a 5.9 s call (1.5%; 0.35-0.47 s in the
-  benchmark runs, right after an optimizer step; building the copy on the first call: 0.4-0.8
-  s). Of the generation, 76% is aten::mm (the projections and the 49k-row LM head: the decode
-  is GEMM-bound), 5% torch.cat (the growing DynamicCache), 3% attention. So the
-  copy runs at plain-model speed and nothing in the engine is left to shave off; the gap to
-  generating on the ZeRO-3 module is that module's per-layer fetches and hooks (plus its
-  replaced F.linear), which on this CPU cost 2x, and more where kernels are faster (GPUs).
-  With two ranks the refresh is dominated by the gather itself: SmolLM2 ZeRO-3 over 2 CPU
-  processes (gloo) refreshed in 1.16-1.19 s with TP 1 and 1.17 s with TP 2 (slicing into the
-  shards adds nothing measurable), against 2.5-3.0 s to re-shard (a new copy + init_inference).
-  Memory: under ZeRO-3 the kept copy is one full model per rank (SmolLM2 fp32: 540 MB; under
-  TP 1/N of it after the first build, whose peak is a full copy); under ZeRO 0-2 it shares the
-  trained storage and costs only its fused LoRA weights. release_inference_cache frees it
-  between calls at the price of a rebuild each call (SmolLM2 ZeRO-3: 0.4-0.8 s instead of a
-  0.1-0.47 s refresh), so it pays off only when generation and training memory must not overlap.
+Why it is built this way: the copy runs at the unsharded model's speed (the refresh is a small
+share of a call), so what is left between it and generating on the ZeRO-3 module is that module's
+per-layer fetches and hooks (plus its replaced F.linear). Refreshing TP shards by slicing beats
+re-sharding. release_inference_cache pays off only when generation and training memory must not
+overlap (the kept copy is one full model per rank under ZeRO-3, its fused LoRA weights only
+under ZeRO 0-2). Measurements (bench/hybrid_generation.py, profiles, memory):
+docs/2026-11-23-hybrid-engine.md.
 """
 from __future__ import annotations
 

@@ -6,11 +6,8 @@ the shards are refreshed in place: each full weight (gathered a chunk of layers 
 cut by the owning AutoTP layer's own `_tp_partition` (the same split that made the shard,
 fused QKV and uneven head counts included) and copied over the old shard. Re-sharding instead
 means building a whole new full copy and running init_inference on it again every iteration.
-Measured, ZeRO-3 actor, TP 2 over 2 CPU processes (gloo, 1 thread each), refresh per call:
-  SmolLM2-135M: slicing into the shards 1.17 s (of which the ZeRO-3 gather is ~1.16 s: TP 1
-                refreshes in 1.16-1.19 s), re-sharding 2.5-3.0 s; first build 3.6 s
-  tiny-llama:   slicing 0.034 s, re-sharding (= a build) 1.03 s
-so slicing is kept; re-sharding is only the fallback for a shard we cannot recompute.
+Slicing was measured faster (docs/2026-11-23-hybrid-engine.md), so it is kept; re-sharding is
+only the fallback for a shard we cannot recompute.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per record, optional TensorBoard, PNG curves at the end.
+"""Training metrics: one JSON line per record, optional TensorBoard, PNG curves at the end
+(curves.png: the main curves; curves_all.png: every metric).
 
 Only rank 0 writes; other ranks get a logger whose calls do nothing, so training code
 never branches on the rank to log.
@@ -67,23 +68,62 @@ class MetricsLogger:
             self._tb.close()
 
 
+# curves.png: the few curves a user reads first, one large panel each, shown when logged.
+# (title, y label, log scale, ((metric, legend label), ...)); every metric: <name>_all.png.
+MAIN_PANELS = (
+    ("Reward", "score per answer", False, (("train/reward", "reward"),)),
+    ("KL to the reference", "KL per answer", False, (("train/kl", "KL"),)),
+    ("Ground-truth score", "checker score (0 to 1)", False, (("train/gt_score", "ground truth"),)),
+    ("Loss", "loss", False, (("train/loss", "train"), ("eval/loss", "held-out"), ("train/actor_loss", "actor"),
+                             ("train/critic_loss", "critic"), ("train/unsup_loss", "ptx"))),
+    ("Held-out perplexity", "perplexity (log scale)", True, (("eval/perplexity", "held-out"),)),
+    ("Pair accuracy", "accuracy", False, (("train/accuracy", "train"), ("eval/accuracy", "held-out"))),
+    ("Learning rate", "learning rate", False, (("train/lr", "lr"), ("train/lr_actor", "actor"),
+                                               ("train/lr_critic", "critic"))),
+)
+
+
+def main_panels(names) -> list[tuple]:
+    """The MAIN_PANELS of which at least one metric was logged, each with only the logged ones;
+    without any (a log of other metrics only), one panel per metric."""
+    panels = [(title, ylabel, log, present) for title, ylabel, log, lines in MAIN_PANELS
+              if (present := tuple((key, label) for key, label in lines if key in names))]
+    return panels or [(name, "", False, ((name, name),)) for name in sorted(names)]
+
+
 def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
-    """One small panel per metric, against the step at which it was logged."""
+    """`path` (curves.png): the main panels, large, with titles, axis labels and legends;
+    `<stem>_all.png` beside it: every logged metric, one small panel each."""
+    path = Path(path)
+    xlabel = "PPO round" if "train/reward" in history else "optimizer step"
+    _plot_panels(history, main_panels(history), path, xlabel, size=(5.5, 4), fontsize=13)
+    _plot_panels(history, [(name, "", False, ((name, name),)) for name in sorted(history)],
+                 path.with_name(f"{path.stem}_all{path.suffix}"), xlabel, size=(4.5, 3), fontsize=9)
+
+
+def _plot_panels(history, panels, path: Path, xlabel: str, size, fontsize: int) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    names = sorted(history)
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
-    for ax, name in zip(axes.flat, names):
-        steps, values = zip(*history[name])
-        ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax, (title, ylabel, log, lines) in zip(axes.flat, panels):
+        for key, label in lines:
+            steps, values = zip(*history[key])
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=label)
+        ax.set_title(title, fontsize=fontsize)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel, fontsize=fontsize - 2)
+        ax.set_ylabel(ylabel, fontsize=fontsize - 2)
+        if log:
+            ax.set_yscale("log")
+        if len(lines) > 1:
+            ax.legend(fontsize=fontsize - 3)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -5,9 +5,8 @@ pairs that Step 2 reads like any local data file.
 Here the labeler is the bundled task's checker (utils.data.bundled.score), the stand-in for the
 human labelers of a real project. Why it matters: a reward model trained only on the bundled set's
 synthetic rejected answers (off by one, rule broken) ranks the SFT model's *own* mistakes much
-worse than the pairs it was trained on (measured: 65% of within-prompt pairs right vs 84% on held-
-out pairs), and PPO then follows the reward model's noise. Pairs of the policy's samples close that
-gap (see README "Does RLHF improve the model?").
+worse than the pairs it was trained on, and PPO then follows the reward model's noise. Pairs of
+the policy's samples close part of that gap (docs/2026-11-24-reward-model-on-policy-answers.md).
 
     python -m training.step2_reward_model_finetuning.policy_comparisons \\
         --model_name_or_path output/step1_sft --output_file output/comparisons.jsonl

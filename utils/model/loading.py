@@ -181,8 +181,8 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 def auto_dtype_name(device) -> str:
     """The fastest safe training dtype here: bf16 where the hardware computes in it natively
-    (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs, else fp32.
-    Measured on an AVX2-only CPU: a bf16 matmul ran at 19 GFLOP/s against 153 in fp32."""
+    (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs, else fp32 (bf16
+    matmuls on an AVX2-only CPU: docs/2026-11-23-step1-deepspeed-overhead.md)."""
     if torch.device(device).type == "cuda":
         return "bf16" if _cuda_bf16() else "fp16"
     fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
