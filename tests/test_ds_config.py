@@ -18,7 +18,6 @@ from utils.fs import atomic_directory_write, check_output_dir
 from utils.strategy.optim import optimizer_param_groups
 from utils.config import ConfigError, parse_config, parse_data_split
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_train_config_stages_offload_and_user_override():
