@@ -202,8 +202,8 @@ class DeepSpeedStrategy:
 
         ZeRO-3 swaps torch.nn.functional.linear for `zero3_linear_wrap` (an autograd Function,
         "memory_efficient_linear", on by default) in the whole process, so every nn.Linear of any
-        model pays for it, inference copies included (docs/ has the measurement). The wrapper is
-        put back afterwards: the trained engine relies on it."""
+        model pays for it, inference copies included (docs/2026-11-23-hybrid-engine.md). The
+        wrapper is put back afterwards: the trained engine relies on it."""
         original, current = getattr(ZeroInit, "linear_bk", None), F.linear
         if original is None or current is original:
             yield
@@ -222,10 +222,10 @@ def _has_checkpointing(engine) -> bool:
 def _unlink_shm_buffer() -> None:
     """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
 
-    DeepSpeed's shm_comm op creates a 66 MB /dev/shm file per process and never deletes it, so
-    every CPU run leaked RAM (/dev/shm is memory): a test-suite run left ~13 GB and the next big
-    job was OOM-killed. Each rank maps its peers' buffers inside init_distributed, so after a
-    barrier the names can go; the mappings live on until the process exits, even a killed one."""
+    DeepSpeed's shm_comm op creates a /dev/shm file per process and never deletes it, so every
+    CPU run leaked RAM (/dev/shm is memory; docs/2026-11-23-step1-deepspeed-overhead.md). Each
+    rank maps its peers' buffers inside init_distributed, so after a barrier the names can go;
+    the mappings live on until the process exits, even a killed one."""
     barrier()
     name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
                                f"{os.environ['MASTER_PORT']}_{rank()}")
@@ -236,8 +236,8 @@ def _fp32_grad_norms() -> None:
     """Accumulate ZeRO's gradient norms in fp32 instead of fp64 on CPU.
 
     DeepSpeed copies every gradient to float64 to take the clipping norm; on a CPU that is a
-    full extra pass over memory each step (docs/ has the measurement). fp32 accumulation is what
-    torch's clip_grad_norm_ does and is ample for a clipping threshold. On GPUs DeepSpeed's
-    default is left alone."""
+    full extra pass over memory each step (docs/2026-11-23-step1-deepspeed-overhead.md). fp32
+    accumulation is what torch's clip_grad_norm_ does and is ample for a clipping threshold. On
+    GPUs DeepSpeed's default is left alone."""
     for module in (stage_1_and_2, stage3):
         module.get_norm_dtype = lambda: torch.float32

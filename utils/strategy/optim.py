@@ -32,7 +32,8 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float, lora_lr:
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, lora_lr: float,
                     offload: bool, betas=(0.9, 0.95)) -> torch.optim.Optimizer:
-    """AdamW. On CPU torch's fused AdamW (DeepSpeedCPUAdam is ~10x slower per step here);
+    """AdamW. On CPU torch's fused AdamW (faster per step than DeepSpeedCPUAdam here: see
+    docs/2026-11-23-step1-deepspeed-overhead.md);
     on CUDA with offload, DeepSpeedCPUAdam, the optimizer ZeRO-Offload is built around."""
     groups = optimizer_param_groups(model, weight_decay, lora_lr)
     if on_cuda() and offload:
