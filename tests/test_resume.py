@@ -19,8 +19,8 @@ from utils import checkpoint
 from utils.config import ConfigError
 from utils.metrics import read_jsonl
 from utils.rl_math import adaptive_kl_coef
+from utils.stopping import NonFinite
 from utils.strategy import DeepSpeedStrategy
-from utils.train_utils import NonFinite
 
 MODULE = "training.step1_supervised_finetuning.main"
 STEPS = 16

@@ -22,8 +22,9 @@ from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_datase
 from utils.fs import WriteRefused, refused_write, replace_directories
 from utils.model import load_tokenizer, resolve_model_path
 from utils.rl_math import adaptive_kl_coef
-from utils.train_utils import (NonFinite, RunCheckpoints, StopRequest, final_save_refused, loader_generator,
-                               run_logger, start_run)
+from utils.run import final_save_refused, loader_generator, run_logger, start_run
+from utils.run_checkpoints import RunCheckpoints
+from utils.stopping import NonFinite, StopRequest
 
 # The trained engines' settings, checked before any data or model is loaded (start_run).
 ENGINES = ({"zero_stage_flag": "--actor_zero_stage", "micro_batch_flag": "--per_device_training_batch_size"},

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 
 from inference.generation import pad_to_width
 from utils import dist
+from utils.data import to_device
+from utils.losses import causal_lm_loss
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.reward_model import end_scores
 from utils.rl_math import (aggregate_loss, answer_mask, answer_width, clipped_surrogate, entropy_from_logits,
                            gae_advantages, group_advantages, k3_kl, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, value_loss, whiten)
-from utils.train_utils import causal_lm_loss, to_device
 
 # reward_fn(prompts (B, P), seq (B, P + A), attention_mask (B, P + A), action_mask (B, A)) -> (B,)
 RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
