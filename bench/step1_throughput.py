@@ -43,7 +43,7 @@ def run_variant(args) -> dict:
 
     from utils.strategy import DeepSpeedStrategy, TrainSpec
     from utils.model import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
-    from utils.train_utils import causal_lm_loss
+    from utils.losses import causal_lm_loss
 
     torch.manual_seed(0)
     dtype = resolve_dtype(args.dtype, "cpu")

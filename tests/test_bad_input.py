@@ -304,7 +304,7 @@ def test_full_disk_while_checkpointing_keeps_the_newest_checkpoint_then_resume(t
 
 def test_non_finite_stop_before_any_checkpoint_says_none_was_saved_yet(tmp_path):
     """Stopped before the first --save_steps boundary: the line says so, whatever --save_steps is."""
-    from utils.train_utils import NonFinite
+    from utils.stopping import NonFinite
     guard = NonFinite(1, str(tmp_path), advice="Lower --learning_rate")
     assert guard.skip(float("nan"), 0)
     with pytest.raises(ConfigError) as err:

@@ -17,8 +17,8 @@ from tests.helpers import ROOT, assert_ok, describe, ended_early, error_line, lo
 from utils import checkpoint
 from utils.config import ConfigError
 from utils.rl_math import adaptive_kl_coef
+from utils.stopping import NonFinite
 from utils.strategy import DeepSpeedStrategy
-from utils.train_utils import NonFinite
 
 MODULE = "training.step1_supervised_finetuning.main"
 STEPS = 16

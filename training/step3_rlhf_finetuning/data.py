@@ -11,7 +11,7 @@ from training.step3_rlhf_finetuning.config import PtxConfig, Step3Config
 from utils import dist
 from utils.config import ConfigError
 from utils.data import DataCollatorPrompt, DataCollatorSFT, create_prompt_dataset, get_unsupervised_dataset
-from utils.train_utils import loader_generator
+from utils.run import loader_generator
 
 
 def prompt_loader(cfg: Step3Config, tokenizer):

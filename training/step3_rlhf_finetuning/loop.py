@@ -22,7 +22,9 @@ from training.step3_rlhf_finetuning.update import ppo_update
 from utils import dist
 from utils.model import load_tokenizer, resolve_model_path
 from utils.rl_math import adaptive_kl_coef
-from utils.train_utils import NonFinite, RunCheckpoints, StopRequest, run_logger, start_run
+from utils.run import run_logger, start_run
+from utils.run_checkpoints import RunCheckpoints
+from utils.stopping import NonFinite, StopRequest
 
 __all__ = ["run", "STAGING"]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from training.step3_rlhf_finetuning.config import Step3Config, config_record
 from utils import dist
 from utils.fs import WriteRefused, refused_write, replace_directories
-from utils.train_utils import final_save_refused
+from utils.run import final_save_refused
 
 STAGING = ".final-models"  # <output_dir>/.final-models/<model>: the final models, built before they replace the old
 

@@ -13,7 +13,9 @@ from training.step3_rlhf_finetuning.metrics import mean
 from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values
 from utils import dist
 from utils.rl_math import aggregate_loss, clipped_surrogate, k3_kl, masked_mean, value_loss
-from utils.train_utils import NonFinite, causal_lm_loss, to_device
+from utils.data import to_device
+from utils.losses import causal_lm_loss
+from utils.stopping import NonFinite
 
 
 @dataclass

@@ -1,9 +1,14 @@
-"""Batch collators: pad to the longest row of the batch (optionally up to a multiple of 8)."""
+"""Batch collators: pad to the longest row of the batch (optionally up to a multiple of 8); to_device
+moves a collated batch to where the model runs."""
 from __future__ import annotations
 
 import torch
 
 from utils.config import ConfigError
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def pad_sequences(seqs: list[torch.Tensor], value: int, left: bool = False,

@@ -65,6 +65,20 @@ def apply_lora(model: nn.Module, lora_dim: int, lora_module_name: str = "", lora
     return peft_model
 
 
+class AdaptersOff:
+    """Calls `model`, a peft LoRA model or a DeepSpeed engine around one, with its adapters
+    switched off: the model it started from (DPO's reference when only the adapters train)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        inner = getattr(model, "module", None)  # a DeepSpeed engine's model
+        self.peft_model = inner if isinstance(inner, nn.Module) else model
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.model(*args, **kwargs)
+
+
 def _lora_layers(model: nn.Module):
     from peft.tuners.lora import LoraLayer
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
