@@ -186,7 +186,7 @@ class FitLoop:
         self.train_loader, self.train_sampler, self.eval_loader = loaders
         self.total_steps, self.logger, self.device = total_steps, logger, device
         self.checkpoints = RunCheckpoints(strategy, {"model": self.engine}, self.cfg, step.name, say)
-        self.nonfinite = NonFinite(getattr(self.cfg, "max_nonfinite_steps", 0), self.cfg.output_dir)
+        self.nonfinite = NonFinite(self.cfg.max_nonfinite_steps, self.cfg.output_dir)
         self.state = self.window = self.progress = None
 
     def run(self) -> tuple[int, list[dict]]:

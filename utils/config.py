@@ -265,36 +265,6 @@ def resolve(cfg, path: str):
     return cfg
 
 
-class FlatNames:
-    """Mixin for composed configs: DeepSpeed-Chat's flat names read and set their nested field
-    (`cfg.actor_zero_stage` is `cfg.actor.zero_stage`), for code written against its flat
-    `args` and helpers that name a setting by its flag (train_utils.check_engine_config). Only
-    names that are not attributes reach this; the project's own code uses the typed fields."""
-
-    def __getattr__(self, name: str):
-        path = _flat_paths(type(self)).get(name)
-        if path is None or "." not in path:
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return resolve(self, path)
-
-    def __setattr__(self, name: str, value) -> None:
-        path = _flat_paths(type(self)).get(name)
-        if path is not None and "." in path:
-            owner, _, leaf = path.rpartition(".")
-            setattr(resolve(self, owner), leaf, value)
-        else:
-            object.__setattr__(self, name, value)
-
-
-_FLAT_PATHS: dict[type, dict[str, str]] = {}
-
-
-def _flat_paths(config_cls) -> dict[str, str]:
-    if config_cls not in _FLAT_PATHS:
-        _FLAT_PATHS[config_cls] = flag_table(config_cls)
-    return _FLAT_PATHS[config_cls]
-
-
 def build_parser(config_cls, description: str = "", parser_cls=_Parser) -> argparse.ArgumentParser:
     parser = parser_cls(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         epilog="DeepSpeed-Chat's flags are accepted too (README: Coming from DeepSpeed-Chat).")

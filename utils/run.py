@@ -2,7 +2,7 @@
 the dtype, the DeepSpeed settings checked up front, seeds, the metrics log, and the final save."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import torch
 from tqdm import tqdm
@@ -14,47 +14,54 @@ from utils.metrics import MetricsLogger
 from utils.strategy import DeepSpeedStrategy, TrainSpec
 
 
-def start_run(cfg, engines: tuple[dict, ...] = ({},)) -> DeepSpeedStrategy:
+@dataclass(frozen=True)
+class EngineSettings:
+    """One trained engine's batch and ZeRO settings as start_run checks them, with the flags that
+    set them (Step 3's actor: --actor_zero_stage, --per_device_training_batch_size), for messages."""
+    zero_stage: int
+    micro_batch: int
+    zero_stage_flag: str = "--zero_stage"
+    micro_batch_flag: str = "--per_device_train_batch_size"
+
+
+def start_run(cfg, engines: tuple[EngineSettings, ...] | None = None) -> DeepSpeedStrategy:
     """Refuse a used output folder, join the process group, settle the dtype, check the trained
-    engines' settings (`engines`: check_engine_config's flag names, one dict per engine; the
-    default is the one-model steps' engine), seed everything. Returns the run's strategy."""
+    engines' settings (default: the one-model steps' engine, --zero_stage and
+    --per_device_train_batch_size), seed everything. Returns the run's strategy."""
     # --resume continues in the folder it left, so a used folder is expected there
-    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or getattr(cfg, "resume", False))
+    check_output_dir(cfg.output_dir, cfg.overwrite_output_dir or cfg.resume)
     strategy = DeepSpeedStrategy(cfg.dtype, cfg.deepspeed_config)
     strategy.setup_distributed(cfg.local_rank)
     cfg.dtype = strategy.dtype
-    for flags in engines:
-        check_engine_config(strategy, cfg, **flags)
+    for engine in engines or (EngineSettings(cfg.zero_stage, cfg.per_device_train_batch_size),):
+        check_engine_config(strategy, cfg, engine)
     dist.set_seed(cfg.seed)
     return strategy
 
 
-def check_engine_config(strategy: DeepSpeedStrategy, cfg, zero_stage_flag: str = "--zero_stage",
-                        micro_batch_flag: str = "--per_device_train_batch_size") -> dict:
+def check_engine_config(strategy: DeepSpeedStrategy, cfg, engine: EngineSettings) -> dict:
     """A trained engine's DeepSpeed config, built before any model or data is loaded so that a
     combination it cannot run (--offload without ZeRO, fp16 without CUDA, batch sizes in
-    --deepspeed_config that disagree with the flags) is refused before any work. The flags
-    name the engine's settings in `cfg` (Step 3: --actor_zero_stage, --critic_zero_stage and
-    --per_device_training_batch_size); errors name them."""
-    zero_stage, micro_batch = getattr(cfg, zero_stage_flag[2:]), getattr(cfg, micro_batch_flag[2:])
-    if cfg.offload and zero_stage == 0:
-        raise ConfigError(f"--offload needs ZeRO stage 1, 2 or 3 ({zero_stage_flag})")
+    --deepspeed_config that disagree with the flags) is refused before any work; errors name
+    the engine's flags."""
+    accumulation = cfg.gradient_accumulation_steps
+    if cfg.offload and engine.zero_stage == 0:
+        raise ConfigError(f"--offload needs ZeRO stage 1, 2 or 3 ({engine.zero_stage_flag})")
     user = strategy.user_config
-    config = strategy.train_config(TrainSpec(lr=0.0, weight_decay=0.0, lora_lr=0.0, zero_stage=zero_stage,
-                                             micro_batch=micro_batch, grad_accum=cfg.gradient_accumulation_steps,
+    config = strategy.train_config(TrainSpec(lr=0.0, weight_decay=0.0, lora_lr=0.0, zero_stage=engine.zero_stage,
+                                             micro_batch=engine.micro_batch, grad_accum=accumulation,
                                              offload=cfg.offload))
-    batch_keys = {"train_micro_batch_size_per_gpu": micro_batch_flag,
-                  "gradient_accumulation_steps": "--gradient_accumulation_steps"}
-    for key, flag in batch_keys.items():
-        if key in user and user[key] != getattr(cfg, flag[2:]):
+    for key, flag, value in (("train_micro_batch_size_per_gpu", engine.micro_batch_flag, engine.micro_batch),
+                             ("gradient_accumulation_steps", "--gradient_accumulation_steps", accumulation)):
+        if key in user and user[key] != value:
             raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets {key} {user[key]} but {flag} is "
-                              f"{getattr(cfg, flag[2:])}: set batch sizes with the flags")
-    expected = micro_batch * cfg.gradient_accumulation_steps * dist.world_size()
+                              f"{value}: set batch sizes with the flags")
+    expected = engine.micro_batch * accumulation * dist.world_size()
     if config["train_batch_size"] != expected:
         raise ConfigError(f"--deepspeed_config {cfg.deepspeed_config} sets train_batch_size "
-                          f"{config['train_batch_size']}, which is not {micro_batch_flag} "
-                          f"{micro_batch} x --gradient_accumulation_steps "
-                          f"{cfg.gradient_accumulation_steps} x {dist.world_size()} process(es) = {expected}")
+                          f"{config['train_batch_size']}, which is not {engine.micro_batch_flag} "
+                          f"{engine.micro_batch} x --gradient_accumulation_steps "
+                          f"{accumulation} x {dist.world_size()} process(es) = {expected}")
     return config
 
 

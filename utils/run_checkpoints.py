@@ -17,12 +17,12 @@ class RunCheckpoints:
 
     def __init__(self, strategy: DeepSpeedStrategy, engines: dict, cfg, name: str, say):
         self.strategy, self.engines, self.cfg, self.name, self.say = strategy, engines, cfg, name, say
-        self.every = getattr(cfg, "save_steps", 0)
+        self.every = cfg.save_steps
 
     def start(self, logger):
         """(LoopState, resumed): the newest checkpoint's state with --resume, else a fresh one."""
 
-        resume = getattr(self.cfg, "resume", False)
+        resume = self.cfg.resume
         folder = checkpoint.latest(self.cfg.output_dir) if resume else None
         if folder is None:
             if not resume:  # --overwrite_output_dir: another run's checkpoints must not be resumed into
@@ -52,7 +52,7 @@ class RunCheckpoints:
 
         try:
             folder = checkpoint.save(self.strategy, self.engines, state, self.cfg.output_dir,
-                                     keep=getattr(self.cfg, "save_total_limit", 0))
+                                     keep=self.cfg.save_total_limit)
         except OSError as err:
             if not refused(err):
                 raise

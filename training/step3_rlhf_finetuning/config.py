@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from utils.config import (CheckpointConfig, ConfigError, DataConfig, FlatNames, LogConfig, RuntimeConfig, doc,
+from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, RuntimeConfig, doc,
                           flag_table, from_flat, group, to_flat, validate_run)
 from utils.upstream_flags import STEP3, flags_for
 
@@ -216,7 +216,7 @@ class HybridConfig:
 
 
 @dataclass
-class Step3Config(FlatNames, CheckpointConfig, LogConfig, RuntimeConfig, BatchConfig, ModelsConfig, DataConfig):
+class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, BatchConfig, ModelsConfig, DataConfig):
     upstream_step = STEP3  # its DeepSpeed-Chat flags (utils/upstream_flags.py); not a flag
     actor: EngineConfig = group(EngineConfig, "actor_", ACTOR_HELP, learning_rate=9.65e-6)
     critic: EngineConfig = group(EngineConfig, "critic_", CRITIC_HELP, learning_rate=5e-6)

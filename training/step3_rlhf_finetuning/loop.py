@@ -22,15 +22,12 @@ from training.step3_rlhf_finetuning.update import ppo_update
 from utils import dist
 from utils.model import load_tokenizer, resolve_model_path
 from utils.rl_math import adaptive_kl_coef
-from utils.run import run_logger, start_run
+from utils.run import EngineSettings, run_logger, start_run
 from utils.run_checkpoints import RunCheckpoints
 from utils.stopping import NonFinite, StopRequest
 
 __all__ = ["run", "STAGING"]
 
-# The trained engines' settings, checked before any data or model is loaded (start_run).
-ENGINES = ({"zero_stage_flag": "--actor_zero_stage", "micro_batch_flag": "--per_device_training_batch_size"},
-           {"zero_stage_flag": "--critic_zero_stage", "micro_batch_flag": "--per_device_training_batch_size"})
 NONFINITE_ADVICE = "Lower --actor_learning_rate/--critic_learning_rate or use --dtype fp32"
 LOGGED = ("reward", "gt_score", "kl", "actor_loss", "critic_loss", "answer_len")  # the round's console line
 
@@ -47,9 +44,16 @@ class Round:
     say: object
 
 
+def trained_engines(cfg: Step3Config) -> tuple[EngineSettings, ...]:
+    """The actor's and critic's settings, checked before any data or model is loaded."""
+    micro, flag = cfg.per_device_training_batch_size, "--per_device_training_batch_size"
+    return (EngineSettings(cfg.actor.zero_stage, micro, "--actor_zero_stage", flag),
+            EngineSettings(cfg.critic.zero_stage, micro, "--critic_zero_stage", flag))
+
+
 def run(cfg: Step3Config, reward_fn: RewardFn | None = None) -> dict:
     """The whole of Step 3; returns the summary (first/last round metrics)."""
-    strategy = start_run(cfg, ENGINES)
+    strategy = start_run(cfg, trained_engines(cfg))
     tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
                                trust_remote_code=cfg.trust_remote_code)
     reward = reward_fn or configured_source(cfg.reward_source, tokenizer)
