@@ -55,7 +55,7 @@ from inference.tensor_parallel import (NotSliceable, ShardRefresher, TPGroups, b
                                        gather_group_prompts, shard)
 from utils.config import ConfigError
 from utils.dist import world_size
-from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
+from utils.model.lora import is_lora_wrapped, lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
 from utils.strategy import DeepSpeedStrategy
 
 
@@ -262,7 +262,7 @@ class HybridEngine:
 
 def _unwrap(module: nn.Module):
     """(the HF model holding the weights, (lora scaling, fan_in_fan_out) or None)."""
-    if hasattr(module, "peft_config") and hasattr(module, "get_base_model"):
+    if is_lora_wrapped(module):
         from peft.tuners.lora import LoraLayer
 
         if any(getattr(m, "merged", False) for m in module.modules() if isinstance(m, LoraLayer)):

@@ -18,11 +18,7 @@ import torch
 from torch import nn
 
 from utils.dist import rank
-from utils.model.lora import ADAPTER, PEFT_PREFIX, lora_fan_in_fan_out, lora_scaling
-
-
-def _is_peft(model: nn.Module) -> bool:
-    return hasattr(model, "peft_config")
+from utils.model.lora import ADAPTER, PEFT_PREFIX, is_lora_wrapped, lora_fan_in_fan_out, lora_scaling
 
 
 def ema_placement(actor_zero_stage: int, offload: bool) -> tuple[int, bool]:
@@ -74,7 +70,7 @@ def update_ema(actor: nn.Module, ema: nn.Module, decay: float, gathered=_whole) 
     `gathered(params)`: a context in which ZeRO-3-partitioned LoRA factors are whole (the
     strategy's; the default suits models that are not partitioned)."""
     sources = _source_params(actor)
-    peft = _is_peft(actor)
+    peft = is_lora_wrapped(actor)
     scaling = lora_scaling(actor) if peft and any(lora for _, lora in sources.values()) else 0.0
     fan_in_fan_out = lora_fan_in_fan_out(actor) if peft else False
     for name, target in ema.named_parameters():

@@ -14,6 +14,8 @@ import inspect
 import torch
 from torch import nn
 
+from utils.model.lora import base_model
+
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) 0/1 -> (B, L) positions counting real tokens only (pads get 0)."""
@@ -24,9 +26,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The HF model under DeepSpeed (`.module`) and peft (`.get_base_model()`) wrappers."""
     while hasattr(model, "module") and isinstance(model.module, nn.Module):
         model = model.module
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return model
+    return base_model(model)
 
 
 @functools.lru_cache(maxsize=None)

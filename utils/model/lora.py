@@ -84,6 +84,17 @@ def _lora_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def is_lora_wrapped(model: nn.Module) -> bool:
+    """Whether `model` is a peft model (LoRA adapters around a base model): the one test the
+    toolkit uses wherever a wrapped model is handled differently."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The HF model inside a peft wrapper (the model itself when not wrapped)."""
+    return model.get_base_model() if is_lora_wrapped(model) else model
+
+
 def lora_scaling(model: nn.Module) -> float:
     """The factor peft multiplies B @ A by (alpha / r, or alpha / sqrt(r) with rsLoRA)."""
     layers = _lora_layers(model)

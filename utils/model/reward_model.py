@@ -27,6 +27,7 @@ from torch import nn
 
 from utils.config import ConfigError
 from utils.model.loading import load_hf_model
+from utils.model.lora import base_model
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -83,10 +84,7 @@ class RewardModel(nn.Module):
 
     @property
     def backbone(self) -> nn.Module:
-        model = self.hf_model
-        if hasattr(model, "get_base_model"):  # LoRA-wrapped (peft)
-            model = model.get_base_model()
-        return model.base_model
+        return base_model(self.hf_model).base_model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ from huggingface_hub import save_torch_state_dict
 
 from utils.dist import barrier, is_main
 from utils.fs import CHECKPOINTS, LOG_SUBDIR, atomic_directory_write
-from utils.model import lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
+from utils.model.lora import is_lora_wrapped, lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
 
 
 def gathered_state_dict(engine) -> dict | None:
@@ -46,10 +46,6 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if whole and tensor.is_contiguous() and tensor.storage_offset() == 0 else tensor.clone()
 
 
-def is_peft(module) -> bool:
-    return hasattr(module, "peft_config") and hasattr(module, "get_base_model")
-
-
 def hf_state_dict(engine, dtype: torch.dtype | None = None):
     """(the HF model, its plain state dict) of an engine, on rank 0 (None elsewhere; under
     ZeRO-3 every rank must call this): gathered, the reward model's wrapper dropped, LoRA
@@ -63,7 +59,7 @@ def hf_state_dict(engine, dtype: torch.dtype | None = None):
     if hasattr(module, "hf_model"):  # a wrapper (RewardModel): the HF model inside it
         module = module.hf_model
         state = {k[len("hf_model."):]: v for k, v in state.items() if k.startswith("hf_model.")}
-    if is_peft(module):
+    if is_lora_wrapped(module):
         state = merge_lora_state_dict(state, lora_scaling(module), lora_fan_in_fan_out(module))
         module = module.get_base_model()
     return module, state
