@@ -11,11 +11,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["RLHFKIT_CACHE"] = os.environ.get("RLHFKIT_TEST_CACHE") or tempfile.mkdtemp(prefix="rlhfkit-test-")
-# tests/test_matrix.py draws its combinations from this seed, and the kill tests their kill points
-# (tests/helpers.py session_rng): a fresh one per session unless given
+# tests/test_matrix.py draws its combinations from this seed: a fresh one per session unless
+# given, so CI covers new combinations over time. The kill tests' kill points come from
+# RLHFKIT_KILL_SEED instead (tests/helpers.py session_rng), fixed unless given.
 os.environ.setdefault("RLHFKIT_MATRIX_SEED", str(random.SystemRandom().randrange(10**6)))
 
 
 def pytest_report_header(config):
-    return (f"Step 3 matrix and kill points: RLHFKIT_MATRIX_SEED={os.environ['RLHFKIT_MATRIX_SEED']} "
-            "(set it to rerun those combinations and kill points)")
+    return (f"Step 3 matrix: RLHFKIT_MATRIX_SEED={os.environ['RLHFKIT_MATRIX_SEED']} (set it to rerun those "
+            f"combinations); kill points: RLHFKIT_KILL_SEED={os.environ.get('RLHFKIT_KILL_SEED', '0')}")

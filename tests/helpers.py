@@ -63,12 +63,12 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def session_rng(name: str) -> tuple[random.Random, str]:
-    """A random generator for one test's random choices (e.g. a kill point), drawn from the
-    session seed RLHFKIT_MATRIX_SEED (tests/conftest.py prints it; set it to rerun the same
-    draws) and the test's name, so tests do not shift each other's draws. Returns the generator
-    and a note naming the seed, for assertion messages."""
-    seed = os.environ["RLHFKIT_MATRIX_SEED"]
-    return random.Random(f"{seed}/{name}"), f"RLHFKIT_MATRIX_SEED={seed}"
+    """A random generator for one test's random choices (e.g. a kill point), drawn from
+    RLHFKIT_KILL_SEED (default 0, so every run kills at the same points; set it to try others)
+    and the test's name, so tests do not shift each other's draws. Returns the generator and a
+    note naming the seed, for assertion messages."""
+    seed = os.environ.get("RLHFKIT_KILL_SEED", "0")
+    return random.Random(f"{seed}/{name}"), f"RLHFKIT_KILL_SEED={seed}"
 
 
 def logged_rows(path: Path) -> list[dict]:
