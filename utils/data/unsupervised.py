@@ -10,6 +10,7 @@ from typing import Callable
 import datasets
 
 from utils.config import ConfigError, cache_dir
+from utils.data import bundled
 from utils.data.cache import TokenizedDataset, cached, tokenizer_fingerprint
 from utils.data.pipeline import encode
 from utils.data.raw_datasets import hub_fingerprint, load_hub_dataset
@@ -50,7 +51,6 @@ def _local_docs(path: Path) -> tuple[str, Callable[[], list[str]]]:
 
 def _text_source(name_or_path: str, config_name: str | None) -> tuple[str, Callable[[], list[str]]]:
     if name_or_path == "bundled":
-        from utils.data import bundled
         return (f"bundled:{hashlib.sha256(Path(bundled.__file__).read_bytes()).hexdigest()}",
                 bundled.plain_text_corpus)
     path = Path(name_or_path).expanduser()
