@@ -41,9 +41,8 @@ def test_every_alias_names_an_existing_field_and_every_field_has_one():
                 leaves.add(prefix + f.name)
     walk(cfg)
     assert set(STEP3_FLAGS.values()) == leaves and len(STEP3_FLAGS) == len(leaves)
-    for flat, path in STEP3_FLAGS.items():
+    for path in STEP3_FLAGS.values():
         resolve(cfg, path)  # exists
-        assert getattr(cfg, flat) == resolve(cfg, path)  # and reads through its flat name
     for flag in flags_for(STEP3, set(STEP3_FLAGS)):  # DeepSpeed-Chat's renamed flags land on a field too
         assert not flag.to or flag.to in STEP3_FLAGS, flag.name
     assert STEP3_FLAGS["actor_zero_stage"] == "actor.zero_stage"

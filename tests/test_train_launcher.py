@@ -394,10 +394,10 @@ def test_a_named_actor_model_gets_deepspeed_chats_recipe(tmp_path):
     assert sft.num_train_epochs == 1 and sft.dtype == "auto"  # one epoch per step (upstream's single_node: 16)
     assert (reward.data_path, reward.max_seq_len, reward.learning_rate, reward.weight_decay) == (blend, 512, 5e-5, 0.1)
     assert (reward.per_device_train_batch_size, reward.num_train_epochs, reward.dropout, reward.dtype) == (4, 1, 0.0, "auto")
-    assert ppo.data_path == ["Dahoas/rm-static"] and (ppo.max_prompt_seq_len, ppo.max_answer_seq_len) == (256, 256)
+    assert ppo.data_path == ["Dahoas/rm-static"] and (ppo.generation.max_prompt_seq_len, ppo.generation.max_answer_seq_len) == (256, 256)
     assert (ppo.per_device_generation_batch_size, ppo.per_device_training_batch_size, ppo.num_train_epochs) == (4, 4, 1)
-    assert (ppo.actor_learning_rate, ppo.critic_learning_rate, ppo.num_warmup_steps) == (9.65e-6, 5e-6, 100)
-    assert ppo.max_rounds == 0 and ppo.enable_ema and ppo.enable_hybrid_engine and ppo.dtype == "auto"
+    assert (ppo.actor.learning_rate, ppo.critic.learning_rate, ppo.num_warmup_steps) == (9.65e-6, 5e-6, 100)
+    assert ppo.max_rounds == 0 and ppo.ppo.enable_ema and ppo.hybrid.enable_hybrid_engine and ppo.dtype == "auto"
     assert plan.models[1] == {"--model_name_or_path": "tiny-opt"}
     flags = train.step_flags(3, args, plan)
     assert flags.count("--data_path") == 1  # Step 3's own prompt data replaces the blend, not appended

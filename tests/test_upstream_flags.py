@@ -109,7 +109,7 @@ def test_renamed_flags_set_their_field_here():
                                      "--generation_batch_numbers", "2", "--disable_critic_dropout",
                                      "--critic_dropout", "0.3", "--disable_actor_dropout"])
     assert (cfg.per_device_generation_batch_size, cfg.per_device_training_batch_size, cfg.generation_batches) == (8, 4, 2)
-    assert cfg.critic_dropout == 0.3 and cfg.actor_dropout == 0.0  # the later flag wins, as in argparse
+    assert cfg.critic.dropout == 0.3 and cfg.actor.dropout == 0.0  # the later flag wins, as in argparse
 
 
 def test_a_flag_of_another_upstream_step_is_still_refused():
