@@ -131,5 +131,8 @@ def _plot_panels(history, panels, path: Path, xlabel: str, size, fontsize: int) 
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a metrics log. A last line without its newline is a write a kill cut
+    short (each record is written whole, newline last): it is left out, not parsed."""
+    text = Path(path).read_text(encoding="utf-8")
+    complete = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
