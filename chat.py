@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.config import ConfigError
+from utils.config import DTYPES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -23,7 +23,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prompt_format", default="auto", choices=("auto", "template", "human_assistant"),
                         help="auto: Human/Assistant turns for models trained here (the format the "
                         "pipeline trains on), else the tokenizer's chat template if it has one")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32", "fp16"))
+    parser.add_argument("--dtype", default="auto", choices=DTYPES)
     parser.add_argument("--trust_remote_code", action="store_true")
     return parser.parse_args(argv)
 

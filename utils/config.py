@@ -32,6 +32,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RLHFKIT_CACHE", Path.home() / ".cache" / "rlhfkit")).expanduser()
 
 
+DTYPES = ("auto", "bf16", "fp32", "fp16")  # --dtype of every step and chat.py
+SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
 def doc(text: str, **extra) -> dict:
     return {"help": text, **extra}
 
@@ -62,7 +66,7 @@ class ModelConfig:
     dtype: str = field(default="auto", metadata=doc(
         "Training dtype: bf16, fp32, fp16 (CUDA only), or auto = bf16 where the hardware runs it "
         "natively (recent GPUs, CPUs with AVX512-BF16/AMX), else fp16 on GPU / fp32 on CPU.",
-        choices=("auto", "bf16", "fp32", "fp16")))
+        choices=DTYPES))
     gradient_checkpointing: bool = field(default=False, metadata=doc(
         "Recompute activations in backward to save memory."))
     trust_remote_code: bool = field(default=False, metadata=doc(
@@ -98,8 +102,7 @@ class OptimConfig:
         "Micro-batches accumulated per optimizer step."))
     lr_scheduler_type: str = field(default="cosine", metadata=doc(
         "Schedule after warmup: linear, cosine, cosine_with_restarts, polynomial, constant, "
-        "constant_with_warmup.", choices=("linear", "cosine", "cosine_with_restarts", "polynomial",
-                                          "constant", "constant_with_warmup")))
+        "constant_with_warmup.", choices=SCHEDULES))
     num_warmup_steps: int = field(default=0, metadata=doc("Linear warmup steps."))
     max_grad_norm: float = field(default=1.0, metadata=doc("Gradient clipping norm (0 = off)."))
     compute_fp32_loss: bool = field(default=False, metadata=doc(

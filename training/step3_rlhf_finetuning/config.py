@@ -20,12 +20,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from utils.config import (CheckpointConfig, ConfigError, DataConfig, LogConfig, RuntimeConfig, doc,
-                          flag_table, from_flat, group, to_flat, validate_run)
+from utils.config import (DTYPES, SCHEDULES, CheckpointConfig, ConfigError, DataConfig, LogConfig, RuntimeConfig,
+                          doc, flag_table, from_flat, group, to_flat, validate_run)
 from utils.upstream_flags import STEP3, flags_for
-
-SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-
 
 @dataclass
 class EngineConfig:
@@ -79,7 +76,7 @@ class ModelsConfig:
         "Accepted for DeepSpeed-Chat scripts and ignored: rewards are read at the last real token."))
     dtype: str = field(default="auto", metadata=doc(
         "bf16, fp32, fp16 (CUDA only), or auto (bf16 where the hardware runs it natively, else "
-        "fp16 on GPU / fp32 on CPU).", choices=("auto", "bf16", "fp32", "fp16")))
+        "fp16 on GPU / fp32 on CPU).", choices=DTYPES))
     trust_remote_code: bool = field(default=False, metadata=doc("Allow hub model code to run."))
     offload_reference_model: bool = field(default=False, metadata=doc(
         "Keep the reference model's parameters in CPU memory (ZeRO-3 parameter offload)."))
