@@ -54,7 +54,6 @@ class DeepSpeedStrategy:
 
     def __init__(self, dtype: str = "auto", deepspeed_config: str = ""):
         self.dtype = dtype
-        self.deepspeed_config = deepspeed_config
         self.user_config = load_user_ds_config(deepspeed_config)
 
     # ------------------------------------------------------------ process group
@@ -160,7 +159,6 @@ class DeepSpeedStrategy:
             return contextlib.nullcontext()
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
-    state_dict = staticmethod(gathered_state_dict)
     hf_state_dict = staticmethod(hf_state_dict)
     save_hf_model = staticmethod(save_hf_model)
 
