@@ -23,7 +23,7 @@ from tqdm import tqdm
 from utils import dist
 from utils.config import ConfigError
 from utils.data import DataCollatorSFT, create_prompt_dataset, to_device
-from utils.model import apply_lora, load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
+from utils.model import apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
 from utils.run import finish_run, loader_generator, run_logger, start_run
 from utils.run_checkpoints import RunCheckpoints
 from utils.stopping import NonFinite, StopRequest
@@ -44,9 +44,9 @@ class Step:
     def __init__(self, cfg):
         self.cfg = cfg
 
-    def build_model(self, model_path: str, tokenizer, device: torch.device, strategy: DeepSpeedStrategy):
-        """The model to train (before the strategy wraps it); load anything else the loss needs
-        here (`strategy` prepares frozen engines, e.g. DPO's reference)."""
+    def build_model(self, model_path: str, tokenizer, strategy: DeepSpeedStrategy):
+        """The model to train (before the strategy wraps it), in the strategy's dtype; load
+        anything else the loss needs here (`strategy` prepares frozen engines, e.g. DPO's reference)."""
         raise NotImplementedError
 
     def dataset_kwargs(self) -> dict:
@@ -77,9 +77,9 @@ def say(message: str) -> None:
         tqdm.write(message)
 
 
-def load_trained_lm(cfg, model_path: str, tokenizer, device: torch.device):
-    """The causal LM to train, with the config's dtype, dropout and gradient checkpointing."""
-    return load_causal_lm(model_path, tokenizer, dtype=resolve_dtype(cfg.dtype, device.type),
+def load_trained_lm(cfg, model_path: str, tokenizer, dtype: torch.dtype):
+    """The causal LM to train, in `dtype`, with the config's dropout and gradient checkpointing."""
+    return load_causal_lm(model_path, tokenizer, dtype=dtype,
                           dropout=cfg.dropout, trust_remote_code=cfg.trust_remote_code,
                           gradient_checkpointing=cfg.gradient_checkpointing)
 
@@ -133,7 +133,7 @@ def run_step(step: Step) -> dict:
     device = dist.current_device()
     model_path = resolve_model_path(cfg.model_name_or_path)
     tokenizer = load_tokenizer(model_path, trust_remote_code=cfg.trust_remote_code)
-    model = step.build_model(model_path, tokenizer, device, strategy)
+    model = step.build_model(model_path, tokenizer, strategy)
     train_loader, train_sampler, eval_loader = step_data(step, tokenizer)
     total_steps = total_optimizer_steps(train_loader, cfg)
     engine, scheduler = strategy.prepare_trained(model, train_spec(cfg, total_steps))

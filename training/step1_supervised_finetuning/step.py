@@ -15,8 +15,8 @@ class SFT(Step):
     name, data_step, collator, unit = "step1", 1, DataCollatorSFT, "examples"
     no_data, headline = "Step 1 has no training examples", "perplexity"
 
-    def build_model(self, model_path, tokenizer, device, strategy):
-        return lora_if_asked(load_trained_lm(self.cfg, model_path, tokenizer, device), self.cfg)
+    def build_model(self, model_path, tokenizer, strategy):
+        return lora_if_asked(load_trained_lm(self.cfg, model_path, tokenizer, strategy.torch_dtype), self.cfg)
 
     def dataset_kwargs(self) -> dict:
         return {"sft_only_data_path": self.cfg.sft_only_data_path, "response_loss_only": self.cfg.response_loss_only}

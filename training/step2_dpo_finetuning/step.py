@@ -8,7 +8,7 @@ from training.skeleton import Step, load_trained_lm, lora_if_asked
 from utils import dist
 from utils.data import DataCollatorReward, to_device
 from utils.losses import dpo_batch_loss, dpo_pair_loss
-from utils.model import AdaptersOff, load_causal_lm, require_same_tokenizer, resolve_dtype, resolve_model_path
+from utils.model import AdaptersOff, load_causal_lm, require_same_tokenizer, resolve_model_path
 
 
 class DPO(Step):
@@ -22,20 +22,20 @@ class DPO(Step):
         self.adapter_reference = cfg.lora_dim > 0 and cfg.only_optimize_lora and not cfg.ref_model_name_or_path
         self.reference = None  # the frozen reference engine, unless adapter_reference
 
-    def build_model(self, model_path, tokenizer, device, strategy):
-        model = load_trained_lm(self.cfg, model_path, tokenizer, device)
+    def build_model(self, model_path, tokenizer, strategy):
+        model = load_trained_lm(self.cfg, model_path, tokenizer, strategy.torch_dtype)
         if not self.adapter_reference:
-            self.reference = self.reference_engine(strategy, model_path, tokenizer, resolve_dtype(self.cfg.dtype, device.type))
+            self.reference = self.reference_engine(strategy, model_path, tokenizer)
         return lora_if_asked(model, self.cfg)
 
-    def reference_engine(self, strategy, model_path, tokenizer, dtype):
+    def reference_engine(self, strategy, model_path, tokenizer):
         """The frozen reference as a DeepSpeed inference engine (ZeRO-3 sharded when the policy is)."""
         cfg = self.cfg
         ref_path = resolve_model_path(cfg.ref_model_name_or_path) if cfg.ref_model_name_or_path else model_path
         if ref_path != model_path:
             require_same_tokenizer(tokenizer, ref_path, "reference model", f"the policy ({cfg.model_name_or_path})",
                                    cfg.trust_remote_code)
-        model = load_causal_lm(ref_path, tokenizer, dtype=dtype, dropout=0.0,
+        model = load_causal_lm(ref_path, tokenizer, dtype=strategy.torch_dtype, dropout=0.0,
                                trust_remote_code=cfg.trust_remote_code)
         return strategy.prepare_frozen(model, zero_stage=cfg.zero_stage, offload=cfg.offload_reference_model,
                                        micro_batch=2 * cfg.per_device_train_batch_size)

@@ -8,16 +8,16 @@ from training.skeleton import Step, lora_if_asked
 from utils import dist
 from utils.data import DataCollatorReward, to_device
 from utils.losses import reward_loss, reward_scores
-from utils.model import load_reward_model, pair_metrics, pairwise_loss, resolve_dtype
+from utils.model import load_reward_model, pair_metrics, pairwise_loss
 
 
 class RewardModelStep(Step):
     name, data_step, collator, unit = "step2", 2, DataCollatorReward, "pairs"
     no_data, headline = "Step 2 has no preference pairs", "accuracy"
 
-    def build_model(self, model_path, tokenizer, device, strategy):
+    def build_model(self, model_path, tokenizer, strategy):
         cfg = self.cfg
-        model = load_reward_model(model_path, tokenizer, dtype=resolve_dtype(cfg.dtype, device.type),
+        model = load_reward_model(model_path, tokenizer, dtype=strategy.torch_dtype,
                                   dropout=cfg.dropout, trust_remote_code=cfg.trust_remote_code,
                                   gradient_checkpointing=cfg.gradient_checkpointing)
         if cfg.lora_dim > 0:
