@@ -58,6 +58,13 @@ def any_rank(flag: bool) -> bool:
     return not all_ranks(not flag)
 
 
+def sum_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """`values` summed element-wise over the processes, in place (returned for convenience)."""
+    if world_size() > 1:
+        dist.all_reduce(values)
+    return values
+
+
 def all_gather_cat(values: torch.Tensor) -> torch.Tensor:
     """Concatenate a tensor's first dimension across processes (equal shapes: samplers pad)."""
     if world_size() == 1:

@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from training.skeleton import Step, load_trained_lm, lora_if_asked
+from utils import dist
 from utils.data import DataCollatorSFT, to_device
 from utils.losses import causal_lm_loss, sft_loss
 
@@ -33,7 +33,6 @@ class SFT(Step):
             n_tokens = (batch["labels"][:, 1:] != -100).sum()
             loss = causal_lm_loss(logits, batch["labels"], fp32=True)
             total += torch.stack([loss.double() * n_tokens, n_tokens.double()])
-        if dist.is_initialized():
-            dist.all_reduce(total)
+        dist.sum_over_ranks(total)
         mean = (total[0] / total[1].clamp(min=1)).item()
         return {"loss": mean, "perplexity": math.exp(min(mean, 50.0))}

@@ -44,11 +44,7 @@ def unsupervised_batches(ptx: PtxConfig, cfg: Step3Config, tokenizer):
                         collate_fn=DataCollatorSFT(tokenizer.pad_token_id), drop_last=False,
                         generator=loader_generator(cfg.seed))
 
-    def forever():
-        for epoch in itertools.count():
-            sampler.set_epoch(epoch)
-            yield from loader
-    return forever()
+    return (batch for epoch in itertools.count() for batch in _epoch(loader, sampler, epoch))
 
 
 def total_iterations(cfg: Step3Config, loader) -> tuple[int, int]:

@@ -85,6 +85,5 @@ def reduce_mean(metrics: dict) -> dict:
     if dist.world_size() == 1:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dist.current_device())
-    torch.distributed.all_reduce(t)
+    t = dist.sum_over_ranks(torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=dist.current_device()))
     return dict(zip(keys, (t / dist.world_size()).tolist()))

@@ -12,9 +12,9 @@ from training.step3_rlhf_finetuning.experience import Experience
 from training.step3_rlhf_finetuning.metrics import mean
 from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values
 from utils import dist
-from utils.rl_math import aggregate_loss, clipped_surrogate, k3_kl, masked_mean, value_loss
 from utils.data import to_device
 from utils.losses import causal_lm_loss
+from utils.rl_math import aggregate_loss, clipped_surrogate, k3_kl, masked_mean, value_loss
 from utils.stopping import NonFinite
 
 
@@ -92,9 +92,7 @@ def step_token_count(micro_batches: list[Experience]) -> float:
     """Answer tokens of one optimizer step's micro-batches on all processes (DAPO's normalizer)."""
     count = torch.tensor([float(sum(int(m.action_mask.sum()) for m in micro_batches))], dtype=torch.float64,
                          device=dist.current_device())
-    if dist.world_size() > 1:
-        torch.distributed.all_reduce(count)
-    return max(count.item(), 1.0)
+    return max(dist.sum_over_ranks(count).item(), 1.0)
 
 
 class UpdateLog:
