@@ -80,7 +80,6 @@ def final_save_refused(err, output_dir, held: str, what: str):
     """The one line for a final save the disk refused: `err`, then `held` (what the output
     folder still holds), then how to finish: rerun with --resume from the newest checkpoint,
     which saves `what`, or, with no checkpoint, that the trained weights are lost."""
-
     newest = checkpoint.latest(output_dir)
     return WriteRefused(f"{err}; {held}" + (
         f", with the newest checkpoint {newest}: make room and rerun with --resume to save {what}"
@@ -91,7 +90,6 @@ def finish_run(strategy: DeepSpeedStrategy, engine, tokenizer, cfg, logger, name
                headline: str) -> dict:
     """Save the model with its config and a summary (each eval metric before and after
     training), print one closing line, close the logs and leave the process group."""
-
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
     summary = {"steps": steps, **{f"{k}_before": v for k, v in first.items()},
                **{f"{k}_after": v for k, v in last.items()}}

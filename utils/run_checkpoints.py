@@ -21,7 +21,6 @@ class RunCheckpoints:
 
     def start(self, logger):
         """(LoopState, resumed): the newest checkpoint's state with --resume, else a fresh one."""
-
         resume = self.cfg.resume
         folder = checkpoint.latest(self.cfg.output_dir) if resume else None
         if folder is None:
@@ -38,7 +37,6 @@ class RunCheckpoints:
     def _forget_previous_run(self) -> None:
         """A fresh run in a folder that holds another run's checkpoints (--overwrite_output_dir,
         no --resume): remove them, so that a later --resume cannot continue the other run."""
-
         folder = checkpoint.root(self.cfg.output_dir)
         ours = sorted([*folder.glob("step-*"), *folder.glob(".tmp-step-*")]) if folder.is_dir() else []
         if dist.is_main() and ours:
