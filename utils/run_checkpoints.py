@@ -12,8 +12,7 @@ from utils.strategy import DeepSpeedStrategy
 
 
 class RunCheckpoints:
-    """The checkpoint side of a training loop (Steps 1, 2, DPO through fit(); Step 3's rounds):
-    where to start (--resume), when to save (--save_steps, a stop signal, the end)."""
+    """The checkpoint policy (see the module docstring) of one run's `engines`."""
 
     def __init__(self, strategy: DeepSpeedStrategy, engines: dict, cfg, name: str, say):
         self.strategy, self.engines, self.cfg, self.name, self.say = strategy, engines, cfg, name, say
@@ -47,7 +46,6 @@ class RunCheckpoints:
         dist.barrier()
 
     def save(self, state) -> None:
-
         try:
             folder = checkpoint.save(self.strategy, self.engines, state, self.cfg.output_dir,
                                      keep=self.cfg.save_total_limit)
