@@ -74,13 +74,12 @@ def session_rng(name: str) -> tuple[random.Random, str]:
 def logged_rows(path: Path) -> list[dict]:
     """The complete lines of a metrics.jsonl that a running (or killed) process may be writing:
     [] before the file exists; a last line without its newline (written half-way as we read) is
-    left out instead of failing to parse."""
-    import json
+    left out instead of failing to parse (utils.metrics.read_jsonl, as --resume reads it)."""
+    from utils.metrics import read_jsonl
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return read_jsonl(path)
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in text.split("\n")[:-1] if line.strip()]
 
 
 def deepspeed_on_a_free_port(folder: Path) -> dict:

@@ -88,7 +88,12 @@ def main_panels(names) -> list[tuple]:
     without any (a log of other metrics only), one panel per metric."""
     panels = [(title, ylabel, log, present) for title, ylabel, log, lines in MAIN_PANELS
               if (present := tuple((key, label) for key, label in lines if key in names))]
-    return panels or [(name, "", False, ((name, name),)) for name in sorted(names)]
+    return panels or one_panel_each(names)
+
+
+def one_panel_each(names) -> list[tuple]:
+    """A panel per metric, titled with its name."""
+    return [(name, "", False, ((name, name),)) for name in sorted(names)]
 
 
 def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None:
@@ -97,8 +102,7 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None
     path = Path(path)
     xlabel = "PPO round" if "train/reward" in history else "optimizer step"
     _plot_panels(history, main_panels(history), path, xlabel, size=(5.5, 4), fontsize=13)
-    _plot_panels(history, [(name, "", False, ((name, name),)) for name in sorted(history)],
-                 path.with_name(f"{path.stem}_all{path.suffix}"), xlabel, size=(4.5, 3), fontsize=9)
+    _plot_panels(history, one_panel_each(history), path.with_name(f"{path.stem}_all{path.suffix}"), xlabel, size=(4.5, 3), fontsize=9)
 
 
 def _plot_panels(history, panels, path: Path, xlabel: str, size, fontsize: int) -> None:
