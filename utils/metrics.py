@@ -102,7 +102,8 @@ def plot_curves(history: dict[str, list[tuple[int, float]]], path: Path) -> None
     path = Path(path)
     xlabel = "PPO round" if "train/reward" in history else "optimizer step"
     _plot_panels(history, main_panels(history), path, xlabel, size=(5.5, 4), fontsize=13)
-    _plot_panels(history, one_panel_each(history), path.with_name(f"{path.stem}_all{path.suffix}"), xlabel, size=(4.5, 3), fontsize=9)
+    _plot_panels(history, one_panel_each(history), path.with_name(f"{path.stem}_all{path.suffix}"), xlabel,
+                 size=(4.5, 3), fontsize=9)
 
 
 def _plot_panels(history, panels, path: Path, xlabel: str, size, fontsize: int) -> None:
