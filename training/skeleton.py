@@ -253,7 +253,8 @@ class FitLoop:
         self.engine.set_gradient_accumulation_boundary(boundary)
         loss, samples, extras = self.step.loss(self.engine, to_device(batch, self.device))
         value = loss.item()  # one device sync per micro-step, shared by the check and the log
-        if self.nonfinite.skip(value if self.strategy.step_if_finite(self.engine, loss) else float("nan"), self.state.step):
+        stepped = self.strategy.step_if_finite(self.engine, loss)
+        if self.nonfinite.skip(value if stepped else float("nan"), self.state.step):
             self.logger.log(self.state.step, {"skipped_nonfinite": self.nonfinite.total}, prefix="train/")
             say(f"{self.step.name}: skipped a micro-batch at step {self.state.step} (loss {value} here; "
                 "NaN/inf on at least one process)")
