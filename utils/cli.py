@@ -11,11 +11,12 @@ def run_entry(main, argv=None) -> None:
     """Call `main(argv)`; a ConfigError prints `error: <message>` and exits 2.
 
     Config errors are deterministic, so under a launcher every rank hits the same one:
-    only local rank 0 prints it, keeping the console to one line."""
+    only local rank 0 prints it, keeping the console to one line. An error that depends on the
+    rank's data (`every_rank`, e.g. a failing reward function) is printed wherever it happens."""
     try:
         main(argv)
     except ConfigError as err:
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        if getattr(err, "every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr, flush=True)
         _teardown()
         sys.exit(2)
