@@ -140,10 +140,11 @@ def _prompt_columns(rows, tokenizer, max_prompt_seq_len, stats, template):
 def prompt_records(rows) -> list[dict]:
     """Step 3's per-prompt record, in row order: where it came from and the row's other columns
     (what a reward function may need besides the text)."""
-    return [{"origin": f"{source}: {s.get('origin', 'a row')}", "columns": s.get("columns", {})} for source, s in rows]
+    return [{"origin": f"{source}: {s.get('origin', 'a row')}", "columns": s.get("columns", {})}
+            for source, s in rows]
 
 
-STATS = ("no_answer_tokens", "without_rejected", "without_chosen", "truncated_prompts", "same_after_cut",
+_STATS = ("no_answer_tokens", "without_rejected", "without_chosen", "truncated_prompts", "same_after_cut",
          "template_rows", "plain_rows")
 
 
@@ -153,7 +154,7 @@ def tokenize_rows(rows, phase, tokenizer, max_seq_len, eos_token_id=None,
     template for conversational rows (render.chat_template_of), None for Human/Assistant text."""
     eos = [] if eos_token_id is None else [int(eos_token_id)]
     stats = stats if stats is not None else {}
-    for k in STATS:
+    for k in _STATS:
         stats.setdefault(k, 0)
     if phase == 1:
         return _sft_columns(rows, tokenizer, max_seq_len, eos, response_loss_only, stats, template)

@@ -198,12 +198,10 @@ def row_columns(where: str, record: dict) -> dict:
     """The row's other columns, refused unless JSON can carry them (the Step 3 cache stores them
     as JSON, and a reward function gets exactly what the file held)."""
     columns = {k: v for k, v in record.items() if k not in SAMPLE_COLUMNS}
-    try:
-        json.dumps(columns, allow_nan=False)
-    except (TypeError, ValueError):
-        bad = next(k for k, v in columns.items() if not _json_able(v))
-        raise ConfigError(f"{where}: column {bad!r} holds a {type(columns[bad]).__name__} value, which JSON "
-                          "cannot carry to Step 3; convert it (e.g. to text) or drop the column") from None
+    for name, value in columns.items():
+        if not _json_able(value):
+            raise ConfigError(f"{where}: column {name!r} holds a {type(value).__name__} value, which JSON "
+                              "cannot carry to Step 3; convert it (e.g. to text) or drop the column")
     return columns
 
 
