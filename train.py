@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.cli import free_port
-from utils.config import ArgumentParser, ConfigError, parse_config
+from utils.config import CHAT_TEMPLATE_MODES, ArgumentParser, ConfigError, parse_config
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data-path", nargs="+", default=None,
                         help="data of all steps (replaces the preset's --data_path in each step): hub names, "
                         "local files or folders, 'bundled'")
+    parser.add_argument("--chat-template", choices=CHAT_TEMPLATE_MODES, default=None,
+                        help="how every step renders conversational rows (its --chat_template): auto = the "
+                        "tokenizer's chat template when it has one, none = ' Human: ... Assistant:' text")
     parser.add_argument("--output-dir", default="output")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the outputs of an earlier run in --output-dir")
@@ -282,6 +285,8 @@ def step_flags(step: int, args: argparse.Namespace, plan: Plan) -> list[str]:
     flags = [*data, *preset.steps[step]]
     if args.data_path:
         flags = without_flag(flags, "--data_path") + ["--data_path", *args.data_path]
+    if args.chat_template:  # one rendering for all steps: Step 3 prompts as Step 1 trained the actor
+        flags = without_flag(flags, "--chat_template") + ["--chat_template", args.chat_template]
     for name, value in {**plan.models[step], **zero, "--output_dir": plan.folder(step)}.items():
         flags += [name, str(value)]
     if args.resume and plan.folder(step).exists():

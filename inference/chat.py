@@ -1,18 +1,21 @@
 """Chat backend: a conversation with a trained causal LM, one prompt built per turn.
 
-The prompt uses the DeepSpeed-Chat format the pipeline trains on,
-" Human: {question} Assistant: {answer}" turns, for models this toolkit trained (their
-folder holds training_config.json); other models get the tokenizer's chat template when it
-has one (SmolLM2 and most instruct models), else the same Human/Assistant format. History is trimmed from the oldest turn so
+A model this toolkit trained (its folder holds training_config.json) gets the format it trained
+on: DeepSpeed-Chat's " Human: {question} Assistant: {answer}" turns, or its tokenizer's chat
+template where its data were conversational rows rendered with it (--chat_template auto); other
+models get the tokenizer's chat template when it has one (SmolLM2 and most instruct models),
+else the same Human/Assistant format. History is trimmed from the oldest turn so
 the prompt plus the new answer fit the model's context window.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from utils.config import ConfigError
 from utils.model import load_causal_lm, load_tokenizer, resolve_dtype
 
 
@@ -103,8 +106,15 @@ def load_for_generation(path: str, dtype: str = "auto", trust_remote_code: bool 
 
 
 def default_prompt_format(path: str, requested: str = "auto") -> str:
-    """'auto' means Human/Assistant turns for a model trained here (the format the pipeline
-    trains on; its folder holds training_config.json), else the tokenizer's template if any."""
-    if requested == "auto" and (Path(path) / "training_config.json").exists():
-        return "human_assistant"
-    return requested
+    """'auto': for a model trained here (its folder holds training_config.json), the format its
+    data were rendered in: the chat template where they were (data_format template, or mixed:
+    conversational rows next to plain ones), else Human/Assistant turns (older models record no
+    data_format: they trained on those); for other models the tokenizer's template if any."""
+    record = Path(path) / "training_config.json"
+    if requested != "auto" or not record.exists():
+        return requested
+    try:
+        trained_on = json.loads(record.read_text(encoding="utf-8")).get("data_format", "")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        raise ConfigError(f"{record}: not a readable training config ({e}); pass --prompt_format") from e
+    return "template" if trained_on in ("template", "mixed") else "human_assistant"

@@ -51,6 +51,16 @@ def test_prompt_is_left_padded():
     assert batch8["prompt"].tolist()[0] == [9] * 6 + [3, 4]  # the prompt still ends the row
 
 
+def test_prompt_batch_carries_columns_and_origins_in_order():
+    items = [{"prompt_input_ids": T([3, 4]), "columns": {"answer": 7}, "origin": "a.jsonl: row 2"},
+             {"prompt_input_ids": T([5]), "columns": {}, "origin": "b.jsonl: row 0"},
+             {"prompt_input_ids": T([6])}]  # built by hand, without a record
+    batch = DataCollatorPrompt(9)(items)
+    assert batch["columns"] == [{"answer": 7}, {}, {}]
+    assert batch["origins"] == ["a.jsonl: row 2", "b.jsonl: row 0", ""]
+    assert batch["prompt"].tolist() == [[3, 4], [9, 5], [9, 6]]
+
+
 def test_collator_in_a_dataloader():
     data = [{"input_ids": T([1] * n), "labels": T([1] * n)} for n in (2, 5, 3, 1)]
     shapes = [b["input_ids"].shape for b in DataLoader(data, batch_size=2, collate_fn=DataCollatorSFT(PAD))]

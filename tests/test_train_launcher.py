@@ -431,6 +431,17 @@ def test_data_path_sets_the_data_of_every_step(tmp_path, preset):
         assert train.step_flags(step, args, plan).count("--data_path") == 1
 
 
+def test_chat_template_sets_the_rendering_of_every_step(tmp_path):
+    import train
+    args, plan = plan_for("--output-dir", tmp_path, "--preset", "quick", "--chat-template", "none",
+                          "--step2-args", "--chat_template auto")
+    assert [parsed_step(step, args, plan).chat_template for step in (1, 2, 3)] == ["none", "auto", "none"]
+    assert train.step_flags(1, args, plan).count("--chat_template") == 1
+    args, plan = plan_for("--output-dir", tmp_path, "--preset", "quick")
+    assert parsed_step(3, args, plan).chat_template == "auto"
+    assert "--chat_template" not in train.step_flags(3, args, plan)
+
+
 def test_summaries_name_the_recipe(tmp_path):
     import train
     (tmp_path / "step1_sft").mkdir()

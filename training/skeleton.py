@@ -120,7 +120,8 @@ def step_data(step: Step, tokenizer):
     train_ds, eval_ds = create_prompt_dataset(
         cfg.data_path, cfg.data_split, cfg.data_output_path, step.data_step, cfg.seed, tokenizer, cfg.max_seq_len,
         eos_token_id=tokenizer.eos_token_id if cfg.add_eot_token else None, num_examples=cfg.num_examples,
-        **step.dataset_kwargs())
+        chat_template=cfg.chat_template, **step.dataset_kwargs())
+    cfg.data_format = train_ds.data_format  # saved in training_config.json: chat.py talks to the model in it
     if len(train_ds) == 0:
         raise ConfigError(f"{step.no_data}: check --data_path and --data_split")
     return make_loaders(train_ds, eval_ds, step.collator(tokenizer.pad_token_id), cfg)

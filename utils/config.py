@@ -33,6 +33,7 @@ def cache_dir() -> Path:
 
 
 DTYPES = ("auto", "bf16", "fp32", "fp16")  # --dtype of every step and chat.py
+CHAT_TEMPLATE_MODES = ("auto", "none")  # --chat_template of every step (utils/data/render.py)
 SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -54,6 +55,15 @@ class DataConfig:
     max_seq_len: int = field(default=512, metadata=doc("Maximum tokens per sequence."))
     num_examples: int = field(default=0, metadata=doc(
         "Use at most this many raw examples per source before splitting (0 = all)."))
+    chat_template: str = field(default="auto", metadata=doc(
+        "How conversational rows (messages, or prompt/chosen/rejected given as {role, content} lists) "
+        "become text: auto = with the tokenizer's chat template when it has one; none = as "
+        "DeepSpeed-Chat's ' Human: ... Assistant:' text, like every plain-text row.",
+        choices=CHAT_TEMPLATE_MODES))
+    # Not a flag: set once the step's data are built, so training_config.json records the format
+    # the model trained on (template, human_assistant or mixed) and chat.py talks to it in it.
+    data_format: str = field(default="", init=False, metadata=doc(
+        "How the step's rows were rendered (set by the run)."))
 
 
 @dataclass
@@ -219,6 +229,8 @@ def config_flags(config_cls, prefix: str = "", path: str = "", overrides: dict |
     hints = typing.get_type_hints(config_cls)
     out = []
     for f in dataclasses.fields(config_cls):
+        if not f.init:  # set by the run, not by a flag (e.g. DataConfig.data_format)
+            continue
         if "group" in f.metadata:
             meta = f.metadata
             out += config_flags(meta["group"], prefix + meta["prefix"], f"{path}{f.name}.",

@@ -15,11 +15,13 @@ from utils.run import loader_generator
 
 
 def prompt_loader(cfg: Step3Config, tokenizer):
-    """Step 3's share of the prompts, left-padded, whole generation batches only."""
+    """Step 3's share of the prompts, left-padded, whole generation batches only; each batch also
+    holds the prompts' row "columns" and "origins" (DataCollatorPrompt)."""
     max_prompt = cfg.generation.max_prompt_seq_len
     train, _ = create_prompt_dataset(
         cfg.data_path, cfg.data_split, cfg.data_output_path, 3, cfg.seed, tokenizer,
-        max_prompt, num_examples=cfg.num_examples, max_prompt_seq_len=max_prompt)
+        max_prompt, num_examples=cfg.num_examples, max_prompt_seq_len=max_prompt, chat_template=cfg.chat_template)
+    cfg.data_format = train.data_format  # saved in training_config.json: chat.py talks to the actor in it
     per_round = cfg.per_device_generation_batch_size * dist.world_size()
     if len(train) < per_round:
         raise ConfigError(f"Step 3 has {len(train)} prompts, fewer than one generation batch "

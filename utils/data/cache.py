@@ -1,12 +1,15 @@
 """On-disk cache of tokenized data: flat token ids + row offsets in safetensors (no pickle).
 
 A build lives in `<root>/<prefix>-<key>/` where key hashes everything that changes the result.
+Next to a split's `<split>.safetensors` a build may hold `<split>.records.json`, one JSON object
+per row (Step 3: each prompt's origin and columns), which the items then carry.
 It is written to a temp folder and renamed into place, so a reader never sees half a build. A
 filelock serializes independent processes; under torch.distributed the local rank 0 of each node
 builds while the other ranks wait at a barrier and then read the finished build.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import itertools
 import json
@@ -26,7 +29,8 @@ from utils.fs import atomic_directory_write
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 3  # bump whenever the way rows are built or stored changes
+FORMAT_VERSION = 4  # bump whenever the way rows are built or stored changes
+RECORDS = ".records.json"  # <split>.records.json: the rows' records, in row order
 _PROBE = " Human: probe 123 ü 東京 Assistant: ok"
 
 
@@ -48,13 +52,19 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 class TokenizedDataset(Dataset):
-    """Rows of variable-length token id fields, each item a dict of unpadded LongTensors."""
+    """Rows of variable-length token id fields, each item a dict of unpadded LongTensors, plus
+    the keys of the row's record when the build has records (Step 3: "origin", "columns")."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], path: Path | None = None):
+    def __init__(self, tensors: dict[str, torch.Tensor], path: Path | None = None,
+                 records: list[dict] | None = None):
         self.fields = sorted(k for k in tensors if not k.endswith(".offsets"))
         self.flat = {f: tensors[f] for f in self.fields}
         self.offsets = {f: tensors[f + ".offsets"] for f in self.fields}
         self.path = path
+        self.records = records
+        if records is not None and len(records) != len(self):
+            raise ConfigError(f"tokenized data {path}: {len(records)} records for {len(self)} rows")
+        self.data_format = ""  # how the rows were rendered (pipeline.data_format), set by the pipeline
 
     def __len__(self) -> int:
         return len(self.offsets[self.fields[0]]) - 1 if self.fields else 0
@@ -63,8 +73,9 @@ class TokenizedDataset(Dataset):
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        return {f: self.flat[f][self.offsets[f][i]:self.offsets[f][i + 1]].long()
-                for f in self.fields}
+        item = {f: self.flat[f][self.offsets[f][i]:self.offsets[f][i + 1]].long() for f in self.fields}
+        # a copy: whoever reads the columns (a reward function) may change them
+        return item if self.records is None else {**copy.deepcopy(self.records[i]), **item}
 
 
 def _to_tensors(columns: dict[str, list[list[int]]]) -> dict[str, torch.Tensor]:
@@ -82,6 +93,9 @@ def _write(final: Path, built: dict) -> None:
     def write(tmp: Path) -> None:
         for split, columns in built["splits"].items():
             save_file(_to_tensors(columns), str(tmp / f"{split}.safetensors"))
+        for split, records in built.get("records", {}).items():
+            (tmp / f"{split}{RECORDS}").write_text(json.dumps(records, ensure_ascii=False, allow_nan=False),
+                                                   encoding="utf-8")
         (tmp / "meta.json").write_text(json.dumps(built.get("meta", {}), indent=1, default=str))
 
     atomic_directory_write(final, write)  # readers see all of it or nothing
@@ -110,8 +124,8 @@ def _build_locked(final: Path, build: Callable[[], dict]) -> None:
 def cached(root: Path, prefix: str, key: dict, build: Callable[[], dict]) -> tuple[dict, dict]:
     """Load the build for `key` under root, building it first if missing.
 
-    `build()` returns {"splits": {name: {field: [[ids], ...]}}, "meta": {...}}. Returns
-    ({split name: TokenizedDataset}, meta).
+    `build()` returns {"splits": {name: {field: [[ids], ...]}}, "meta": {...}} and optionally
+    "records": {name: [one JSON object per row]}. Returns ({split name: TokenizedDataset}, meta).
     """
     final = Path(root).expanduser() / f"{prefix}-{digest({'v': FORMAT_VERSION, **key})[:20]}"
     error = None
@@ -126,6 +140,10 @@ def cached(root: Path, prefix: str, key: dict, build: Callable[[], dict]) -> tup
         raise error
     if not final.exists():
         raise ConfigError(f"tokenized data {final} was not built by local rank 0 (see its error)")
-    splits = {p.stem: TokenizedDataset(load_file(str(p)), final)
+    splits = {p.stem: TokenizedDataset(load_file(str(p)), final, _records(final / f"{p.stem}{RECORDS}"))
               for p in sorted(final.glob("*.safetensors"))}
     return splits, json.loads((final / "meta.json").read_text())
+
+
+def _records(path: Path) -> list[dict] | None:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

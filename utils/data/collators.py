@@ -62,8 +62,11 @@ class DataCollatorReward(_Collator):
 
 
 class DataCollatorPrompt(_Collator):
-    """Step 3: LEFT-padded prompts, so generation continues right after each prompt's last token."""
+    """Step 3: LEFT-padded prompts, so generation continues right after each prompt's last token,
+    with each prompt's row "columns" (dicts) and "origin" (source: row) in batch order ({} and ""
+    for items that carry none)."""
 
-    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+    def __call__(self, items: list[dict]) -> dict:
         prompt, mask = self._pad([it["prompt_input_ids"] for it in items], left=True)
-        return {"prompt": prompt, "prompt_att_mask": mask}
+        return {"prompt": prompt, "prompt_att_mask": mask, "columns": [it.get("columns", {}) for it in items],
+                "origins": [it.get("origin", "") for it in items]}

@@ -3,7 +3,8 @@
 Every source (hub name, local file, the bundled task) ends up as a `RawDataset`: two lists of
 normalized samples {"prompt", "chosen", "rejected"} in DeepSpeed-Chat's text format
 (" Human: {question} Assistant:" prompts, answers starting with a space, rejected None for
-SFT-only sources). Each hub adapter maps that data set's real column schema onto it.
+SFT-only rows, chosen None too for prompt-only rows, which only Step 3 uses). Each hub adapter
+maps that data set's real column schema onto it.
 """
 from __future__ import annotations
 
@@ -62,7 +63,10 @@ def subsample(rows: list, n: int, seed: int) -> list:
 class RawDataset:
     """Normalized train and eval splits of one source, with DeepSpeed-Chat's accessors.
 
-    A sample is {"prompt", "chosen", "rejected" (None: SFT-only), "origin" (which row it was)}.
+    A sample is {"prompt", "chosen" (None: prompt-only), "rejected" (None: SFT-only), "origin"
+    (which row it was), "columns" (the row's other columns, JSON values, carried to Step 3)}, and
+    for a conversational row "prompt_messages" ([{role, content}, ...] before the answer), which
+    the pipeline renders with the tokenizer's chat template (utils/data/render.py).
     """
 
     def __init__(self, name: str, train: list[dict], eval: list[dict], fingerprint: str = ""):
@@ -93,8 +97,9 @@ class RawDataset:
     def get_rejected(self, sample: dict) -> str | None:
         return sample["rejected"]
 
-    def get_prompt_and_chosen(self, sample: dict) -> str:
-        return sample["prompt"] + sample["chosen"]
+    def get_prompt_and_chosen(self, sample: dict) -> str | None:
+        chosen = sample["chosen"]
+        return None if chosen is None else sample["prompt"] + chosen
 
     def get_prompt_and_rejected(self, sample: dict) -> str | None:
         rejected = sample["rejected"]
@@ -234,8 +239,9 @@ class HubAdapter:
 
 
 def with_origin(samples, where: str) -> list[dict]:
-    """Drop None rows; tag the rest with where they came from, so errors can point at them."""
-    return [{**s, "origin": f"{where}row {i}"} for i, s in enumerate(samples) if s is not None]
+    """Drop None rows; tag the rest with where they came from, so errors can point at them, and
+    give each the row columns it lacks ({}: a source that set "columns" keeps its own)."""
+    return [{"columns": {}, **s, "origin": f"{where}row {i}"} for i, s in enumerate(samples) if s is not None]
 
 
 def convert_rows(name: str, rows, convert, split: str = "train") -> list[dict]:

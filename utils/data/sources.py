@@ -147,60 +147,98 @@ def _turn(message: dict) -> str:
     return f" {role}: {message['content'].strip()}"
 
 
-def _chat_answer(value) -> str | None:
-    """A rejected/chosen value: plain text, or a conversation whose last assistant turn counts."""
+def _answer(value) -> str | None:
+    """A chosen/rejected value: plain text, or a conversation whose last assistant turn counts."""
     if value is None or value == "":
         return None
-    if isinstance(value, str):
-        return as_answer(value)
+    if not isinstance(value, list):
+        return as_answer(str(value))
     i = _last_assistant(value)
     return as_answer(value[i]["content"]) if i >= 0 else None
 
 
-def chat_sample(messages: list, rejected=None) -> dict | None:
-    """[{role, content}, ...] -> prompt of every turn before the last assistant one, chosen = it."""
-    last = _last_assistant(messages)
-    if last < 0:
+def conversation_sample(prompt_messages: list, chosen, rejected=None) -> dict | None:
+    """A conversational prompt ([{role, content}, ...]) and its answers: the Human/Assistant text
+    of every turn, plus the messages themselves for the tokenizer's chat template."""
+    if not prompt_messages:
         return None
-    prompt = "".join(_turn(m) for m in messages[:last]) + " Assistant:"
-    return make_sample(prompt, as_answer(messages[last]["content"]), _chat_answer(rejected))
+    prompt = "".join(_turn(m) for m in prompt_messages) + " Assistant:"
+    return {**make_sample(prompt, _answer(chosen), _answer(rejected)),
+            "prompt_messages": [dict(m) for m in prompt_messages]}
+
+
+def chat_sample(messages: list, rejected=None) -> dict | None:
+    """[{role, content}, ...] -> prompt of every turn before the last assistant one, chosen = it.
+    A conversation that ends on another turn awaits the assistant: a prompt-only row."""
+    if not messages:
+        return None
+    last = _last_assistant(messages)
+    if last < len(messages) - 1:
+        return conversation_sample(messages, None, rejected)
+    return conversation_sample(messages[:last], messages[last]["content"], rejected)
 
 
 def _record_sample(record: dict) -> dict | None:
     if "messages" in record:
         return chat_sample(record["messages"] or [], record.get("rejected"))
-    prompt, chosen = record.get("prompt"), record.get("chosen")
+    prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
     if isinstance(chosen, list):  # chosen/rejected as whole conversations
-        return chat_sample(chosen, record.get("rejected"))
-    if not prompt or not chosen:
+        return chat_sample(chosen, rejected)
+    if isinstance(prompt, list):  # a conversational prompt, answers as text
+        return conversation_sample(prompt, chosen, rejected)
+    if not prompt:
         return None
-    rejected = record.get("rejected")
-    return make_sample(as_prompt(str(prompt)), as_answer(str(chosen)),
-                       as_answer(str(rejected)) if rejected not in (None, "") else None)
+    return make_sample(as_prompt(str(prompt)), _answer(chosen), _answer(rejected))
+
+
+SAMPLE_COLUMNS = ("prompt", "chosen", "rejected", "messages")  # the rest go to sample["columns"]
+
+
+def row_columns(where: str, record: dict) -> dict:
+    """The row's other columns, refused unless JSON can carry them (the Step 3 cache stores them
+    as JSON, and a reward function gets exactly what the file held)."""
+    columns = {k: v for k, v in record.items() if k not in SAMPLE_COLUMNS}
+    for name, value in columns.items():
+        if not _json_able(value):
+            raise ConfigError(f"{where}: column {name!r} holds a {type(value).__name__} value, which JSON "
+                              "cannot carry to Step 3; convert it (e.g. to text) or drop the column")
+    return columns
+
+
+def _json_able(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _checked_sample(where: str):
     def convert(item):
         i, record = item
         try:
-            return _record_sample(record)
+            sample = _record_sample(record)
         except (KeyError, TypeError, AttributeError) as e:
             raise ConfigError(f"{where}: row {i} is malformed ({type(e).__name__}: {e})") from e
+        if sample is None:
+            return None
+        return {**sample, "columns": row_columns(f"{where}: row {i}", record)}
     return convert
 
 
 def records_to_samples(where: str, records: list[dict]) -> list[dict]:
+    """Rows -> samples; a row with a prompt and no chosen answer is a prompt-only sample (Step 3)."""
     columns = list(records[0])
     chat = "messages" in columns or isinstance(records[0].get("chosen"), list)
-    if not chat and not {"prompt", "chosen"} <= set(columns):
-        raise ConfigError(f"{where}: needs 'prompt' and 'chosen' columns ('rejected' optional) "
+    if not chat and "prompt" not in columns:
+        raise ConfigError(f"{where}: needs a 'prompt' column ('chosen', 'rejected' optional) "
                           f"or 'messages'; it has {columns}")
     samples = with_origin(map(_checked_sample(where), enumerate(records)), "")
     if len(samples) < len(records):
-        logger.warning("%s: skipped %d of %d rows with an empty prompt or answer", where,
+        logger.warning("%s: skipped %d of %d rows with an empty prompt", where,
                        len(records) - len(samples), len(records))
     if not samples:
-        raise ConfigError(f"{where}: no row has both a prompt and an answer")
+        raise ConfigError(f"{where}: no row has a prompt")
     return samples
 
 
