@@ -68,6 +68,7 @@ def chat_tok():
     tok = make_tokenizer()
     tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tok.chat_template = CHATML
+    tok.eos_token = "<|im_end|>"  # as SmolLM2's: generation stops at the end of the turn
     return tok
 
 
@@ -213,8 +214,15 @@ def test_step2_pairs_equal_the_chat_template_ids(chat_tok, tmp_path):
                                        eos_token_id=chat_tok.eos_token_id)
     pairs = sorted((tuple(d[i]["chosen_input_ids"].tolist()), tuple(d[i]["rejected_input_ids"].tolist()),
                     int(d[i]["prompt_length"])) for d in (train, evl) for i in range(len(d)))
-    assert pairs == sorted((tuple(template_ids(chat_tok, p + [assistant(c)])),
-                            tuple(template_ids(chat_tok, p + [assistant(r)])),
+    # apply_chat_template's ids through the answer's end-of-text token: ChatML's newline after it
+    # is dropped, so the reward model reads its score at the token Step 3's answers end with
+    eos = chat_tok.eos_token_id
+
+    def through_eos(messages):
+        full = template_ids(chat_tok, messages)
+        assert full[-1] != eos and eos in full  # the template does add something after the token
+        return tuple(full[:len(full) - full[::-1].index(eos)])
+    assert pairs == sorted((through_eos(p + [assistant(c)]), through_eos(p + [assistant(r)]),
                             len(template_ids(chat_tok, p, generation=True))) for p, c, r in CONVERSATIONS)
 
 

@@ -121,6 +121,8 @@ def _pair_columns(rows, tokenizer, max_seq_len, eos, stats, template):
     cols = {"chosen_input_ids": [], "rejected_input_ids": [], "prompt_length": []}
     for p, c, r, how in zip(prompts, chosen, rejected, rendered):
         end = [] if how.template else eos
+        if how.template:  # score where Step 3's answers end: at the end-of-text token
+            c, r = _through_eos(c, tokenizer.eos_token_id), _through_eos(r, tokenizer.eos_token_id)
         chosen_ids, rejected_ids = (p + c + end)[:max_seq_len], (p + r + end)[:max_seq_len]
         if chosen_ids == rejected_ids:  # the answers differ only past max_seq_len: nothing to compare
             stats["same_after_cut"] += 1
@@ -129,6 +131,15 @@ def _pair_columns(rows, tokenizer, max_seq_len, eos, stats, template):
         cols["rejected_input_ids"].append(rejected_ids)
         cols["prompt_length"].append([min(len(p), max_seq_len)])
     return cols
+
+
+def _through_eos(ids: list[int], eos_id: int | None) -> list[int]:
+    """A template's answer up to and including its last end-of-text token: templates such as
+    ChatML add a newline after it, but Step 3's answers stop at the token (the reward model reads
+    its score at the last one)."""
+    if eos_id is None or eos_id not in ids:
+        return ids
+    return ids[:len(ids) - ids[::-1].index(eos_id)]
 
 
 def _prompt_columns(rows, tokenizer, max_prompt_seq_len, stats, template):
