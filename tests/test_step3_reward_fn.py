@@ -22,6 +22,7 @@ from training.step3_rlhf_finetuning.rewards import (RewardSource, TextFunctionSo
                                                     score_answers, scored_parts)
 from training.step3_rlhf_finetuning.rollout import AnswerSampler
 from utils import dist
+from utils.cli import free_port
 from utils.config import ConfigError, parse_config
 from utils.model import load_tokenizer
 from utils.rewards import RewardFunctionError, load_reward_function
@@ -217,6 +218,8 @@ def test_functions_alone_need_no_reward_model_and_the_api_takes_them(tok, reward
     fns = [load_reward_function(f"{reward_file}:record"), load_reward_function(f"{reward_file}:by_answer")]
     assert list(reward_source(fns, None, as_step3_config(argparse.Namespace()), tok).sources) == ["record", "by_answer"]
     assert list(reward_source(fns[0], None, as_step3_config(argparse.Namespace()), tok).sources) == ["record"]
+    with pytest.raises(ValueError, match="share a name"):
+        reward_source([fns[0], fns[0]], None, as_step3_config(argparse.Namespace()), tok)
     with pytest.raises(ValueError, match="no reward model"):
         reward_source(None, None, config(), tok)
 
@@ -304,3 +307,36 @@ def test_a_run_whose_function_raises_stops_with_one_line(tmp_path):
     assert re.fullmatch(r"error: reward function picky raised ValueError: a bad prompt "
                         r"\(on (prompt \d+ of the batch|.*row \d+)\)", line), line
     assert sum(ln.startswith("error: ") for ln in proc.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_two_processes_a_reward_that_applies_on_one_only(tmp_path):
+    """The function applies on rank 0 only (None on rank 1; the checker scores every answer):
+    its logged mean is its score there, not a mean over ranks diluted by the one where it applied
+    to nothing; a function raising on rank 1 only stops the run with its line."""
+    (tmp_path / "ranked.py").write_text(textwrap.dedent('''
+        import os
+
+        def rank0(completions):
+            return [3.0 if os.environ.get("RANK", "0") == "0" else None for _ in completions]
+
+        def fails_on_rank1(completions):
+            if os.environ.get("RANK", "0") == "1":
+                raise RuntimeError("rank 1 data")
+            return [0.0] * len(completions)
+    '''))
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    flags = [*RUN, "--critic_model_name_or_path", tmp_path / "no-model-here", "--reward_source", "checker",
+             "--max_prompt_seq_len", "96"]
+    out = tmp_path / "ok"
+    proc = run_module(MODULE, [*flags, "--reward_fn", f"{tmp_path / 'ranked.py'}:rank0", "--output_dir", out],
+                      launcher=launcher)
+    assert_ok(proc)
+    for row in rounds(out):
+        assert row["train/reward_rank0"] == 3.0 and 0 <= row["train/reward_checker"] <= 1
+        assert row["train/reward"] == pytest.approx(1.5 + row["train/reward_checker"])  # rank 0: 3 + c, rank 1: c
+    proc = run_module(MODULE, [*flags, "--reward_fn", f"{tmp_path / 'ranked.py'}:fails_on_rank1",
+                               "--output_dir", tmp_path / "x"], launcher=launcher)
+    assert proc.returncode != 0
+    assert re.search(r"error: reward function fails_on_rank1 raised RuntimeError: rank 1 data "
+                     r"\(on (prompt \d+ of the batch|.*row \d+)\)\n", proc.stdout + proc.stderr), proc.stderr[-3000:]

@@ -171,6 +171,10 @@ def reward_source(given: Given, reward_engine, cfg: Step3Config | None = None, t
 def _functions(given: Sequence) -> list[RewardFunction]:
     if not all(isinstance(f, RewardFunction) for f in given):
         raise TypeError("reward_fn as a list takes utils.rewards.RewardFunction items (load_reward_functions)")
+    names = [f.name for f in given]
+    if len(set(names)) < len(names):  # their scores and metrics are kept by name
+        raise ValueError(f"two reward functions share a name ({', '.join(names)}): load them together with "
+                         "utils.rewards.load_reward_functions, which names them apart")
     return list(given)
 
 
