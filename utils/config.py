@@ -288,6 +288,8 @@ def build_parser(config_cls, description: str = "", parser_cls=_Parser) -> argpa
         kwargs = {"dest": flag.name, "help": flag.metadata.get("help", "")}
         if flag.type is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
+        elif _is_list(flag.type) and flag.metadata.get("repeat"):  # `--f a --f b` and `--f a b` both add
+            kwargs.update(nargs="+", action="extend", type=_scalar_type(flag.type))
         elif _is_list(flag.type):
             kwargs.update(nargs="*", type=_scalar_type(flag.type))
         else:

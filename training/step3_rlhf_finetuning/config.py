@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from utils.config import (DTYPES, SCHEDULES, CheckpointConfig, ConfigError, DataConfig, LogConfig, RuntimeConfig,
                           doc, flag_table, from_flat, group, to_flat, validate_run)
+from utils.rewards import load_reward_functions, weights_for
 from utils.upstream_flags import STEP3, flags_for
 
 @dataclass
@@ -69,7 +70,7 @@ class ModelsConfig:
         "The Step 1 model (trained) — also the reference and the EMA starting point."))
     critic_model_name_or_path: str = field(default="tiny-llama", metadata=doc(
         "The Step 2 reward model: starts the critic and, unless --reward_model_name_or_path is "
-        "given, is the reward model."))
+        "given, is the reward model (with --reward_source checker or --reward_fn alone: only the critic's start)."))
     reward_model_name_or_path: str = field(default="", metadata=doc(
         "A reward model other than the critic's starting point (default: the critic's path)."))
     num_padding_at_beginning: int = field(default=1, metadata=doc(
@@ -84,11 +85,21 @@ class ModelsConfig:
         "Keep the reward model's parameters in CPU memory (ZeRO-3 parameter offload)."))
     only_optimize_lora: bool = field(default=False, metadata=doc(
         "Train only the LoRA matrices (and the critic's value head)."))
-    reward_source: str = field(default="model", metadata=doc(
-        "What scores the answers: the reward model, or 'checker', the bundled task's ground-truth "
-        "checker (score in [0, 1]; needs --data_path bundled; no reward model is loaded and the critic "
-        "starts from --critic_model_name_or_path, e.g. the Step 1 model). A verifiable reward, and "
-        "the upper bound a learned reward model can reach on this task.", choices=("model", "checker")))
+    reward_source: str = field(default="auto", metadata=doc(
+        "What scores the answers besides any --reward_fn: model (the reward model), checker (the bundled "
+        "task's ground-truth checker, score in [0, 1]; needs --data_path bundled; no reward model is "
+        "loaded and the critic starts from --critic_model_name_or_path, e.g. the Step 1 model; a "
+        "verifiable reward, and the upper bound a learned reward model can reach on this task), or auto: "
+        "the reward model, but with --reward_fn only when --reward_model_name_or_path is given.",
+        choices=("auto", "model", "checker")))
+    reward_fn: list[str] = field(default_factory=list, metadata=doc(
+        "Reward functions, FILE.py:NAME or package.module:NAME, called fn(prompts=[...], "
+        "completions=[...], **row columns) -> one float or None per answer (docs/reference.md: Your "
+        "own reward). Repeatable; their weighted sum is the reward, with the reward model's or checker's "
+        "score when --reward_source says so.", repeat=True))
+    reward_weights: list[float] = field(default_factory=list, metadata=doc(
+        "One weight per --reward_fn in order, then one for the reward model or checker when used "
+        "(default all 1)."))
 
 
 @dataclass
@@ -260,12 +271,41 @@ class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, BatchConfig, Model
         validate_ppo(self.ppo, self.generation.samples_per_prompt)
         self.max_seq_len = self.generation.max_prompt_seq_len + self.generation.max_answer_seq_len  # ptx blocks
 
+    @property
+    def uses_reward_model(self) -> bool:
+        """Whether a reward model is loaded and scores the answers (reward_model_used)."""
+        return reward_model_used(self.reward_source, bool(self.reward_fn), self.reward_model_name_or_path)
+
     def _validate_reward_source(self) -> None:
         if self.reward_source == "checker" and any(path != "bundled" for path in self.data_path):
             raise ConfigError("--reward_source checker scores the bundled task's answers: it needs "
                               f"--data_path bundled, got {' '.join(self.data_path)}")
         if self.reward_source == "checker" and self.reward_model_name_or_path:
             raise ConfigError("--reward_model_name_or_path has no use with --reward_source checker")
+        # imported here (a bad spec fails now, before any model loads), and the weights counted
+        functions = load_reward_functions(self.reward_fn)
+        weights_for(reward_names([f.name for f in functions], self.reward_source, self.uses_reward_model),
+                    self.reward_weights)
+
+
+def reward_model_used(reward_source: str, has_functions: bool, reward_model_path: str) -> bool:
+    """The reward model scores the answers with --reward_source model, and with auto unless reward
+    functions are given without --reward_model_name_or_path (then they are the whole reward)."""
+    if reward_source == "auto":
+        return not has_functions or bool(reward_model_path)
+    return reward_source == "model"
+
+
+def reward_names(function_names: list[str], reward_source: str, model_used: bool) -> list[str]:
+    """The rewards in --reward_weights order: the functions, then the reward model ("model") or
+    the checker ("checker") when used (renamed if a function already has that name)."""
+    base = "checker" if reward_source == "checker" else "model" if model_used else None
+    if base is None:
+        return list(function_names)
+    name = base
+    while name in function_names:
+        name += "_"
+    return [*function_names, name]
 
 
 def validate_ppo(ppo: PPOConfig, samples_per_prompt: int) -> None:

@@ -1,4 +1,4 @@
-"""What one rollout leaves for PPO: the `Experience` batch, and its text."""
+"""What one rollout leaves for PPO: the `Experience` batch, its text, and the data rows behind it."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
@@ -61,6 +61,37 @@ def _widen(e: Experience, name: str, p: int, a: int, pad_token_id: int) -> torch
         right = F.pad(t[:, e.prompt_len:], (0, a - (t.size(1) - e.prompt_len)), value=fill)
         return torch.cat([left, right], 1)
     return F.pad(t, (0, a - t.size(1)), value=0)  # (B, A) answer-token tensors
+
+
+@dataclass
+class Rows:
+    """The data set rows behind a batch, one entry per prompt or answer: each row's other columns
+    (what reward functions get as keyword arguments) and where it came from (what their errors
+    name, e.g. "prompts.jsonl row 12")."""
+    columns: list[dict]
+    origins: list[str]
+
+    @staticmethod
+    def of_batch(batch: dict, n: int) -> "Rows":
+        """A DataCollatorPrompt batch's rows ({} and "prompt i of the batch" where it has none)."""
+        columns = batch.get("columns") or [{} for _ in range(n)]
+        origins = batch.get("origins") or [f"prompt {i} of the batch" for i in range(n)]
+        if len(columns) != n or len(origins) != n:
+            raise ValueError(f"the prompt batch has {n} prompts but {len(columns)} columns and "
+                             f"{len(origins)} origins: give one of each per prompt")
+        return Rows(list(columns), list(origins))
+
+    @staticmethod
+    def unknown(n: int) -> "Rows":
+        """For answers scored without their rows (the tensor API)."""
+        return Rows([{} for _ in range(n)], [f"answer {i} of the rollout" for i in range(n)])
+
+    def repeat(self, k: int) -> "Rows":
+        """Each row k times in a row, as the rollout lays out a prompt's k answers."""
+        return Rows([c for c in self.columns for _ in range(k)], [o for o in self.origins for _ in range(k)])
+
+    def __len__(self) -> int:
+        return len(self.origins)
 
 
 def decode_rollout(tokenizer, prompts, seq, action_mask) -> tuple[list[str], list[str]]:

@@ -13,9 +13,9 @@ from training.step3_rlhf_finetuning.config import Step3Config
 from training.step3_rlhf_finetuning.data import (prompt_batches, prompt_loader, total_iterations,
                                                  unsupervised_batches)
 from training.step3_rlhf_finetuning.experience import decoded
-from training.step3_rlhf_finetuning.metrics import PhaseFlops, reduce_mean, rollout_stats, timing
+from training.step3_rlhf_finetuning.metrics import PhaseFlops, reduce_mean, reward_part_means, rollout_stats, timing
 from training.step3_rlhf_finetuning.ppo_trainer import DeepSpeedPPOTrainer
-from training.step3_rlhf_finetuning.rewards import GroundTruth, RewardFn, configured_source, ground_truth_for
+from training.step3_rlhf_finetuning.rewards import GroundTruth, Given, ground_truth_for
 from training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
 from training.step3_rlhf_finetuning.saving import STAGING, save_models
 from training.step3_rlhf_finetuning.update import ppo_update
@@ -51,19 +51,19 @@ def trained_engines(cfg: Step3Config) -> tuple[EngineSettings, ...]:
             EngineSettings(cfg.critic.zero_stage, micro, "--critic_zero_stage", flag))
 
 
-def run(cfg: Step3Config, reward_fn: RewardFn | None = None) -> dict:
+def run(cfg: Step3Config, reward_fn: Given = None) -> dict:
     """The whole of Step 3; returns the summary (first/last round metrics)."""
     strategy = start_run(cfg, trained_engines(cfg))
     tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path),
                                trust_remote_code=cfg.trust_remote_code)
-    reward = reward_fn or configured_source(cfg.reward_source, tokenizer)
     loader, sampler = prompt_loader(cfg, tokenizer)
     unsup = unsupervised_batches(cfg.ptx, cfg, tokenizer)
     rounds, optimizer_steps = total_iterations(cfg, loader)
     engine = DeepSpeedRLHFEngine(cfg.actor_model_name_or_path, cfg.critic_model_name_or_path, tokenizer,
                                  cfg, optimizer_steps, reward_model_name_or_path=cfg.reward_model_name_or_path or None,
                                  strategy=strategy)
-    trainer = DeepSpeedPPOTrainer(engine, cfg, reward_fn=reward, ptx=unsup is not None)
+    # the reward: reward_fn when given, else as cfg says (--reward_fn, --reward_source)
+    trainer = DeepSpeedPPOTrainer(engine, cfg, reward_fn=reward_fn, ptx=unsup is not None)
     say = tqdm.write if dist.is_main() else (lambda *_: None)
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of {cfg.answers_per_rank} answers "
         f"x {dist.world_size()} process(es), actor ZeRO-{cfg.actor.zero_stage}, "
@@ -113,7 +113,8 @@ def train_rounds(each: Round, engine, logger, loader, sampler, rounds: int) -> t
             progress.update(1)
             progress.set_postfix(reward=f"{metrics['reward']:.3f}", kl=f"{metrics['kl']:.3f}")
             if cfg.print_loss or state.step % cfg.log_interval == 0:
-                each.say(f"step3 round {state.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in LOGGED
+                shown = [*LOGGED, *sorted(k for k in metrics if k.startswith("reward_"))]  # each reward's mean
+                each.say(f"step3 round {state.step}: " + ", ".join(f"{k} {metrics[k]:.4g}" for k in shown
                                                                     if k in metrics))
             checkpoints.after_step(state, stop, progress)
     progress.close()
@@ -125,10 +126,11 @@ def one_round(each: Round, prompt_batches, round_index: int) -> dict:
     """Roll out generation_batches prompt batches, then update; one metrics row."""
     cfg, trainer = each.cfg, each.trainer
     start = time.perf_counter()
-    exps, gen_s = [], 0.0
+    exps, parts, gen_s = [], [], 0.0
     for batch in prompt_batches:
         rollout = trainer.rollout(batch)
         exps.append(rollout.experience)
+        parts.append(rollout.reward_parts)
         gen_s += rollout.generation_s
     scoring_s = time.perf_counter() - start - gen_s
     if cfg.print_answers and dist.is_main() and round_index % cfg.print_answers_interval == 0:
@@ -142,5 +144,6 @@ def one_round(each: Round, prompt_batches, round_index: int) -> dict:
     train_s = time.perf_counter() - train_start
     work = each.phase_flops.of(exps)
     times = timing(exps, work, gen_s, scoring_s, train_s, time.perf_counter() - start)
-    return reduce_mean({**stats, **losses, **times, "lr_actor": trainer.rlhf_engine.actor_scheduler.get_last_lr()[0],
-                        "kl_coef": trainer.kl_coef})
+    return {**reduce_mean({**stats, **losses, **times, "kl_coef": trainer.kl_coef,
+                           "lr_actor": trainer.rlhf_engine.actor_scheduler.get_last_lr()[0]}),
+            **reward_part_means(parts)}

@@ -28,6 +28,24 @@ def rollout_stats(exps: list[Experience]) -> dict:
     return {k: mean([st[k] for st in per_exp]) for k in per_exp[0]}
 
 
+def reward_part_means(parts_of_rollouts: list[dict[str, list]]) -> dict:
+    """`reward_<name>`: each reward's mean score over the round's answers it applies to (None
+    left out) on all processes. Sums and counts are reduced, not per-process means, so a process
+    where a reward applies to nothing weighs nothing; a reward that applied nowhere is left out."""
+    sums: dict[str, list[float]] = {}
+    for parts in parts_of_rollouts:
+        for name, scores in parts.items():
+            applied = [x for x in scores if x is not None]
+            total = sums.setdefault(name, [0.0, 0.0])
+            total[0], total[1] = total[0] + sum(applied), total[1] + len(applied)
+    keys = sorted(sums)  # the same rewards on every process: one config
+    if keys and dist.world_size() > 1:
+        t = dist.sum_over_ranks(torch.tensor([sums[k] for k in keys], dtype=torch.float64,
+                                             device=dist.current_device()))
+        sums = dict(zip(keys, t.tolist()))
+    return {f"reward_{k}": s / n for k, (s, n) in sums.items() if n}
+
+
 class PhaseFlops:
     """FLOPs of one round's phases, per process."""
 

@@ -1,7 +1,7 @@
 """PPO for Step 3 (DeepSpeed-Chat's trainer API) over the parts that do the work:
 
     rollout.py     the actor samples answers (hybrid engine or HF generate)
-    rewards.py     what scores them: reward model, the bundled checker, a function
+    rewards.py     what scores them: reward model, the bundled checker, functions, weighed
     scoring.py     log-probs, values, scores, then rewards, advantages and returns
     update.py      one PPO micro-batch of actor and critic; the ptx term
 
@@ -14,14 +14,14 @@ DeepSpeed-Chat's name, is the trainer with ptx on).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from training.step3_rlhf_finetuning.config import as_step3_config
-from training.step3_rlhf_finetuning.experience import Experience
+from training.step3_rlhf_finetuning.experience import Experience, Rows
 from training.step3_rlhf_finetuning.metrics import experience_stats
-from training.step3_rlhf_finetuning.rewards import RewardFn, RewardSource, reward_source
+from training.step3_rlhf_finetuning.rewards import Given, reward_source
 from training.step3_rlhf_finetuning.rollout import AnswerSampler
 from training.step3_rlhf_finetuning.scoring import credit, score_rollout
 from training.step3_rlhf_finetuning.update import PtxStats, TrainStats, actor_update, critic_update, ptx_update
@@ -33,14 +33,17 @@ __all__ = ["DeepSpeedPPOTrainer", "DeepSpeedPPOTrainerUnsupervised", "Experience
 class Rollout:
     experience: Experience
     generation_s: float  # of the rollout's time, the seconds spent generating
+    reward_parts: dict[str, list] = field(default_factory=dict)  # reward name -> score or None per answer
 
 
 class DeepSpeedPPOTrainer:
     """PPO on a DeepSpeedRLHFEngine. `args`: a Step3Config or DeepSpeed-Chat's flat namespace.
-    `reward_fn`: a RewardSource or a function (rewards.RewardFn) that replaces the engine's
-    reward model. `ptx`: a ptx loss (train_unsupervised) follows each train_rlhf."""
+    `reward_fn`: a RewardSource or a tensor function (rewards.RewardFn) that replaces the engine's
+    reward model, or utils.rewards.RewardFunction(s) that take --reward_fn's place (weighed and
+    joined by the reward model as `args` says: rewards.reward_source); None: as `args` says.
+    `ptx`: a ptx loss (train_unsupervised) follows each train_rlhf."""
 
-    def __init__(self, engine, args, reward_fn: RewardSource | RewardFn | None = None, ptx: bool = False):
+    def __init__(self, engine, args, reward_fn: Given = None, ptx: bool = False):
         self.rlhf_engine = engine
         self.strategy = engine.strategy
         self.actor, self.ref, self.critic, self.reward = engine.actor, engine.ref, engine.critic, engine.reward
@@ -53,7 +56,7 @@ class DeepSpeedPPOTrainer:
         self.kl_coef = cfg.ppo.kl_ctl  # moved between rounds by the loop with --target_kl
         if self.uses_critic and self.critic is None:
             raise ValueError("--advantage gae needs the critic, but the engine was built without one")
-        self.reward_source = reward_source(reward_fn, self.reward)
+        self.reward_source = reward_source(reward_fn, self.reward, cfg, self.tokenizer)
         self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid)
 
     @property
@@ -62,15 +65,19 @@ class DeepSpeedPPOTrainer:
 
     def rollout(self, prompts, mask: torch.Tensor | None = None) -> Rollout:
         """Answer a prompt batch and score it. `prompts` is a DataCollatorPrompt batch
-        ({"prompt", "prompt_att_mask"}) or, as in DeepSpeed-Chat, the two tensors. With
-        --samples_per_prompt K the experience has K rows per prompt, each prompt's rows together."""
+        ({"prompt", "prompt_att_mask"}, and the rows' "columns" and "origins" that reward functions
+        get) or, as in DeepSpeed-Chat, the two tensors. With --samples_per_prompt K the experience
+        has K rows per prompt, each prompt's rows together."""
+        rows = None
         if isinstance(prompts, dict):
+            rows = Rows.of_batch(prompts, prompts["prompt"].size(0))
             prompts, mask = prompts["prompt"], prompts["prompt_att_mask"]
-        answers = self.sampler.sample(prompts, mask)
+        answers = self.sampler.sample(prompts, mask, rows)
         critic = self.critic if self.uses_critic else None
-        scored = score_rollout(answers, self.actor, self.ref, critic, self.reward_source, self.generation.temperature)
+        *scored, parts = score_rollout(answers, self.actor, self.ref, critic, self.reward_source,
+                                       self.generation.temperature)
         exp = credit(answers, *scored, self.ppo, self.kl_coef, self.generation.samples_per_prompt)
-        return Rollout(exp, answers.generation_s)
+        return Rollout(exp, answers.generation_s, parts)
 
     def generate_experience(self, prompts, mask: torch.Tensor | None = None, step: int = 0) -> Experience:
         """DeepSpeed-Chat's name: the rollout's Experience (`step` is accepted and unused)."""
@@ -107,5 +114,5 @@ class DeepSpeedPPOTrainerUnsupervised(DeepSpeedPPOTrainer):
     loss on plain text, weighted by `--unsup_coef`, its gradient joining the PPO gradient of the
     same micro-batch in one actor optimizer step, so the LR schedule counts PPO's steps."""
 
-    def __init__(self, engine, args, reward_fn: RewardSource | RewardFn | None = None):
+    def __init__(self, engine, args, reward_fn: Given = None):
         super().__init__(engine, args, reward_fn=reward_fn, ptx=True)

@@ -7,7 +7,8 @@ actor_ema  (`--enable_ema`) moving average of the actor, the model often worth k
 critic     trained value model, initialized from the reward model, `--critic_zero_stage`;
            None with a critic-free `--advantage` (rloo, grpo): not loaded, not saved
 reward     frozen reward model (the Step 2 output), `--offload_reward_model`; None with
-           `--reward_source checker` (the answers are scored by the task's checker instead)
+           `--reward_source checker` (the answers are scored by the task's checker instead) and
+           with `--reward_fn` unless --reward_model_name_or_path or --reward_source model is given
 
 All five exchange token ids, so every tokenizer must equal the actor's: checked first, before
 any model is loaded. Every engine is built by the run's DeepSpeedStrategy (`strategy`; one is
@@ -37,7 +38,7 @@ class DeepSpeedRLHFEngine:
         self.tokenizer = tokenizer
         self.num_total_iters = num_total_iters
         self.actor_path = resolve_model_path(actor_model_name_or_path)
-        self.uses_reward_model = cfg.reward_source == "model"
+        self.uses_reward_model = cfg.uses_reward_model
         self.uses_critic = cfg.ppo.uses_critic
         # paths of models not used are not resolved: they need not exist
         self.critic_path = resolve_model_path(critic_model_name_or_path) if self.uses_critic else None

@@ -10,6 +10,7 @@ import torch
 from inference.generation import pad_to_width
 from inference.hybrid_engine import HybridEngine
 from training.step3_rlhf_finetuning.config import GenerationConfig, HybridConfig
+from training.step3_rlhf_finetuning.experience import Rows
 from utils import dist
 from utils.rl_math import answer_mask, answer_width
 
@@ -22,6 +23,7 @@ class Answers:
     attention_mask: torch.Tensor  # (B, P + A)
     action_mask: torch.Tensor     # (B, A) answer tokens up to and including the first eos
     generation_s: float           # seconds spent generating
+    rows: Rows | None = None      # the data rows behind the B answers (None: not known, tensor API)
 
     @property
     def prompt_len(self) -> int:
@@ -44,12 +46,14 @@ class AnswerSampler:
                 tp_gather_partition_size=hybrid.tp_gather_partition_size)
 
     @torch.no_grad()
-    def sample(self, prompts: torch.Tensor, mask: torch.Tensor) -> Answers:
+    def sample(self, prompts: torch.Tensor, mask: torch.Tensor, rows: Rows | None = None) -> Answers:
+        """`rows`: the prompts' data rows, repeated like the prompts for the answers' Rows."""
         device = dist.current_device()
         prompts, mask = prompts.to(device), mask.to(device)
         k = self.gen.samples_per_prompt
         if k > 1:  # each prompt's answers in consecutive rows: the groups of rloo / grpo
             prompts, mask = prompts.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+            rows = rows.repeat(k) if rows is not None else None
         start = time.perf_counter()
         seq = self._generate(prompts, mask)
         generation_s = time.perf_counter() - start
@@ -60,7 +64,7 @@ class AnswerSampler:
         # drop the columns after the longest answer: every later forward skips the padding
         width = answer_width(action_mask)
         seq, action_mask = seq[:, :prompt_len + width], action_mask[:, :width]
-        return Answers(prompts, seq, torch.cat([mask, action_mask.long()], 1), action_mask, generation_s)
+        return Answers(prompts, seq, torch.cat([mask, action_mask.long()], 1), action_mask, generation_s, rows)
 
     def _generate(self, prompts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         g = self.gen

@@ -8,7 +8,7 @@ import torch
 
 from training.step3_rlhf_finetuning.config import PPOConfig
 from training.step3_rlhf_finetuning.experience import Experience
-from training.step3_rlhf_finetuning.rewards import RewardSource, score_answers
+from training.step3_rlhf_finetuning.rewards import RewardSource, scored_parts
 from training.step3_rlhf_finetuning.rollout import Answers
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.rl_math import (entropy_from_logits, gae_advantages, group_advantages, kl_penalized_rewards,
@@ -38,8 +38,11 @@ def critic_values(model, seq, attention_mask, prompt_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, temperature: float):
-    """(log_probs, ref_log_probs, values, scores) of the answers; values are 0 without a critic."""
+    """(log_probs, ref_log_probs, values, scores, parts) of the answers; values are 0 without a
+    critic; parts: each reward's own scores when several are weighed (rewards.scored_parts)."""
     seq, mask, p = answers.seq, answers.attention_mask, answers.prompt_len
+    # the reward first: a failing reward function stops the run before the forwards are spent
+    scores, parts = scored_parts(reward, answers.prompts, seq, mask, answers.action_mask, answers.rows)
     models = [actor, *([critic] if critic is not None else [])]
     for model in models:
         model.eval()
@@ -47,10 +50,9 @@ def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, te
     ref_log_probs = answer_log_probs(ref, seq, mask, p, temperature)
     values = (critic_values(critic, seq, mask, p) * answers.action_mask if critic is not None
               else torch.zeros_like(log_probs))
-    scores = score_answers(reward, answers.prompts, seq, mask, answers.action_mask)
     for model in models:
         model.train()
-    return log_probs, ref_log_probs, values, scores
+    return log_probs, ref_log_probs, values, scores, parts
 
 
 @torch.no_grad()
