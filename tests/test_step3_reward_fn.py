@@ -304,9 +304,38 @@ def test_a_run_whose_function_raises_stops_with_one_line(tmp_path):
                                "--data_path", data, "--data_split", "0,0,1",
                                "--reward_fn", f"{tmp_path / 'picky.py'}:picky", "--output_dir", tmp_path / "x"])
     line = error_line(proc)  # exit 2, no traceback, the last line
-    assert re.fullmatch(r"error: reward function picky raised ValueError: a bad prompt "
-                        r"\(on (prompt \d+ of the batch|.*row \d+)\)", line), line
+    row = re.fullmatch(r"error: reward function picky raised ValueError: a bad prompt "
+                       r"\(on .*prompts.jsonl: row (\d+)\)", line)
+    assert row, line
+    assert int(row.group(1)) % 4 != 0  # the row named is one of the bad ones
     assert sum(ln.startswith("error: ") for ln in proc.stderr.splitlines()) == 1
+
+
+def test_prompt_only_rows_reach_the_function_with_their_columns(tmp_path):
+    """Prompt-only data (no chosen answer) with a ground-truth column: every call gets each
+    answer's own row's column (K=2 answers a row), and the run's reward is the function's."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "target": str(i), "topic": "numbers"})
+                            + "\n" for i in range(40)))
+    calls = tmp_path / "calls.jsonl"
+    (tmp_path / "target.py").write_text(textwrap.dedent(f'''
+        import json
+
+        def has_target(prompts, completions, target):
+            with open({str(calls)!r}, "a") as f:
+                f.write(json.dumps({{"prompts": prompts, "target": target}}) + "\\n")
+            return [float(t in c) for c, t in zip(completions, target)]
+    '''))
+    out = tmp_path / "run"
+    proc = run_module(MODULE, [*RUN, "--critic_model_name_or_path", tmp_path / "no-model-here",
+                               "--data_path", data, "--data_split", "0,0,1",
+                               "--reward_fn", f"{tmp_path / 'target.py'}:has_target", "--output_dir", out])
+    assert_ok(proc)
+    seen = [json.loads(line) for line in calls.read_text().splitlines()]
+    assert len(seen) == 2
+    for call in seen:
+        assert [re.search(r"number (\d+)", p).group(1) for p in call["prompts"]] == call["target"]
+        assert call["target"][::2] == call["target"][1::2]
 
 
 @pytest.mark.slow
