@@ -133,7 +133,8 @@ RESERVED = ("--output_dir", "--model_name_or_path", "--actor_model_name_or_path"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--step", type=int, nargs="+", default=[1, 2, 3], help="steps to run, in order")
+    parser.add_argument("--step", type=int, nargs="+", default=None,
+                        help="steps to run, in order (default 1 2 3; 1 3 with --reward-fn)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="the recipe: default: smollm2-135m on the bundled task (~20 min on 2 CPU cores); "
                         "quick: tiny random models (~2 min); deepspeed-chat: DeepSpeed-Chat's own (its data "
@@ -143,6 +144,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reward-model", default=None,
                         help="Step 2's starting model (default: Step 1's output, so actor and reward model "
                         "share a tokenizer); with --step 3 alone, the trained reward model to use")
+    parser.add_argument("--reward-fn", nargs="+", default=[], metavar="SPEC",
+                        help="Step 3's reward: Python functions (FILE.py:NAME or package.module:NAME, "
+                        "Step 3's --reward_fn) instead of a reward model; with --reward-model or Step 2, both")
     parser.add_argument("--actor-zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
     parser.add_argument("--reward-zero-stage", type=int, default=2, choices=(0, 1, 2, 3),
                         help="ZeRO stage of Step 2 and of Step 3's critic")
@@ -177,6 +181,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def validate(args: argparse.Namespace) -> None:
+    if args.step is None:  # reward functions need no reward model: no Step 2 unless asked
+        args.step = [1, 3] if args.reward_fn else [1, 2, 3]
     for step in args.step:
         if step not in STEPS:
             raise ConfigError(f"--step {step} does not exist (steps: {', '.join(map(str, STEPS))})")
@@ -228,15 +234,27 @@ def make_plan(args: argparse.Namespace) -> Plan:
     models = {1: {"--model_name_or_path": actor},
               2: {"--model_name_or_path": reward_start}}
     if 3 in run:
-        if available(2):
-            reward = str(root / STEPS[2].folder)
-        elif args.reward_model:
-            reward = args.reward_model
-        else:
-            raise ConfigError("Step 3 needs a trained reward model: run Step 2 too (--step 2 3) or pass "
-                              f"--reward-model; {root / STEPS[2].folder} holds none")
-        models[3] = {"--actor_model_name_or_path": sft, "--critic_model_name_or_path": reward}
+        models[3] = step3_models(args, root, sft, available(2))
     return Plan(root, run, sft, models)
+
+
+def step3_models(args: argparse.Namespace, root: Path, sft: str, step2_done: bool) -> dict:
+    """Step 3's model flags: the reward model (Step 2's output or --reward-model) starts the
+    critic; with reward functions the critic starts from the SFT model and a reward model, when
+    there is one, joins them as a reward."""
+    reward = str(root / STEPS[2].folder) if step2_done else args.reward_model
+    if uses_reward_fn(args):
+        return {"--actor_model_name_or_path": sft, "--critic_model_name_or_path": sft,
+                **({"--reward_model_name_or_path": reward} if reward else {})}
+    if not reward:
+        raise ConfigError("Step 3 needs a trained reward model: run Step 2 too (--step 2 3), pass "
+                          f"--reward-model or --reward-fn; {root / STEPS[2].folder} holds none")
+    return {"--actor_model_name_or_path": sft, "--critic_model_name_or_path": reward}
+
+
+def uses_reward_fn(args: argparse.Namespace) -> bool:
+    return bool(args.reward_fn) or any(flag.split("=")[0] in ("--reward_fn", "--reward-fn")
+                                       for flag in shlex.split(args.step3_args))
 
 
 def check_outputs(args: argparse.Namespace, plan: Plan) -> None:
@@ -293,6 +311,8 @@ def step_flags(step: int, args: argparse.Namespace, plan: Plan) -> list[str]:
         flags.append("--resume")  # from the step's newest checkpoint (--stepN-args "--save_steps N")
     elif args.overwrite:
         flags.append("--overwrite_output_dir")
+    if step == 3 and args.reward_fn:
+        flags += ["--reward_fn", *args.reward_fn]
     return flags + user
 
 

@@ -279,6 +279,23 @@ def test_plan_with_a_reward_model_and_without_step1(tmp_path):
     assert plan.models[3]["--actor_model_name_or_path"] == "tiny-opt"  # no Step 1 output: the model itself
 
 
+def test_plan_with_reward_functions_skips_step2_and_starts_the_critic_from_sft(tmp_path):
+    import train
+    spec = "examples/rewards/constraints.py:constraints_reward"
+    args, plan = plan_for("--output-dir", tmp_path, "--preset", "quick", "--reward-fn", spec)
+    assert plan.run == [1, 3]  # no reward model to train
+    sft = str(tmp_path / "step1_sft")
+    assert plan.models[3] == {"--actor_model_name_or_path": sft, "--critic_model_name_or_path": sft}
+    flags = train.step_flags(3, args, plan)
+    assert flags[flags.index("--reward_fn") + 1] == spec
+    # with a reward model too (Step 2 run here, or --reward-model), both score the answers
+    _, plan = plan_for("--output-dir", tmp_path, "--preset", "quick", "--step", 1, 2, 3, "--reward-fn", spec)
+    assert plan.models[3]["--reward_model_name_or_path"] == str(tmp_path / "step2_reward")
+    _, plan = plan_for("--output-dir", tmp_path, "--preset", "quick", "--step", 3,
+                       "--step3-args", f"--reward_fn {spec}")
+    assert "--reward_model_name_or_path" not in plan.models[3]  # Step 3 alone, no reward model anywhere
+
+
 def test_resume_plans_only_unfinished_steps(tmp_path):
     finished(tmp_path / "step1_sft")
     finished(tmp_path / "step2_reward")
