@@ -183,8 +183,6 @@ def evaluate(paths: list[str], questions: list[str], max_new_tokens: int = 32, b
              sampling=None, reward=None) -> list[ModelAnswers]:
     """Each model's greedy answers (and best-of-N choices with `sampling` and `reward`), graded
     by the family's checker (default: the bundled task) when every prompt is one of its prompts."""
-    from inference.best_of_n import best_of_n, grade
-
     family = family or task_family("bundled")
     gradable = all(family.is_task_prompt(q) for q in questions)
     check_tokenizers(paths, reward)
@@ -195,13 +193,28 @@ def evaluate(paths: list[str], questions: list[str], max_new_tokens: int = 32, b
         scores = family.score_batch(questions, answers) if gradable else None
         choices = None
         if sampling is not None:
-            choices = best_of_n(model, tokenizer, session, questions, columns or [{} for _ in questions],
-                                sampling, reward)
-            if gradable:
-                grade(choices, questions, family)
+            choices = graded_choices(model, tokenizer, session, questions, columns, sampling, reward, family)
         results.append(ModelAnswers(path, answers, scores, choices))
         del model
     return results
+
+
+def best_of_for(path: str, questions: list[str], sampling, reward, family, columns: list[dict] | None = None,
+                prompt_format: str = "auto") -> list:
+    """Best-of-N choices of one model alone (no greedy pass), graded when the prompts are the
+    family's (bench.quality's rows for the SFT model)."""
+    check_tokenizers([path], reward)
+    model, tokenizer, session = load_session(path, sampling.max_new_tokens, prompt_format)
+    return graded_choices(model, tokenizer, session, questions, columns, sampling, reward, family)
+
+
+def graded_choices(model, tokenizer, session, questions, columns, sampling, reward, family) -> list:
+    from inference.best_of_n import best_of_n, grade
+
+    choices = best_of_n(model, tokenizer, session, questions, columns or [{} for _ in questions], sampling, reward)
+    if all(family.is_task_prompt(q) for q in questions):
+        grade(choices, questions, family)
+    return choices
 
 
 def report(questions: list[str], results: list[ModelAnswers], quiet: bool = False) -> str:
