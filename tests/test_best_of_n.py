@@ -4,6 +4,7 @@ ground truth, the reward model reads the ids Step 3 would score, and bad input i
 from __future__ import annotations
 
 import json
+import statistics
 import textwrap
 from types import SimpleNamespace
 
@@ -250,3 +251,86 @@ def test_reward_model_with_another_tokenizer_is_refused_before_generating(tmp_pa
 def test_choice_means():
     c = Choice(["a", "b", "c", "d"], [0.0, 2.0, 1.0, 2.0], {}, best=1, scores=[0.5, 0.0, 1.0, 1.0])
     assert (c.best_score, c.oracle_score, c.sampled_score) == (0.0, 1.0, 0.625)
+
+
+# ---- bench.quality: flags, the Step 3 command, the best-of-N rows (no training) ----------------
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward_fn", "r.py:f", "--reward", "output/rm"], "--reward_fn rewards Step 3 without a reward model"),
+    (["--reward_fn", "r.py:f", "--policy_pairs", "8"], "cannot go with --reward or --policy_pairs"),
+    (["--reward_weights", "1"], "--reward_weights weighs --reward_fn functions"),
+    (["--best_of", "0"], "--best_of must be at least 1, got 0"),
+    (["--best_of", "2", "--best_of_temperature", "0"], "--best_of_temperature must be > 0"),
+    (["--task", "no-such-family"], "no-such-family"),
+    (["--task", "bundled-constraints", "--policy_pairs", "8"], "it needs --task bundled"),
+    (["--reward_fn", "missing.py:f"], "--reward_fn missing.py:f: file missing.py not found"),
+])
+def test_quality_bench_refusals(tmp_path, capsys, flags, message):
+    from bench.quality import check_args, parse_args
+    with pytest.raises(SystemExit) as exit_:
+        check_args(parse_args([*flags, "--output_dir", str(tmp_path)]))
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())  # nothing trained or written
+
+
+def test_quality_bench_weights_must_match_the_functions(reward_file, capsys, tmp_path):
+    from bench.quality import check_args, parse_args
+    with pytest.raises(SystemExit):
+        check_args(parse_args(["--reward_fn", f"{reward_file}:longest", "--reward_weights", "1", "2"]))
+    assert "--reward_weights has 2 values for 1 rewards (longest)" in capsys.readouterr().err
+    check_args(parse_args(["--reward_fn", f"{reward_file}:longest", "--reward_fn", f"{reward_file}:flat",
+                           "--reward_weights", "1", "2", "--best_of", "4"]))  # accepted
+
+
+def test_quality_bench_passes_reward_functions_and_the_task_to_every_step(reward_file, tmp_path):
+    from bench.quality import data_flags, parse_args, reward_label, step3_reward_flags, train_data
+    from train import PRESETS
+    args = parse_args(["--reward_fn", f"{reward_file}:longest", "--reward_fn", "pkg.mod:exact",
+                       "--reward_weights", "1", "0.5", "--task", "bundled-constraints"])
+    args.reward_used = reward_label(args)
+    sft = tmp_path / "sft"
+    assert step3_reward_flags(args, sft) == ["--reward_fn", f"{reward_file}:longest", "--reward_fn", "pkg.mod:exact",
+                                             "--reward_weights", "1.0", "0.5", "--critic_model_name_or_path", sft]
+    data = data_flags(PRESETS["quick"], args)
+    assert data.count("--data_path") == 1 and data[data.index("--data_path") + 1] == "bundled-constraints"
+    assert "--num_examples" in data and train_data(args) == ["--data-path", "bundled-constraints"]
+    plain = parse_args([])  # no --task: the preset's own data, unchanged
+    assert data_flags(PRESETS["quick"], plain) == list(PRESETS["quick"].data) and train_data(plain) == []
+    plain.reward_used = "checker"
+    assert step3_reward_flags(plain, sft) == ["--reward_source", "checker", "--critic_model_name_or_path", sft]
+    plain.reward_used = tmp_path / "rm"
+    assert step3_reward_flags(plain, sft) == ["--critic_model_name_or_path", tmp_path / "rm"]
+
+
+def test_quality_bench_best_of_rows_are_paired_with_greedy_sft(monkeypatch):
+    """Each row: its per-prompt column's mean and its paired gain over greedy SFT (mean and SE
+    of the per-prompt differences); the table shows them."""
+    from bench import quality
+    from inference import prompt_eval
+    from utils.data import tasks
+    choices = [Choice(["a", "b"], [1.0, 0.0], {}, best=0, scores=[0.0, 1.0]),
+               Choice(["a", "b"], [0.0, 1.0], {}, best=1, scores=[1.0, 1.0]),
+               Choice(["a", "b"], [2.0, 2.0], {}, best=0, scores=[0.5, 0.0])]
+    seen = {}
+
+    def fake_best_of_for(path, questions, sampling, reward, family):
+        seen.update(path=path, n=sampling.n, temperature=sampling.temperature, seed=sampling.seed, reward=reward)
+        return choices
+
+    monkeypatch.setattr(prompt_eval, "best_of_for", fake_best_of_for)
+    args = quality.parse_args(["--best_of", "2", "--best_of_temperature", "0.7", "--seeds", "9", "--reward", "checker"])
+    args.reward_used = quality.CHECKER
+    greedy = [0.0, 1.0, 1.0]
+    best = quality.best_of_rows(args, tasks.family_of("bundled"), ["q1", "q2", "q3"], "sft", greedy)
+    assert seen["n"] == 2 and seen["temperature"] == 0.7 and seen["seed"] == 9 and seen["reward"].names == ["checker"]
+    assert best["per_prompt"] == {"sft_sampled": [0.5, 1.0, 0.25], "sft_best_of_2": [0.0, 1.0, 0.5],
+                                  "sft_oracle_of_2": [1.0, 1.0, 0.5]}
+    row = best["rows"]["SFT best-of-2 under the Step 3 reward"]
+    assert row["score"] == pytest.approx(0.5)
+    assert row["gain"] == pytest.approx(-0.5 / 3)  # differences 0, 0, -0.5
+    assert row["gain_se"] == pytest.approx(statistics.stdev([0.0, 0.0, -0.5]) / 3 ** 0.5)
+    oracle = best["rows"]["SFT oracle best-of-2"]
+    assert oracle["gain"] == pytest.approx(0.5 / 3)  # differences 1, 0, -0.5
+    text = quality.table({"scores": {}, "groups": {}, "other": {}, "by_task": {}, "best_of_n": best})
+    assert "| SFT best-of-2 under the Step 3 reward | 0.500 | -0.167 (0.167) |" in text
