@@ -146,22 +146,24 @@ def test_evaluate_reports_greedy_sampled_best_and_oracle(tokenizer, reward_file,
 
     monkeypatch.setattr(prompt_eval, "load_session", fake_session)
     monkeypatch.setattr(prompt_eval, "greedy_answers", lambda *a, **k: ["5", "7"])
-    out = tmp_path / "eval.json"
+    out, prompts = tmp_path / "eval.json", tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": QUESTION, "answer": "5"}) + "\n" + json.dumps(
+        {"prompt": "What is 2 plus 2? Answer with the number only.", "answer": "4"}) + "\n")
     prompt_eval.main([str(x) for x in [
-        "--model_name_or_path_baseline", "a", "--model_name_or_path_finetune", "b",
-        "--prompts", QUESTION, "What is 2 plus 2? Answer with the number only.",
-        "--best_of", 3, "--reward_fn", f"{reward_file}:longest", "--output_json", out]])
+        "--model_name_or_path_baseline", "a", "--model_name_or_path_finetune", "b", "--prompt_file", prompts,
+        "--best_of", 3, "--reward_fn", f"{reward_file}:by_answer", "--output_json", out]])
     rows = json.loads(out.read_text())
     model = rows["models"][0]
     assert model["scores"] == [1.0, 0.0] and model["mean_score"] == 0.5  # greedy
     per_prompt = model["best_of_n"]["per_prompt"]
     assert [p["scores"] for p in per_prompt] == [[0.0, 1.0, 0.5], [1.0, 0.0, 0.0]]  # "4" right for 2 + 2
-    assert [p["best"] for p in per_prompt] == [2, 2]
+    # the .jsonl rows' `answer` column reached the function: it keeps "5", then "4"
+    assert [p["best"] for p in per_prompt] == [1, 0] and per_prompt[0]["rewards"] == [0.0, 1.0, 0.0]
     best = model["best_of_n"]
-    assert best["best_of_n_score"] == pytest.approx((0.5 + 0.0) / 2)
+    assert best["best_of_n_score"] == pytest.approx(1.0)
     assert best["oracle_score"] == pytest.approx(1.0)
     assert best["sampled_score"] == pytest.approx((0.5 + 1 / 3) / 2)
-    assert rows["best_of_n"]["n"] == 3 and rows["best_of_n"]["reward"] == "longest"
+    assert rows["best_of_n"]["n"] == 3 and rows["best_of_n"]["reward"] == "by_answer"
 
 
 def test_one_sample_is_plain_sampling(tokenizer, reward_file):
