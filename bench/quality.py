@@ -1,4 +1,4 @@
-"""Learning quality on the bundled verifiable task: does RLHF really improve the model?
+"""Learning quality on a verifiable task: does RLHF really improve the model?
 
 Runs the pipeline with one preset of train.py: Steps 1 and 2 once (or takes --sft / --reward),
 Step 3 once per --seeds value (only PPO's randomness changes: same SFT model, reward model and
@@ -11,11 +11,22 @@ KL to the reference, and the LM loss on the plain-text corpus (the ptx data) wit
 Writes quality.json, a table (quality.md) and quality_curves.png (reward, KL, losses, entropy and
 the rollouts' ground-truth score against iterations, one line per seed) into --output_dir.
 
+--task names the task family (utils.data.tasks: bundled, bundled-constraints): the data path of
+every step and the held-out prompts and checker of the scoring (without it: the bundled task's
+held-out prompts, and the preset's own data). Step 3's reward is a reward model (trained, or
+--reward PATH), the task's checker (--reward checker) or reward functions (--reward_fn, repeatable,
+with --reward_weights; no reward model). --best_of N adds rows for the SFT model: N answers
+sampled per prompt, their mean ground truth (sampled pass@1), the one Step 3's reward ranks
+highest (best-of-N: if it does not beat greedy SFT, Step 3 on that reward will not either) and
+the best by ground truth (oracle best-of-N), each with its paired gain over greedy SFT.
+
     python -m bench.quality                                   # smollm2-135m, default preset
     python -m bench.quality --reward output/step2_reward      # reuse a trained reward model
     python -m bench.quality --preset quick --seeds 1 2 --num_prompts 16   # tiny models, minutes
     python -m bench.quality --reward checker --skip ptx dpo   # Step 3 rewarded by the checker itself
     python -m bench.quality --jobs 2                          # two Step 3 seeds at a time
+    python -m bench.quality --reward_fn my_rewards.py:exact --best_of 8   # reward functions; best-of-8 rows
+    python -m bench.quality --task bundled-constraints --reward checker --skip ptx dpo
 """
 from __future__ import annotations
 
@@ -28,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from utils.config import ConfigError
 from utils.metrics import read_jsonl
 
 CURVES = ("reward", "kl", "actor_loss", "critic_loss", "entropy", "gt_score")
@@ -62,19 +74,20 @@ def build_models(args, preset) -> dict[str, Path]:
     sft = Path(args.sft) if args.sft else out / "step1_sft"
     if not args.sft and not (sft / "training_summary.json").is_file():
         run([sys.executable, "train.py", "--preset", args.preset, "--step", "1", "--output-dir", str(out),
-             "--overwrite"], out / "step1.log")
+             *train_data(args), "--overwrite"], out / "step1.log")
     models = {"base": Path(preset.actor_model), "sft": sft}
-    if args.reward == CHECKER:  # no reward model: the checker scores rollouts, the critic starts from SFT
-        args.reward_used, rewarded = CHECKER, ["--reward_source", "checker", "--critic_model_name_or_path", sft]
+    if args.reward == CHECKER or args.reward_fn:  # no reward model: the critic starts from SFT
+        args.reward_used = CHECKER if args.reward == CHECKER else reward_label(args)
     else:
         reward = Path(args.reward) if args.reward else out / "step2_reward"
         if not args.reward and not (reward / "training_summary.json").is_file():
             run([sys.executable, "train.py", "--preset", args.preset, "--step", "2", "--output-dir", str(out),
-                 "--overwrite"], out / "step2.log")
+                 *train_data(args), "--overwrite"], out / "step2.log")
         if args.policy_pairs:
             reward = policy_reward_model(args, sft, reward)
-        args.reward_used, rewarded = reward, ["--critic_model_name_or_path", reward]
-    step3 = [*preset.data, *preset.steps[3], "--actor_model_name_or_path", sft, *rewarded,
+        args.reward_used = reward
+    step3 = [*data_flags(preset, args), *preset.steps[3], "--actor_model_name_or_path", sft,
+             *step3_reward_flags(args, sft),
              "--actor_zero_stage", "2", "--critic_zero_stage", "2",
              *(("--max_rounds", args.rounds) if args.rounds else ()), *args.step3_args.split()]
     runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
@@ -95,11 +108,39 @@ def build_models(args, preset) -> dict[str, Path]:
         return models
     dpo = out / "dpo"
     if not (dpo / "training_summary.json").is_file():
-        run(module("training.step2_dpo_finetuning.main", *preset.data, *preset.steps[2],
+        run(module("training.step2_dpo_finetuning.main", *data_flags(preset, args), *preset.steps[2],
                    "--model_name_or_path", sft, "--learning_rate", "5e-6", "--beta", "0.1",
                    "--output_dir", dpo, "--overwrite_output_dir", "--disable_tqdm"), out / "dpo.log")
     models["dpo"] = dpo
     return models
+
+
+def data_flags(preset, args) -> list[str]:
+    """The preset's data flags, its --data_path replaced by --task when one is given."""
+    from train import without_flag
+    flags = list(preset.data)
+    return without_flag(flags, "--data_path") + ["--data_path", args.task] if args.task else flags
+
+
+def train_data(args) -> list[str]:
+    return ["--data-path", args.task] if args.task else []
+
+
+def reward_label(args) -> str:
+    weights = f" (weights {' '.join(f'{w:g}' for w in args.reward_weights)})" if args.reward_weights else ""
+    return "reward functions " + ", ".join(args.reward_fn) + weights
+
+
+def step3_reward_flags(args, sft: Path) -> list:
+    """Step 3's reward: the checker or reward functions (no reward model; the critic starts from
+    SFT), else the reward model (which the critic starts from, as in DeepSpeed-Chat)."""
+    if args.reward_used == CHECKER:
+        return ["--reward_source", "checker", "--critic_model_name_or_path", sft]
+    if args.reward_fn:
+        weights = ["--reward_weights", *map(str, args.reward_weights)] if args.reward_weights else []
+        return [*(x for spec in args.reward_fn for x in ("--reward_fn", spec)), *weights,
+                "--critic_model_name_or_path", sft]
+    return ["--critic_model_name_or_path", args.reward_used]
 
 
 def run_side_by_side(pending: list[tuple[list[str], Path]], jobs: int) -> None:
@@ -158,7 +199,8 @@ def lm_loss(path: str, texts: list[str], max_len: int = 128, batch_size: int = 8
 
 def summaries(args) -> dict:
     out = args.output_dir
-    rm = {} if args.reward_used == CHECKER else json.loads((args.reward_used / "training_summary.json").read_text())
+    rm = (json.loads((args.reward_used / "training_summary.json").read_text())
+          if isinstance(args.reward_used, Path) else {})
     runs = {}
     for folder in sorted(p for p in out.glob("step3_seed*") if p.is_dir()):
         s = json.loads((folder / "actor" / "training_summary.json").read_text())
@@ -235,18 +277,69 @@ def table(result: dict) -> str:
     lines += ["", "| task | prompts | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     lines += [f"| {task} | {row['n']} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |"
               for task, row in result["by_task"].items()]
+    if "best_of_n" in result:
+        lines += best_of_table(result["best_of_n"])
     lines += ["", "| other | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result["other"].items()]
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def best_of_rows(args, family, questions: list[str], sft: str, greedy: list[float]) -> dict:
+    """--best_of for the SFT model under Step 3's reward: sampled pass@1, best-of-N and oracle
+    best-of-N, each with its paired gain over greedy SFT (the Step 3 rows' statistics)."""
+    from inference.best_of_n import Sampling
+    from inference.prompt_eval import best_of_for
+
+    n = args.best_of
+    sampling = Sampling(n=n, temperature=args.best_of_temperature, max_new_tokens=args.max_new_tokens,
+                        seed=args.seeds[0])
+    choices = best_of_for(sft, questions, sampling, step3_reward(args, family), family)
+    per_prompt = {"sft_sampled": [c.sampled_score for c in choices],
+                  f"sft_best_of_{n}": [c.best_score for c in choices],
+                  f"sft_oracle_of_{n}": [c.oracle_score for c in choices]}
+    labels = ("SFT sampled pass@1", f"SFT best-of-{n} under the Step 3 reward", f"SFT oracle best-of-{n}")
+    rows = {label: {"score": statistics.fmean(col), **paired_gain([col], greedy)}
+            for label, col in zip(labels, per_prompt.values())}
+    return {"n": n, "temperature": args.best_of_temperature, "seed": args.seeds[0],
+            "reward": str(args.reward_used), "rows": rows, "per_prompt": per_prompt}
+
+
+def step3_reward(args, family):
+    """The reward Step 3 was given, as a best-of-N ranker."""
+    from inference.best_of_n import Reward
+    from utils.rewards import load_reward_functions
+
+    if args.reward_used == CHECKER:
+        return Reward(checker=family)
+    if args.reward_fn:
+        return Reward(functions=load_reward_functions(args.reward_fn), weights=args.reward_weights)
+    return Reward(model_path=str(args.reward_used))
+
+
+def best_of_table(best: dict) -> list[str]:
+    lines = ["", f"| SFT, {best['n']} answers sampled per prompt (T {best['temperature']:g}), Step 3 reward "
+             f"{best['reward']} | ground-truth score (held-out) | gain over greedy SFT (SE) |", "|---|---|---|"]
+    return lines + [f"| {label} | {r['score']:.3f} | {r['gain']:+.3f} ({r['gain_se']:.3f}) |"
+                    for label, r in best["rows"].items()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", help="train.py preset: default or quick")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235, 1236])
     parser.add_argument("--sft", default="", help="use this Step 1 output instead of training one")
+    parser.add_argument("--task", default="", help="task family (bundled, bundled-constraints): every step's "
+                        "data path and the held-out prompts (default: bundled's prompts, the preset's data)")
     parser.add_argument("--reward", default="", help="use this reward model instead of training one; "
                         "'checker' rewards Step 3 with the task's checker (no reward model)")
+    parser.add_argument("--reward_fn", action="append", default=[], metavar="SPEC",
+                        help="reward Step 3 with this function (FILE.py:NAME or module:NAME; repeatable), "
+                        "no reward model")
+    parser.add_argument("--reward_weights", type=float, nargs="+", default=[],
+                        help="one weight per --reward_fn, in order (default all 1)")
+    parser.add_argument("--best_of", type=int, default=None,
+                        help="also score the SFT model's best-of-N under Step 3's reward, oracle and sampled")
+    parser.add_argument("--best_of_temperature", type=float, default=1.0, help="sampling temperature for --best_of")
     parser.add_argument("--rounds", type=int, default=0, help="Step 3 iterations (default: the preset's)")
     parser.add_argument("--step3_args", default="", help="more Step 3 flags, quoted (e.g. a learning rate)")
     parser.add_argument("--policy_pairs", type=int, default=0,
@@ -256,28 +349,55 @@ def main(argv=None) -> None:
                         help="leave out the ptx run and/or DPO")
     parser.add_argument("--jobs", type=int, default=1,
                         help="Step 3 runs trained side by side (CPU threads split between them)")
-    parser.add_argument("--num_prompts", type=int, default=100, help="held-out bundled prompts scored")
+    parser.add_argument("--num_prompts", type=int, default=100, help="held-out prompts of the task scored")
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("output/quality"))
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    from inference.prompt_eval import evaluate
+
+def check_args(args) -> None:
+    """Refuse contradictory flags with one line before any training."""
     from train import PRESETS
-    from utils.data import bundled, load_raw_dataset
-
     if args.preset not in PRESETS:
         refuse(f"unknown --preset {args.preset!r} (one of {', '.join(PRESETS)})")
     if args.jobs < 1:
         refuse(f"--jobs must be at least 1, got {args.jobs}")
     if args.reward == CHECKER and args.policy_pairs:
         refuse("--policy_pairs trains a reward model; it cannot go with --reward checker")
+    if args.reward_fn and (args.reward or args.policy_pairs):
+        refuse("--reward_fn rewards Step 3 without a reward model: it cannot go with --reward or --policy_pairs")
+    if args.reward_weights and not args.reward_fn:
+        refuse("--reward_weights weighs --reward_fn functions: give them")
+    if args.policy_pairs and args.task not in ("", "bundled"):
+        refuse("--policy_pairs ranks answers with the bundled checker: it needs --task bundled")
+    if args.best_of is not None and args.best_of < 1:
+        refuse(f"--best_of must be at least 1, got {args.best_of}")
+    if not args.best_of_temperature > 0:
+        refuse(f"--best_of_temperature must be > 0, got {args.best_of_temperature}")
+    try:
+        from utils.data import tasks
+        from utils.rewards import load_reward_functions, weights_for
+        tasks.family_of(args.task or "bundled")
+        weights_for([f.name for f in load_reward_functions(args.reward_fn)], args.reward_weights)
+    except ConfigError as err:
+        refuse(str(err))
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    check_args(args)
+    from inference.prompt_eval import evaluate
+    from train import PRESETS
+    from utils.data import bundled, tasks
+
+    family = tasks.family_of(args.task or "bundled")
     preset = PRESETS[args.preset]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     models = build_models(args, preset)
 
-    held_out = load_raw_dataset("bundled", seed=0).eval[:args.num_prompts]
-    questions = [bundled.question_of(row["prompt"]) for row in held_out]
-    answers = evaluate([str(p) for p in models.values()], questions, max_new_tokens=args.max_new_tokens)
+    questions = family.held_out(args.num_prompts)  # the family's fixed test split
+    answers = evaluate([str(p) for p in models.values()], questions, max_new_tokens=args.max_new_tokens,
+                       family=family)
     per_prompt = {name: a.scores for name, a in zip(models, answers)}
     scores = {name: a.mean_score for name, a in zip(models, answers)}
     texts = bundled.plain_text_corpus()[:64]
@@ -298,13 +418,17 @@ def main(argv=None) -> None:
     groups = {kind: {**spread([scores[n] for n in names]),
                      **paired_gain([per_prompt[n] for n in names], per_prompt["sft"])}
               for kind, names in seeds_of.items()}
-    tasks = [bundled.task_of(q) for q in questions]
+    task_names = [family.task_of(q) for q in questions]
     columns = {"base": [per_prompt["base"]], "SFT": [per_prompt["sft"]],
                **{kind: [per_prompt[n] for n in names] for kind, names in seeds_of.items()}}
-    result = {"preset": args.preset, "seeds": args.seeds, "scores": scores, "groups": groups, "other": other,
-              "by_task": by_task(tasks, columns), "step3": info["step3"],
+    result = {"preset": args.preset, "task": args.task or "bundled", "seeds": args.seeds, "scores": scores,
+              "groups": groups, "other": other, "by_task": by_task(task_names, columns), "step3": info["step3"],
               "machine": f"{os.cpu_count()} CPU threads", "date": time.strftime("%Y-%m-%d %H:%M"),
-              "per_prompt": {"tasks": tasks, **per_prompt}}  # to pool or re-analyse without re-scoring
+              "per_prompt": {"tasks": task_names, **per_prompt}}  # to pool or re-analyse without re-scoring
+    if args.best_of is not None:
+        best = best_of_rows(args, family, questions, str(models["sft"]), per_prompt["sft"])
+        result["per_prompt"].update(best.pop("per_prompt"))
+        result["best_of_n"] = best
     result["verdict"] = "; ".join(verdict(kind, g) for kind, g in groups.items())
     (args.output_dir / "quality.json").write_text(json.dumps(result, indent=2))
     (args.output_dir / "quality.md").write_text(table(result) + "\n")
