@@ -81,7 +81,7 @@ def pick_best(rewards: Sequence[float]) -> int:
 @dataclass
 class Reward:
     """What ranks the N answers: a reward model, the task's checker and/or reward functions,
-    combined by utils.rewards.combine with one weight per part in that order (all 1 by default)."""
+    combined by utils.rewards.combine with one weight per part in `names`' order (all 1 by default)."""
     model_path: str = ""
     functions: Sequence[RewardFunction] = ()
     weights: Sequence[float] = ()
@@ -96,8 +96,9 @@ class Reward:
 
     @property
     def names(self) -> list[str]:
-        return ((["reward_model"] if self.model_path else []) + (["checker"] if self.checker else [])
-                + [f.name for f in self.functions])
+        # Step 3's order (its --reward_weights): the functions, then the reward model or checker
+        return ([f.name for f in self.functions] + (["reward_model"] if self.model_path else [])
+                + (["checker"] if self.checker else []))
 
     def describe(self) -> str:
         parts = [f"{w:g} x {n}" if len(self.names) > 1 else n for n, w in self.weight_of.items()]

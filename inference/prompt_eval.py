@@ -9,8 +9,8 @@ family's prompts also each answer's ground-truth score (its checker) and each mo
 Without --prompts / --prompt_file it takes --num_prompts held-out prompts of --task (the family's
 fixed test split, which no step trains on, whatever its --seed). Decoding is greedy; --best_of N
 also samples N answers per prompt (--temperature, --top_p, --seed), ranks them with the reward
-(--reward_model and/or --reward_fn, weighed by --reward_weights: reward model first, then the
-functions in order) and keeps the highest (inference/best_of_n.py). Reported per model then:
+(--reward_model and/or --reward_fn, weighed by --reward_weights: the functions in order, then the
+reward model, as in Step 3) and keeps the highest (inference/best_of_n.py). Reported per model then:
 greedy score, sampled pass@1 (mean over the N samples), best-of-N (the kept answer's score) and
 oracle best-of-N (the best of the N by ground truth: pass@N for a 0/1 score). If best-of-N
 under a reward does not beat greedy, Step 3 on that reward will not either.
@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     best.add_argument("--reward_fn", action="append", default=[], metavar="SPEC",
                       help="FILE.py:NAME or package.module:NAME (utils/rewards.py); repeatable")
     best.add_argument("--reward_weights", type=float, nargs="+", default=[],
-                      help="one per reward: the reward model first, then each --reward_fn (default all 1)")
+                      help="one per reward: each --reward_fn in order, then the reward model (as Step 3; default all 1)")
     parser.add_argument("--output_json", default="", help="also write every answer and score here")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     args = parser.parse_args(argv)

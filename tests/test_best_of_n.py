@@ -104,6 +104,9 @@ def test_ties_keep_the_first_answer_and_weights_follow_the_order(tokenizer, rewa
     (choice,), _ = fake_run(tokenizer, both)
     assert choice.parts == {"shortest": [-1.0, -1.0, -16.0], "longest": [1.0, 1.0, 16.0]}
     assert choice.rewards == [1.0, 1.0, 16.0] and choice.best == 2
+    # Step 3's --reward_weights order: the functions, then the reward model
+    assert Reward(model_path="rm", functions=functions(reward_file, "flat"), weights=[1.0, 3.0]).weight_of == {
+        "flat": 1.0, "reward_model": 3.0}
 
 
 def test_prompts_are_batched_with_their_n_answers_together(tokenizer, reward_file):
