@@ -251,7 +251,7 @@ class _Writer:
         items = [f"- {self.adj()} {self.rng.choice(_THINGS)}" for _ in range(count)]
         return "\n".join(items)
 
-    def json(self, keys: list[str]) -> str:
+    def json_object(self, keys: list[str]) -> str:
         values = {k: self.topic if k == "name" else self.rng.choice(_JSON_VALUES[k]) for k in keys}
         if self.include and "mood" in values and self.include in _ADJS:
             values["mood"] = self.include
@@ -266,7 +266,7 @@ class _Writer:
 
 def _body(w: _Writer, rules: dict[str, dict]) -> str:
     if "json" in rules:
-        return w.json(rules["json"]["keys"])
+        return w.json_object(rules["json"]["keys"])
     if "bullets" in rules:
         return w.bullets(rules["bullets"]["n"])
     if "sentences" in rules:
