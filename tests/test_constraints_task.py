@@ -190,3 +190,15 @@ def test_bundled_math_and_length_rewards():
     long = " ".join(["word"] * 50)
     assert length_reward(prompts=prompts, completions=["short", long]) == [0.0, -0.5]
     assert length_reward(prompts=prompts[:1], completions=[long], max_words=10) == [-1.0]
+
+
+def test_policy_comparisons_take_the_family_from_data_path(tmp_path):
+    from training.step2_reward_model_finetuning import policy_comparisons as pc
+    prompts = pc.step2_prompts("2,4,4", 600, 1234, 20, "bundled-constraints")
+    assert prompts and all(constraints.is_task_prompt(p) for p in prompts)
+    args = pc.parse_args(["--model_name_or_path", "m", "--output_file", str(tmp_path / "o.jsonl"),
+                          "--data_path", "bundled-constraints"])
+    assert args.data_path == "bundled-constraints"
+    with pytest.raises(SystemExit):
+        pc.parse_args(["--model_name_or_path", "m", "--output_file", str(tmp_path / "o.jsonl"),
+                       "--data_path", "pairs.jsonl"])
