@@ -377,7 +377,7 @@ def check_args(args) -> None:
     try:
         from utils.data import tasks
         from utils.rewards import load_reward_functions, weights_for
-        tasks.family_of(args.task or "bundled")
+        tasks.family(args.task or "bundled")
         weights_for([f.name for f in load_reward_functions(args.reward_fn)], args.reward_weights)
     except ConfigError as err:
         refuse(str(err))
@@ -390,7 +390,7 @@ def main(argv=None) -> None:
     from train import PRESETS
     from utils.data import bundled, tasks
 
-    family = tasks.family_of(args.task or "bundled")
+    family = tasks.family(args.task or "bundled")
     preset = PRESETS[args.preset]
     args.output_dir.mkdir(parents=True, exist_ok=True)
     models = build_models(args, preset)

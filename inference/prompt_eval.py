@@ -112,7 +112,7 @@ def load_questions(args: argparse.Namespace, family=None) -> tuple[list[str], li
 
 def task_family(name: str):
     from utils.data import tasks
-    return tasks.family_of(name)
+    return tasks.family(name)
 
 
 def read_prompt_file(path: str) -> list[dict]:

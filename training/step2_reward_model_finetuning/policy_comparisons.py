@@ -2,7 +2,8 @@
 answers per prompt from the Step 1 model, ranked by a labeler, written as prompt/chosen/rejected
 pairs that Step 2 reads like any local data file.
 
-Here the labeler is the bundled task's checker (utils.data.bundled.score), the stand-in for the
+Here the labeler is the task family's checker (utils.data.bundled.score by default, or another
+family of utils.data.tasks chosen by --data_path, e.g. bundled-constraints), the stand-in for the
 human labelers of a real project. Why it matters: a reward model trained only on the bundled set's
 synthetic rejected answers (off by one, rule broken) ranks the SFT model's *own* mistakes much
 worse than the pairs it was trained on, and PPO then follows the reward model's noise. Pairs of
@@ -13,7 +14,7 @@ the policy's samples close part of that gap (docs/2026-11-24-reward-model-on-pol
     python -m training.step2_reward_model_finetuning.main --model_name_or_path output/step2_reward \\
         --data_path output/comparisons.jsonl --data_split 0,1,0 ...   # a second reward-model round
 
-Prompts are Step 2's share (--data_split, --seed) of the bundled training split, so neither Step 3's
+Prompts are Step 2's share (--data_split, --seed) of the family's training split, so neither Step 3's
 prompts nor the held-out test prompts are used. Sampling: temperature 1, as Step 3 samples.
 """
 from __future__ import annotations
@@ -37,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call")
+    parser.add_argument("--data_path", default="bundled", help="the task family whose prompts and checker "
+                        "to use: bundled or bundled-constraints (utils.data.tasks)")
     parser.add_argument("--data_split", default="2,4,4", help="as the steps': prompts come from Step 2's share")
     parser.add_argument("--num_examples", type=int, default=3000, help="as the steps' --num_examples")
     parser.add_argument("--seed", type=int, default=1234)
@@ -44,18 +47,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.num_prompts < 1 or args.samples_per_prompt < 2 or args.batch_size < 1 or args.max_new_tokens < 1:
         parser.error("--num_prompts, --batch_size, --max_new_tokens must be >= 1 and --samples_per_prompt >= 2")
+    from utils.data.tasks import FAMILIES
+    if args.data_path not in FAMILIES:
+        parser.error(f"--data_path {args.data_path!r} has no checker; choose one of {', '.join(FAMILIES)}")
     if Path(args.output_file).exists() and not args.overwrite:
         parser.error(f"{args.output_file} exists; pass --overwrite to replace it")
     return args
 
 
-def step2_prompts(data_split: str, num_examples: int, seed: int, count: int) -> list[str]:
-    """The first `count` prompts of Step 2's share of the bundled training split."""
+def step2_prompts(data_split: str, num_examples: int, seed: int, count: int,
+                  family: str = "bundled") -> list[str]:
+    """The first `count` prompts of Step 2's share of the family's training split."""
     from utils.config import parse_data_split
     from utils.data.pipeline import gather_rows
     from utils.data.sources import BundledSource
 
-    rows = gather_rows([BundledSource()], [], parse_data_split(data_split), 2, seed, num_examples)
+    rows = gather_rows([BundledSource(family=family)], [], parse_data_split(data_split), 2, seed, num_examples)
     return [sample["prompt"] for _, sample in rows["train"][:count]]
 
 
@@ -93,7 +100,7 @@ def main(argv=None) -> None:
     from tqdm import tqdm
 
     from utils.config import ConfigError
-    from utils.data import bundled
+    from utils.data.tasks import family
     from utils.fs import atomic_write_text
     from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
 
@@ -101,7 +108,9 @@ def main(argv=None) -> None:
         path = resolve_model_path(args.model_name_or_path)
         tokenizer = load_tokenizer(path)
         model = load_causal_lm(path, tokenizer).eval()
-        prompts = step2_prompts(args.data_split, args.num_examples, args.seed, args.num_prompts)
+        prompts = step2_prompts(args.data_split, args.num_examples, args.seed, args.num_prompts,
+                                args.data_path)
+        label = family(args.data_path).score
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     torch.manual_seed(args.seed)
@@ -110,9 +119,9 @@ def main(argv=None) -> None:
         batch = prompts[start:start + args.batch_size]
         for prompt, answers in zip(batch, sample_answers(model, tokenizer, batch, args.samples_per_prompt,
                                                          args.max_new_tokens, args.temperature)):
-            pairs += ranked_pairs(prompt, answers, bundled.score)
+            pairs += ranked_pairs(prompt, answers, label)
             answered += len(answers)
-            right += sum(bundled.score(prompt, a) for a in answers)
+            right += sum(label(prompt, a) for a in answers)
     if not pairs:
         raise SystemExit("error: the labeler scored every sample of each prompt alike: no pairs to write")
     atomic_write_text(args.output_file, "".join(json.dumps(p) + "\n" for p in pairs))

@@ -15,7 +15,7 @@ from pathlib import Path
 import datasets
 
 from utils.config import ConfigError
-from utils.data import bundled
+from utils.data import bundled, constraints
 from utils.data.raw_datasets import (HUB_ADAPTERS, RawDataset, as_answer, as_prompt,
                                      hub_fingerprint, holdout, human_prompt, load_hub_dataset,
                                      make_sample, with_origin)
@@ -29,6 +29,7 @@ BUNDLED_NUM = 6000
 # values then never evaluate on each other's training pairs. 1234 is the toolkit's default seed,
 # so the split is the one that default runs always had.
 BUNDLED_SPLIT_SEED = 1234
+BUNDLED_FAMILIES = {"bundled": bundled, "bundled-constraints": constraints}  # --data_path name -> module
 
 
 # ---- reading local files into records ---------------------------------------------------------
@@ -330,21 +331,30 @@ class HubSource(Source):
 
 
 class BundledSource(Source):
-    """The embedded verifiable task (utils.data.bundled), with a seeded held-out share."""
-    name = "bundled"
+    """An embedded verifiable task family (utils.data.bundled, or utils.data.constraints as
+    'bundled-constraints'), with the same fixed held-out share."""
 
-    def __init__(self, num: int = BUNDLED_NUM):
-        self.num = num
+    def __init__(self, num: int = BUNDLED_NUM, family: str = "bundled"):
+        if family not in BUNDLED_FAMILIES:
+            raise ConfigError(f"unknown bundled family {family!r} (known: {', '.join(BUNDLED_FAMILIES)})")
+        self.num, self.name = num, family
+        self.module = BUNDLED_FAMILIES[family]
 
     def fingerprint(self) -> str:
-        return f"bundled:{self.num}:split{BUNDLED_SPLIT_SEED}:{file_hash(Path(bundled.__file__))}"
+        return f"{self.name}:{self.num}:split{BUNDLED_SPLIT_SEED}:{file_hash(Path(self.module.__file__))}"
 
     def load(self, seed: int) -> RawDataset:
-        samples = with_origin((make_sample(human_prompt(e["prompt"]), as_answer(e["chosen"]),
-                                           as_answer(e["rejected"]))
-                               for e in bundled.generate_examples(num=self.num, seed=0)), "")
+        samples = with_origin(map(_bundled_sample, self.module.generate_examples(num=self.num, seed=0)),
+                              "")
         train, eval_ = holdout(samples, BUNDLED_SPLIT_SEED)
         return RawDataset(self.name, train, eval_, self.fingerprint())
+
+
+def _bundled_sample(row: dict) -> dict:
+    sample = make_sample(human_prompt(row["prompt"]), as_answer(row["chosen"]), as_answer(row["rejected"]))
+    if "constraints" in row:  # the checker's input, carried to Step 3's reward functions
+        sample["columns"] = {"constraints": json.dumps(row["constraints"])}
+    return sample
 
 
 def looks_like_path(spec: str) -> bool:
@@ -353,10 +363,10 @@ def looks_like_path(spec: str) -> bool:
 
 
 def resolve_source(spec: str) -> Source:
-    """bundled | a DeepSpeed-Chat hub name | a local file/folder | any other hub name."""
+    """bundled(-constraints) | a DeepSpeed-Chat hub name | a local file/folder | any other hub name."""
     spec = str(spec)
-    if spec == "bundled":
-        return BundledSource()
+    if spec in BUNDLED_FAMILIES:
+        return BundledSource(family=spec)
     if spec in HUB_ADAPTERS:
         return HubSource(spec)
     path = Path(spec).expanduser()
@@ -381,7 +391,7 @@ class GuardedHubSource(HubSource):
         except ConfigError as e:
             cause = str(e.__cause__ or e).strip().splitlines() or [type(e.__cause__).__name__]
             raise ConfigError(f"data path {self.name!r} is neither a known data set "
-                              f"(bundled, {', '.join(HUB_ADAPTERS)}), a local path, nor loadable "
+                              f"({', '.join([*BUNDLED_FAMILIES, *HUB_ADAPTERS])}), a local path, nor loadable "
                               f"from the hub ({cause[0]})") from e
 
 
