@@ -147,7 +147,7 @@ def test_long_prompts_are_cut_from_the_left_and_reported_once(tmp_path):
     (["--ema_decay", "1.0"], "--ema_decay must be in (0, 1)"),
     (["--only_optimize_lora"], "--only_optimize_lora needs --actor_lora_dim or --critic_lora_dim"),
     (["--ppo_epochs", "0"], "--ppo_epochs must be at least 1"),
-    (["--reward_source", "checker", "--data_path", "prompts.jsonl"], "--reward_source checker scores the bundled"),
+    (["--reward_source", "checker", "--data_path", "prompts.jsonl"], "--reward_source checker scores a bundled task family"),
     (["--reward_source", "checker", "--reward_model_name_or_path", "tiny-llama"], "has no use with --reward_source"),
     (["--advantage", "rloo"], "it needs --samples_per_prompt 2 or more"),
     (["--samples_per_prompt", "3", "--per_device_training_batch_size", "8"], "x --samples_per_prompt = 12 answers"),

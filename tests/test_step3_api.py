@@ -131,6 +131,25 @@ def test_the_checker_source_scores_like_the_bundled_checker(tokenizer):
     assert got.tolist() == pytest.approx(want) and len(set(want)) > 1
 
 
+def test_the_checker_and_ground_truth_follow_the_task_family(tokenizer):
+    """--data_path bundled-constraints: the checker source and gt_score grade with that family's
+    checker, and Step 3's config accepts the checker there (and refuses a plain file)."""
+    from training.step3_rlhf_finetuning.config import Step3Config
+    from training.step3_rlhf_finetuning.rewards import ground_truth_for
+    from utils.config import parse_config
+    from utils.data import constraints, tasks
+    examples = constraints.generate_examples(12, seed=3)
+    prompts = [f" Human: {ex['prompt']} Assistant:" for ex in examples]
+    answers = [ex["chosen"] if i % 2 else ex["rejected"] for i, ex in enumerate(examples)]
+    family = tasks.family_of(["bundled-constraints"])
+    got = score_answers(CheckerSource(tokenizer, family), *rollout_tensors(tokenizer, prompts, answers))
+    want = constraints.score_batch(prompts, answers)
+    assert got.tolist() == pytest.approx(want) and len(set(want)) > 1
+    assert ground_truth_for(["bundled-constraints"], tokenizer).family is family
+    assert ground_truth_for(["bundled", "bundled-constraints"], tokenizer) is None  # two families: no one truth
+    parse_config(Step3Config, ["--reward_source", "checker", "--data_path", "bundled-constraints"])
+
+
 def test_a_reward_of_the_wrong_length_is_an_error(tokenizer):
     tensors = rollout_tensors(tokenizer, ["What is 2 + 2?"] * 3, ["4"] * 3)
     for wrong in (torch.zeros(4), torch.zeros(3, 1), torch.zeros(())):

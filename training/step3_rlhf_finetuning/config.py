@@ -86,9 +86,9 @@ class ModelsConfig:
     only_optimize_lora: bool = field(default=False, metadata=doc(
         "Train only the LoRA matrices (and the critic's value head)."))
     reward_source: str = field(default="auto", metadata=doc(
-        "What scores the answers besides any --reward_fn: model (the reward model), checker (the bundled "
-        "task's ground-truth checker, score in [0, 1]; needs --data_path bundled; no reward model is "
-        "loaded and the critic starts from --critic_model_name_or_path, e.g. the Step 1 model; a "
+        "What scores the answers besides any --reward_fn: model (the reward model), checker (a bundled "
+        "task family's ground-truth checker, score in [0, 1]; needs --data_path bundled or "
+        "bundled-constraints; no reward model is loaded and the critic starts from --critic_model_name_or_path, e.g. the Step 1 model; a "
         "verifiable reward, and the upper bound a learned reward model can reach on this task), or auto: "
         "the reward model, but with --reward_fn only when --reward_model_name_or_path is given.",
         choices=("auto", "model", "checker")))
@@ -277,9 +277,11 @@ class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, BatchConfig, Model
         return reward_model_used(self.reward_source, bool(self.reward_fn), self.reward_model_name_or_path)
 
     def _validate_reward_source(self) -> None:
-        if self.reward_source == "checker" and any(path != "bundled" for path in self.data_path):
-            raise ConfigError("--reward_source checker scores the bundled task's answers: it needs "
-                              f"--data_path bundled, got {' '.join(self.data_path)}")
+        if self.reward_source == "checker":
+            from utils.data.tasks import FAMILIES, family_of  # loads the data layer: only when asked
+            if family_of(self.data_path) is None:
+                raise ConfigError("--reward_source checker scores a bundled task family's answers: it needs "
+                                  f"--data_path {' or '.join(FAMILIES)}, got {' '.join(self.data_path)}")
         if self.reward_source == "checker" and self.reward_model_name_or_path:
             raise ConfigError("--reward_model_name_or_path has no use with --reward_source checker")
         # imported here (a bad spec fails now, before any model loads), and the weights counted

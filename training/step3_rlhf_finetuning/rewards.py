@@ -20,7 +20,8 @@ import torch
 from training.step3_rlhf_finetuning.config import Step3Config, reward_model_used, reward_names
 from training.step3_rlhf_finetuning.experience import Experience, Rows, decode_rollout, decoded
 from utils.config import ConfigError
-from utils.data import bundled
+from utils.data import tasks
+from utils.data.tasks import TaskFamily
 from utils.model.forward import position_ids_from_mask
 from utils.model.reward_model import end_scores
 from utils.rewards import RewardFunction, combine, load_reward_functions, weights_for
@@ -83,20 +84,21 @@ class FunctionSource(RewardSource):
 
 
 class CheckerSource(RewardSource):
-    """`--reward_source checker`: the bundled task's checker score of each answer, in [0, 1].
-    A prompt the checker cannot parse (cut from the left by --max_prompt_seq_len) stops the
-    run: scoring it 0 would teach the policy something false."""
+    """`--reward_source checker`: the task family's checker score of each answer, in [0, 1]
+    (utils.data.tasks; the bundled family unless another is given). A prompt the checker cannot
+    parse (cut from the left by --max_prompt_seq_len) stops the run: scoring it 0 would teach
+    the policy something false."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, family: TaskFamily | None = None):
+        self.tokenizer, self.family = tokenizer, family or tasks.family("bundled")
 
     def score(self, prompts, seq, attention_mask, action_mask, rows=None) -> torch.Tensor:
         texts, answers = decode_rollout(self.tokenizer, prompts, seq, action_mask)
         for text in texts:
-            if not bundled.is_task_prompt(text):
-                raise ConfigError(f"--reward_source checker cannot score the prompt {text[-80:]!r}: it is "
-                                  "not a whole bundled task prompt (raise --max_prompt_seq_len)")
-        return torch.tensor(bundled.score_batch(texts, answers))
+            if not self.family.is_task_prompt(text):
+                raise ConfigError(f"--reward_source checker cannot score the prompt {text[-80:]!r}: it is not a "
+                                  f"whole {self.family.name} task prompt (raise --max_prompt_seq_len)")
+        return torch.tensor(self.family.score_batch(texts, answers))
 
 
 class TextFunctionSource(RewardSource):
@@ -158,7 +160,8 @@ def reward_source(given: Given, reward_engine, cfg: Step3Config | None = None, t
     model_used = reward_model_used(reward_source_flag, bool(functions), cfg.reward_model_name_or_path if cfg else "")
     if model_used and reward_engine is None:
         raise ValueError("the engine has no reward model (--reward_source checker or --reward_fn): pass a reward_fn")
-    base = (CheckerSource(tokenizer) if reward_source_flag == "checker" else
+    base = (CheckerSource(tokenizer, tasks.family_of(cfg.data_path) if cfg is not None else None)
+            if reward_source_flag == "checker" else
             RewardModelSource(reward_engine) if model_used else None)
     weights = cfg.reward_weights if cfg is not None else []
     if not functions and not weights:
@@ -179,21 +182,22 @@ def _functions(given: Sequence) -> list[RewardFunction]:
 
 
 class GroundTruth:
-    """Mean checker score of a round's answers (bundled task prompts only): the number that says
-    whether the policy really got better, not only the reward model's view of it."""
+    """Mean checker score of a round's answers (the task family's prompts only): the number that
+    says whether the policy really got better, not only the reward's view of it."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, family: TaskFamily | None = None):
+        self.tokenizer, self.family = tokenizer, family or tasks.family("bundled")
 
     def __call__(self, exps: list[Experience]) -> dict:
         scores = []
         for exp in exps:
             for prompt, answer in zip(*decoded(self.tokenizer, exp)):
-                if bundled.is_task_prompt(prompt):  # a prompt cut from the left no longer parses
-                    scores.append(bundled.score(prompt, answer))
+                if self.family.is_task_prompt(prompt):  # a prompt cut from the left no longer parses
+                    scores.append(self.family.score(prompt, answer))
         return {"gt_score": sum(scores) / len(scores) if scores else float("nan")}
 
 
 def ground_truth_for(data_path: list[str], tokenizer) -> GroundTruth | None:
-    """The gt_score metric when every prompt source is the bundled task (the same on every rank)."""
-    return GroundTruth(tokenizer) if all(path == "bundled" for path in data_path) else None
+    """The gt_score metric when every prompt source is one bundled task family (the same on every rank)."""
+    family = tasks.family_of(data_path)
+    return GroundTruth(tokenizer, family) if family is not None else None
