@@ -241,6 +241,22 @@ def test_step3_without_a_reward_model_is_refused(tmp_path):
     assert "Step 3 needs a trained reward model" in error_line(proc)
 
 
+def test_reward_functions_run_steps_1_and_3_without_a_reward_model(tmp_path):
+    """README's `--reward-fn` command on the quick preset: Step 1, then Step 3 rewarded by the
+    constraints family's example function (no Step 2); its logged reward is the function's."""
+    out = tmp_path / "run"
+    proc = launch("--preset", "quick", "--data-path", "bundled-constraints", "--output-dir", out,
+                  "--reward-fn", "examples/rewards/constraints.py:constraints_reward", "--step1-args", "--max_steps 4",
+                  "--step3-args", "--advantage grpo --samples_per_prompt 2 --max_rounds 2 --disable_tqdm")
+    assert_ok(proc)
+    assert not (out / "step2_reward").exists() and "step2_reward_model_finetuning" not in proc.stdout
+    rows = [r for r in logged_rows(out / "step3_rlhf" / "logs" / "metrics.jsonl") if "train/reward" in r]
+    assert len(rows) == 2
+    for row in rows:  # one function, weight 1: the reward is its score, the ground truth the same checker
+        assert row["train/reward"] == pytest.approx(row["train/reward_constraints_reward"])
+        assert row["train/reward"] == pytest.approx(row["train/gt_score"], abs=1e-6)
+
+
 def test_reward_model_with_another_tokenizer_is_refused_before_step1(tmp_path):
     other = model_with_other_tokenizer(tmp_path / "other")
     out = tmp_path / "run"
