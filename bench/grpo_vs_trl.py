@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -110,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ours; TRL gets the same normalisation as loss_type (its default is dapo)")
     p.add_argument("--gradient_checkpointing", action="store_true", help="on both sides (default off on both)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where both sides train")
     p.add_argument("--zero_stage", type=int, default=0, help="ours only: the actor's ZeRO stage")
     p.add_argument("--ours_args", default="", help="more Step 3 flags for our side, quoted (unmatched!)")
     p.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=("ours", "trl"))
@@ -135,7 +135,7 @@ def micro_and_accumulation(args) -> tuple[int, int]:
 def matched_settings(args) -> dict:
     """Every quantity both sides are given, under one name; the two command lines come from it."""
     micro, accumulation = micro_and_accumulation(args)
-    return {"model": str(args.sft), "dtype": args.dtype, "prompts_per_round": args.prompts_per_round,
+    return {"model": str(args.sft), "dtype": args.dtype, "device": args.device, "prompts_per_round": args.prompts_per_round,
             "samples_per_prompt": args.samples_per_prompt,
             "answers_per_round": args.prompts_per_round * args.samples_per_prompt,
             "micro_batch": micro, "gradient_accumulation_steps": accumulation, "optimizer_steps_per_round": 1,
@@ -225,7 +225,7 @@ def step3_with_reward_fn(argv: list[str]) -> None:
     from training.step3_rlhf_finetuning.loop import run
     from utils.config import parse_config
     from utils.model import load_tokenizer, resolve_model_path
-    from utils.rewards import load_reward_functions
+    from utils.rewards import combine, load_reward_functions
 
     argv, spec = split_reward_fn(argv)
     cfg = parse_config(Step3Config, argv, description="Step 3 with a reward function")
@@ -234,22 +234,22 @@ def step3_with_reward_fn(argv: list[str]) -> None:
 
     def reward(prompts, seq, attention_mask, action_mask):
         texts, answers = decode_rollout(tokenizer, prompts, seq, action_mask)
-        scores = fn(texts, answers, [{} for _ in texts])
-        return torch.tensor([math.nan if s is None else s for s in scores])
+        origins = [f"answer {i}" for i in range(len(texts))]
+        scores = fn(texts, answers, [{} for _ in texts], origins)
+        return torch.tensor(combine({fn.name: scores}, {fn.name: 1.0}, origins))
     # the function replaces the reward model: "checker" only tells the engine to load none
     # (the flag's check of --data_path ran at parse time, with the default source)
     cfg.reward_source = "checker"
     run(cfg, reward_fn=reward)
 
 
-def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> float:
+def run_logged(cmd: list[str], log: Path, device: str) -> float:
     """Run one side; its console in `log`; wall seconds. Stops the benchmark on failure."""
+    from bench.step3_throughput import child_env
     start = time.perf_counter()
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                                   "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""), **(env or {})}
-                              ).returncode
+                              env={**child_env(device), "PYTHONUNBUFFERED": "1"}).returncode
     wall = time.perf_counter() - start
     if code:
         tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
@@ -266,7 +266,7 @@ def run_ours(args, seed: int) -> dict:
     cmd = ([sys.executable, "-m", STEP3, *flags] if step3_knows_reward_fn()
            else [sys.executable, "-m", "bench.grpo_vs_trl", "step3", *flags])
     print(f"ours, seed {seed} ...", flush=True)
-    wall = run_logged(cmd, args.output_dir / f"ours_seed{seed}.log")
+    wall = run_logged(cmd, args.output_dir / f"ours_seed{seed}.log", args.device)
     rows = [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r]
     if len(rows) != args.rounds:
         raise SystemExit(f"our Step 3 ran {len(rows)} rounds, not {args.rounds}: see {out}")
@@ -287,7 +287,7 @@ def run_trl(args, seed: int) -> dict:
         args.peer_python = trl_python("1.16")
     cmd = [args.peer_python, "-m", "bench.trl_grpo_peer", *trl_command(args, seed, out)]
     print(f"TRL, seed {seed} ...", flush=True)
-    wall = run_logged(cmd, args.output_dir / f"trl_seed{seed}.log")
+    wall = run_logged(cmd, args.output_dir / f"trl_seed{seed}.log", args.device)
     side = {**json.loads((out / "peer_result.json").read_text()), "wall_s": wall, "command": cmd}
     done.write_text(json.dumps(side, indent=2))
     return side
