@@ -106,36 +106,42 @@ def run(args) -> dict:
     policy.generation_config.eos_token_id = tokenizer.eos_token_id
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
 
-    marks, logs = [], []  # step-end times; TRL's per-step log rows
+    marks, log_rows, checked = [], [], {}  # step-end times; TRL's per-step logs; its checkpointing
 
     class Marks(TrainerCallback):
-        def on_train_begin(self, *_, **__):
+        def on_train_begin(self, *_, model=None, **__):
             marks.append(time.perf_counter())
+            checked["gradient_checkpointing"] = bool(model.is_gradient_checkpointing)  # set on in train()
 
         def on_step_end(self, *_, **__):
             marks.append(time.perf_counter())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "reward" in logs:
-                rows.append(dict(logs))
+                log_rows.append(dict(logs))
 
-    rows = logs  # on_log's own parameter is called logs
     out = Path(args.output_dir)
     config = GRPOConfig(**trl_config_kwargs(m, args.seed, str(out / "trainer"), use_cpu))
     trainer = GRPOTrainer(model=policy, reward_funcs=trl_reward(m["reward_fn"]), args=config,
                           train_dataset=data, processing_class=tokenizer, callbacks=[Marks()])
+    setup = {"eos_token_ids": sorted(set(trainer.eos_token_ids)), "reference_model": trainer.ref_model is not None}
+    if setup != {"eos_token_ids": [tokenizer.eos_token_id], "reference_model": m["kl_ctl"] > 0}:
+        raise SystemExit(f"TRL's trainer stops at {setup['eos_token_ids']} (ours: {tokenizer.eos_token_id}) and has "
+                         f"{'a' if setup['reference_model'] else 'no'} reference model with beta {m['kl_ctl']}")
     start = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - start
+    if checked["gradient_checkpointing"] != m["gradient_checkpointing"]:
+        raise SystemExit(f"TRL trained with gradient checkpointing {checked['gradient_checkpointing']}")
     if trainer.state.global_step != m["rounds"]:
         raise SystemExit(f"TRL made {trainer.state.global_step} optimizer steps, not {m['rounds']}")
     trainer.save_model(str(out / "policy"))
     tokenizer.save_pretrained(str(out / "policy"))
     (out / "policy" / "trl_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
-    return {"model": str(out / "policy"), "trl_version": trl.__version__, "train_s": train_s,
+    return {"model": str(out / "policy"), "trl_version": trl.__version__, "train_s": train_s, **setup, **checked,
             "round_s": [b - a for a, b in zip(marks, marks[1:])],
-            "reward": [r["reward"] for r in logs], "kl": [r.get("kl") for r in logs],
-            "completion_length": [r.get("completions/mean_length") for r in logs]}
+            "reward": [r["reward"] for r in log_rows], "kl": [r.get("kl") for r in log_rows],
+            "completion_length": [r.get("completions/mean_length") for r in log_rows]}
 
 
 def main() -> None:

@@ -166,5 +166,7 @@ def test_both_sides_run_and_are_scored_on_tiny_llama(tmp_path):
         assert len(runs) == 1 and len(runs[0]["round_s"]) == len(runs[0]["reward"]) == 2
         assert (Path(runs[0]["model"]) / "config.json").is_file()
         assert result["sides"][side]["n"] == 1
-    assert result["runs"]["trl"][0]["trl_version"].startswith("1.16")
+    trl = result["runs"]["trl"][0]
+    assert trl["trl_version"].startswith("1.16")
+    assert trl["reference_model"] and len(trl["eos_token_ids"]) == 1 and trl["gradient_checkpointing"] is False
     assert "ours - TRL" in (out / "grpo_vs_trl.md").read_text()
