@@ -257,12 +257,20 @@ def run_logged(cmd: list[str], log: Path, device: str) -> float:
     return wall
 
 
+def earlier_run(done: Path, args, seed: int) -> dict | None:
+    """A side's saved result from an earlier call with the same settings and seed (not --overwrite)."""
+    if args.overwrite or not done.is_file():
+        return None
+    side = json.loads(done.read_text())
+    return side if side.get("settings") == {**matched_settings(args), "seed": seed} else None
+
+
 def run_ours(args, seed: int) -> dict:
     out = args.output_dir / f"ours_seed{seed}"
     done = out / "side.json"
-    if done.is_file() and not args.overwrite:
-        return json.loads(done.read_text())
-    flags = ours_command(args, seed, out)
+    if (side := earlier_run(done, args, seed)) is not None:
+        return side
+    flags = [*ours_command(args, seed, out), "--overwrite_output_dir"]
     cmd = ([sys.executable, "-m", STEP3, *flags] if step3_knows_reward_fn()
            else [sys.executable, "-m", "bench.grpo_vs_trl", "step3", *flags])
     print(f"ours, seed {seed} ...", flush=True)
@@ -271,6 +279,7 @@ def run_ours(args, seed: int) -> dict:
     if len(rows) != args.rounds:
         raise SystemExit(f"our Step 3 ran {len(rows)} rounds, not {args.rounds}: see {out}")
     side = {"model": str(out / "actor"), "wall_s": wall, "command": cmd,
+            "settings": {**matched_settings(args), "seed": seed},
             "round_s": [r["train/round_s"] for r in rows], "reward": [r["train/reward"] for r in rows],
             "kl": [r.get("train/kl") for r in rows]}
     done.write_text(json.dumps(side, indent=2))
@@ -280,15 +289,16 @@ def run_ours(args, seed: int) -> dict:
 def run_trl(args, seed: int) -> dict:
     out = args.output_dir / f"trl_seed{seed}"
     done = out / "side.json"
-    if done.is_file() and not args.overwrite:
-        return json.loads(done.read_text())
+    if (side := earlier_run(done, args, seed)) is not None:
+        return side
     if not args.peer_python:
         from bench.peer_env import trl_python
         args.peer_python = trl_python("1.16")
     cmd = [args.peer_python, "-m", "bench.trl_grpo_peer", *trl_command(args, seed, out)]
     print(f"TRL, seed {seed} ...", flush=True)
     wall = run_logged(cmd, args.output_dir / f"trl_seed{seed}.log", args.device)
-    side = {**json.loads((out / "peer_result.json").read_text()), "wall_s": wall, "command": cmd}
+    side = {**json.loads((out / "peer_result.json").read_text()), "wall_s": wall, "command": cmd,
+            "settings": {**matched_settings(args), "seed": seed}}
     done.write_text(json.dumps(side, indent=2))
     return side
 
