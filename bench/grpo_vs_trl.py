@@ -356,7 +356,7 @@ def paired_difference(ours: list[list[float]], trl: list[list[float]]) -> dict:
 
 def table(result: dict) -> str:
     m = result["matched"]
-    lines = [f"GRPO, ours vs TRL {result.get('trl_version', '1.16')}: {m['model']}, reward {m['reward_fn']}, "
+    lines = [f"GRPO, ours vs TRL {result.get('trl_version') or '1.16'}: {m['model']}, reward {m['reward_fn']}, "
              f"{m['rounds']} rounds x {m['prompts_per_round']} prompts x {m['samples_per_prompt']} answers "
              f"({m['answers_seen']} answers seen), answers <= {m['max_answer_seq_len']} tokens, KL {m['kl_ctl']}, "
              f"lr {m['learning_rate']}, loss {m['loss_aggregation']}, {m['dtype']}; held-out prompts "
@@ -394,6 +394,7 @@ def compare(args) -> dict:
               "sft_score": statistics.fmean(per_prompt["sft"]),
               "sides": {side: side_summary(runs, [per_prompt[f"{side}_seed{s}"] for s in args.seeds],
                                            per_prompt["sft"]) for side, runs in sides.items()},
+              "trl_version": next((r.get("trl_version") for r in sides.get("trl", [])), None),
               "runs": sides, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU threads",
               "per_prompt": per_prompt}
     if {"ours", "trl"} <= set(sides):
