@@ -8,8 +8,8 @@ utils/rewards.py, which is TRL's reward_funcs contract), for every --seeds value
         environment that has trl 1.16 (bench.peer_env); its final policy is saved as an HF folder
 
 then the SFT model and every final model answer the task family's held-out prompts greedily
-(inference.prompt_eval), scored as bench.quality scores them (bundled: the task's checker; a
-family without a registered scorer: the reward function itself, on its held-out rows). Reported:
+(inference.prompt_eval), scored by the family's checker as bench.quality scores them
+(--data_path bundled or bundled-constraints: utils.data.tasks). Reported:
 each side's mean gain over SFT with its paired standard error over prompts (bench.quality's
 paired_gain), the paired difference ours - TRL, each run's wall time and per-round time, and the
 rollouts' reward per round. Written to --output_dir: grpo_vs_trl.json and grpo_vs_trl.md.
@@ -31,7 +31,7 @@ lines):
               exactly our ids (it refuses to run otherwise, e.g. on a prompt our side cut from the left)
   reward      the same function from the same spec; TRL gets it wrapped only so that it receives
               the keyword arguments it names (as utils/rewards.py passes them), with the data
-              set's extra columns (the raw rows' keys other than prompt/chosen/rejected/origin);
+              set rows' columns (the same dicts our Step 3's prompt batches carry);
               scores unclipped on both (ours --clip_reward_value 1e6)
   GRPO        num_generations = --samples_per_prompt, max_completion_length = --max_answer_seq_len,
               beta = --kl_ctl with --kl_penalty loss (a k3 KL term in the loss, as TRL's),
@@ -55,10 +55,6 @@ Not matched (cannot be, or not worth it):
     not passed on: the function gets what utils/rewards.py gives it)
   - the engines: ours runs DeepSpeed (ZeRO stage --zero_stage) with its hybrid engine for
     generation; TRL runs accelerate + HF generate. Wall times compare toolkits, not algorithms
-  - until Step 3 has its --reward_fn flag (being added), our side runs Step 3's own loop
-    (training.step3_rlhf_finetuning.loop.run) through `python -m bench.grpo_vs_trl step3 ...`
-    with the user's function wrapped as a reward_fn over the decoded rollout; no data columns
-    reach it there (the bundled family has none)
 """
 from __future__ import annotations
 
@@ -78,7 +74,6 @@ LOSS_TYPES = {"dapo": "dapo", "sequence": "grpo", "token": "bnpo", "dr_grpo": "d
 ADAM_BETAS = (0.9, 0.95)  # ours (utils/strategy/optim.py); TRL is told the same
 ADAM_EPS = 1e-8
 NO_CLIP = 1e6  # ours clips scores to +-clip_reward_value; TRL does not clip
-RAW_KEYS = ("prompt", "chosen", "rejected", "origin")  # a raw row's keys that are no reward column
 STEP3 = "training.step3_rlhf_finetuning.main"
 
 
@@ -205,44 +200,6 @@ def trl_command(args, seed: int, out: Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- our side
 
-def step3_knows_reward_fn() -> bool:
-    from training.step3_rlhf_finetuning.config import STEP3_FLAGS
-    return any(name.lstrip("-") == "reward_fn" for name in STEP3_FLAGS)
-
-
-def split_reward_fn(argv: list[str]) -> tuple[list[str], str]:
-    """(argv without --reward_fn SPEC, SPEC)."""
-    i = argv.index("--reward_fn")
-    return argv[:i] + argv[i + 2:], argv[i + 1]
-
-
-def step3_with_reward_fn(argv: list[str]) -> None:
-    """Our Step 3 (its own loop) rewarded by a --reward_fn, for a Step 3 without that flag yet."""
-    import torch
-
-    from training.step3_rlhf_finetuning.config import Step3Config
-    from training.step3_rlhf_finetuning.experience import decode_rollout
-    from training.step3_rlhf_finetuning.loop import run
-    from utils.config import parse_config
-    from utils.model import load_tokenizer, resolve_model_path
-    from utils.rewards import combine, load_reward_functions
-
-    argv, spec = split_reward_fn(argv)
-    cfg = parse_config(Step3Config, argv, description="Step 3 with a reward function")
-    fn = load_reward_functions([spec])[0]
-    tokenizer = load_tokenizer(resolve_model_path(cfg.actor_model_name_or_path))
-
-    def reward(prompts, seq, attention_mask, action_mask):
-        texts, answers = decode_rollout(tokenizer, prompts, seq, action_mask)
-        origins = [f"answer {i}" for i in range(len(texts))]
-        scores = fn(texts, answers, [{} for _ in texts], origins)
-        return torch.tensor(combine({fn.name: scores}, {fn.name: 1.0}, origins))
-    # the function replaces the reward model: "checker" only tells the engine to load none
-    # (the flag's check of --data_path ran at parse time, with the default source)
-    cfg.reward_source = "checker"
-    run(cfg, reward_fn=reward)
-
-
 def run_logged(cmd: list[str], log: Path, device: str) -> float:
     """Run one side; its console in `log`; wall seconds. Stops the benchmark on failure."""
     from bench.step3_throughput import child_env
@@ -271,8 +228,7 @@ def run_ours(args, seed: int) -> dict:
     if (side := earlier_run(done, args, seed)) is not None:
         return side
     flags = [*ours_command(args, seed, out), "--overwrite_output_dir"]
-    cmd = ([sys.executable, "-m", STEP3, *flags] if step3_knows_reward_fn()
-           else [sys.executable, "-m", "bench.grpo_vs_trl", "step3", *flags])
+    cmd = [sys.executable, "-m", STEP3, *flags]
     print(f"ours, seed {seed} ...", flush=True)
     wall = run_logged(cmd, args.output_dir / f"ours_seed{seed}.log", args.device)
     rows = [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r]
@@ -305,36 +261,13 @@ def run_trl(args, seed: int) -> dict:
 
 # ----------------------------------------------------------------------------- held-out scoring
 
-def bundled_held_out(num: int):
-    """The bundled task's fixed test split (no step trains on it), scored by its checker."""
-    from utils.data import bundled, load_raw_dataset
-    rows = load_raw_dataset("bundled", seed=0).eval[:num]
-    questions = [bundled.question_of(r["prompt"]) for r in rows]
-    return questions, lambda answers: bundled.score_batch(questions, answers)
-
-
-def reward_fn_held_out(family: str, spec: str, num: int):
-    """Another family's held-out rows, scored by the reward function with the rows' columns."""
-    from utils.data import bundled, load_raw_dataset
-    from utils.data.raw_datasets import human_prompt
-    from utils.rewards import load_reward_functions
-    rows = load_raw_dataset(family, seed=0).eval[:num]
-    questions = [bundled.question_of(r["prompt"]) for r in rows]
-    fn = load_reward_functions([spec])[0]
-    columns = [{k: v for k, v in r.items() if k not in RAW_KEYS} for r in rows]
-
-    def score(answers):
-        return [0.0 if s is None else s for s in fn([human_prompt(q) for q in questions], answers, columns)]
-    return questions, score
-
-
-HELD_OUT = {"bundled": bundled_held_out}  # family -> (num -> (questions, scorer)); others: reward_fn_held_out
-
-
 def held_out(args):
-    if args.data_path in HELD_OUT:
-        return HELD_OUT[args.data_path](args.num_prompts)
-    return reward_fn_held_out(args.data_path, args.reward_fn, args.num_prompts)
+    """The task family's fixed test split (no step trains on it) and its checker
+    (utils.data.tasks): the ground truth both sides are judged by, whatever their reward."""
+    from utils.data import tasks
+    family = tasks.family(args.data_path)
+    questions = family.held_out(args.num_prompts)
+    return questions, lambda answers: family.score_batch(questions, answers)
 
 
 # ----------------------------------------------------------------------------- report
@@ -412,9 +345,6 @@ def compare(args) -> dict:
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["step3"]:  # our side, for a Step 3 without --reward_fn (see the docstring)
-        from utils.cli import run_entry
-        return run_entry(step3_with_reward_fn, argv[1:])
     args = build_parser().parse_args(argv)
     micro_and_accumulation(args)
     result = compare(args)

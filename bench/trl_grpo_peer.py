@@ -23,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.grpo_vs_trl import RAW_KEYS, trl_config_kwargs
+from bench.grpo_vs_trl import trl_config_kwargs
 
 
 def step3_prompts(m: dict, seed: int, data_output_path: str,
@@ -55,7 +55,7 @@ def step3_prompts(m: dict, seed: int, data_output_path: str,
     order = order[:m["rounds"] * per_round]
     texts = [rows[i][1]["prompt"] for i in order]
     ids = [list(map(int, train[i]["prompt_input_ids"])) for i in order]
-    columns = [{k: v for k, v in rows[i][1].items() if k not in RAW_KEYS} for i in order]
+    columns = [train[i].get("columns", {}) for i in order]  # the row columns our Step 3's batches carry
     theirs = tokenizer(text=texts)["input_ids"]  # what GRPOTrainer._tokenize_prompts does with text prompts
     for text, mine, trl_ids in zip(texts, ids, theirs):
         if list(trl_ids) != mine:

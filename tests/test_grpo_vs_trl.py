@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bench.grpo_vs_trl import (ADAM_BETAS, ADAM_EPS, LOSS_TYPES, build_parser, matched_settings, ours_command,
-                               split_reward_fn, step3_knows_reward_fn, trl_config_kwargs)
+                               trl_config_kwargs)
 from tests.helpers import assert_ok, run_module
 
 REWARD = Path(__file__).parent / "peer_reward_fn.py"
@@ -22,12 +22,9 @@ BASE = ["--sft", "tiny-llama", "--reward_fn", f"{REWARD}:bundled_checker", "--nu
 
 
 def parsed_ours(argv: list[str]):
-    """Our Step 3's config from the benchmark's command line (without --reward_fn while Step 3
-    lacks the flag: the benchmark's own entry then takes it)."""
+    """Our Step 3's config from the benchmark's command line, by Step 3's own parser."""
     from training.step3_rlhf_finetuning.config import Step3Config
     from utils.config import parse_config
-    if not step3_knows_reward_fn():
-        argv, _ = split_reward_fn(argv)
     return parse_config(Step3Config, argv)
 
 
