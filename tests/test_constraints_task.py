@@ -120,6 +120,8 @@ def test_bundled_rows_and_fingerprint_are_unchanged():
     assert src.fingerprint() == ("bundled:6000:split1234:8ff6cf73251830c509f79d5af7f3d81c7ad1e482"
                                  "b69250838d222502ea11d550")
     raw = src.load(1234)
+    # every sample now carries its row's other columns: none for bundled, the rest as before
+    assert all(s.pop("columns") == {} for s in raw.train + raw.eval)
     assert hashlib.sha256(json.dumps([raw.train, raw.eval], sort_keys=True).encode()).hexdigest() == (
         "fbd8ee90a464803f4d83fc84bdc9cc7d9b73a0fe12cd72f5e19d95140e93bd5c")
 
@@ -135,7 +137,7 @@ def test_constraints_source_has_a_fixed_split_and_a_constraints_column():
         rules = json.loads(s["columns"]["constraints"])
         assert constraints.parse_constraints(s["prompt"]) == rules
         assert constraints.score(s["prompt"], s["chosen"]) == 1.0
-    assert "columns" not in resolve_source("bundled").load(1).eval[0]
+    assert resolve_source("bundled").load(1).eval[0]["columns"] == {}
 
 
 def test_registry():
