@@ -161,13 +161,14 @@ def run_side_by_side(pending: list[tuple[list[str], Path]], jobs: int) -> None:
 
 
 def policy_reward_model(args, sft: Path, reward: Path) -> Path:
-    """A second reward-model round on pairs of the SFT model's own samples ranked by the checker
-    (training.step2_reward_model_finetuning.policy_comparisons), continuing from `reward`."""
+    """A second reward-model round on pairs of the SFT model's own samples ranked by the task's
+    checker (training.step2_reward_model_finetuning.policy_comparisons), continuing from `reward`."""
     out = args.output_dir
     pairs, tuned = out / "policy_pairs.jsonl", out / "step2_reward_policy"
     if not pairs.is_file():
         run(module("training.step2_reward_model_finetuning.policy_comparisons", "--model_name_or_path", sft,
-                   "--output_file", pairs, "--num_prompts", args.policy_pairs, "--samples_per_prompt", 6),
+                   "--output_file", pairs, "--num_prompts", args.policy_pairs, "--samples_per_prompt", 6,
+                   "--data_path", args.task or "bundled", "--max_new_tokens", args.max_new_tokens),
             out / "policy_pairs.log")
     if not (tuned / "training_summary.json").is_file():
         run(module("training.step2_reward_model_finetuning.main", "--model_name_or_path", reward,
@@ -343,7 +344,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=0, help="Step 3 iterations (default: the preset's)")
     parser.add_argument("--step3_args", default="", help="more Step 3 flags, quoted (e.g. a learning rate)")
     parser.add_argument("--policy_pairs", type=int, default=0,
-                        help="prompts whose sampled answers (6 each) the checker ranks for a second "
+                        help="prompts whose sampled answers (6 each) the task's checker ranks for a second "
                         "reward-model round before Step 3 (0 = off)")
     parser.add_argument("--skip", nargs="*", choices=("ptx", "dpo"), default=[],
                         help="leave out the ptx run and/or DPO")
@@ -368,8 +369,6 @@ def check_args(args) -> None:
         refuse("--reward_fn rewards Step 3 without a reward model: it cannot go with --reward or --policy_pairs")
     if args.reward_weights and not args.reward_fn:
         refuse("--reward_weights weighs --reward_fn functions: give them")
-    if args.policy_pairs and args.task not in ("", "bundled"):
-        refuse("--policy_pairs ranks answers with the bundled checker: it needs --task bundled")
     if args.best_of is not None and args.best_of < 1:
         refuse(f"--best_of must be at least 1, got {args.best_of}")
     if not args.best_of_temperature > 0:

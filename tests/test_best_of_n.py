@@ -267,7 +267,6 @@ def test_choice_means():
     (["--best_of", "0"], "--best_of must be at least 1, got 0"),
     (["--best_of", "2", "--best_of_temperature", "0"], "--best_of_temperature must be > 0"),
     (["--task", "no-such-family"], "no-such-family"),
-    (["--task", "bundled-constraints", "--policy_pairs", "8"], "it needs --task bundled"),
     (["--reward_fn", "missing.py:f"], "--reward_fn missing.py:f: file missing.py not found"),
 ])
 def test_quality_bench_refusals(tmp_path, capsys, flags, message):
@@ -306,6 +305,21 @@ def test_quality_bench_passes_reward_functions_and_the_task_to_every_step(reward
     assert step3_reward_flags(plain, sft) == ["--reward_source", "checker", "--critic_model_name_or_path", sft]
     plain.reward_used = tmp_path / "rm"
     assert step3_reward_flags(plain, sft) == ["--critic_model_name_or_path", tmp_path / "rm"]
+
+
+def test_quality_bench_policy_pairs_are_ranked_by_the_task_family(monkeypatch, tmp_path):
+    """--policy_pairs with --task samples and ranks that family's prompts, not bundled's."""
+    from bench import quality
+    commands = []
+    monkeypatch.setattr(quality, "run", lambda cmd, log, env=None: commands.append([str(c) for c in cmd]))
+    args = quality.parse_args(["--task", "bundled-constraints", "--policy_pairs", "8",
+                               "--max_new_tokens", "40", "--output_dir", str(tmp_path)])
+    quality.check_args(args)  # accepted for a family other than bundled
+    assert quality.policy_reward_model(args, tmp_path / "sft", tmp_path / "rm") == tmp_path / "step2_reward_policy"
+    sample, train = commands
+    assert sample[sample.index("--data_path") + 1] == "bundled-constraints"
+    assert sample[sample.index("--max_new_tokens") + 1] == "40"
+    assert train[train.index("--data_path") + 1] == str(tmp_path / "policy_pairs.jsonl")
 
 
 def test_quality_bench_best_of_rows_are_paired_with_greedy_sft(monkeypatch):

@@ -110,6 +110,16 @@ def test_errors_name_the_function_and_the_row(reward_file):
     assert RewardFunctionError.every_rank  # printed by whichever rank hits it
 
 
+def test_a_column_no_row_has_is_named(reward_file):
+    """A function whose required column the data lacks: one line naming the column and the
+    columns the rows do have (not Python's 'missing 1 required positional argument')."""
+    fn = load_reward_function(f"{reward_file}:by_answer")
+    assert fn.required == {"prompts", "completions", "answer"}
+    with pytest.raises(RewardFunctionError, match=r"by_answer needs column\(s\) answer, which the rows "
+                       r"p.jsonl: row 1 \.\. p.jsonl: row 2 do not have \(their columns: solution\)"):
+        fn(["q", "q"], ["a", "b"], [{"solution": "1"}, {"solution": "2"}], ["p.jsonl: row 1", "p.jsonl: row 2"])
+
+
 def test_weights_and_none(reward_file):
     fns = load_reward_functions([f"{reward_file}:sometimes", f"{reward_file}:length", f"{reward_file}:length"])
     assert [f.name for f in fns] == ["sometimes", "length", "length_2"]

@@ -41,12 +41,20 @@ class RewardFunction:
     spec: str
     fn: Callable
     accepts: frozenset[str] | None  # parameter names; None when it takes **kwargs
+    required: frozenset[str] = frozenset()  # parameters without a default
+
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: Sequence[dict],
                  origins: Sequence[str] | None = None) -> list[float | None]:
         """One checked score (or None) per answer; see the module docstring."""
         origins = list(origins) if origins is not None else [f"answer {i}" for i in range(len(completions))]
         kwargs = self._kwargs(prompts, completions, columns)
+        missing = sorted(self.required - set(kwargs))
+        if missing:  # else Python's "missing 1 required positional argument" hides which data lacks it
+            have = sorted({name for row in columns for name in row} - set(SCORE_KWARGS)) or ["none"]
+            raise RewardFunctionError(
+                f"reward function {self.name} needs column(s) {', '.join(missing)}, which the rows "
+                f"{origins[0]} .. {origins[-1]} do not have (their columns: {', '.join(have)})")
         try:
             scores = self.fn(**kwargs)
         except Exception as e:  # noqa: BLE001 - any failure of user code stops the run, named
@@ -135,10 +143,12 @@ def load_reward_function(spec: str) -> RewardFunction:
         params = ()
     var_kw = not params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
     accepts = None if var_kw else frozenset(p.name for p in params)
+    required = frozenset(p.name for p in params if p.default is inspect.Parameter.empty
+                         and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
     if accepts is not None and not set(SCORE_KWARGS) & accepts:
         raise ConfigError(f"--reward_fn {spec}: {attr} must take prompts= and/or completions= "
                           f"(it takes {', '.join(sorted(accepts)) or 'nothing'})")
-    return RewardFunction(attr, str(spec), fn, accepts)
+    return RewardFunction(attr, str(spec), fn, accepts, required)
 
 
 def load_reward_functions(specs: Sequence[str]) -> list[RewardFunction]:
