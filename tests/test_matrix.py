@@ -42,7 +42,11 @@ DIMENSIONS = {
     "advantage": ["gae", "rloo", "grpo"],
     "loss": ["token", "sequence", "dr_grpo", "dapo"],  # --loss_aggregation
     "nproc": [1, 2],
+    # the built-in reward (critic-free: the checker; gae: the reward model) or --reward_fn
+    # (critic-free: the checker as a function; gae: the function and the reward model weighed)
+    "reward": ["builtin", "function"],
 }
+REWARD_FN = ["--reward_fn", "examples/rewards/bundled_math.py:bundled_math_reward"]
 SEED = int(os.environ["RLHFKIT_MATRIX_SEED"])  # drawn in conftest.py when not given, printed in the header
 SIZE = int(os.environ.get("RLHFKIT_MATRIX_SIZE", "5"))
 
@@ -61,7 +65,7 @@ def combinations(seed: int, size: int) -> list[dict]:
 
 
 def combo_id(combo: dict) -> str:
-    flags = [name for name in ("lora", "ptx", "ema") if combo[name]]
+    flags = [name for name in ("lora", "ptx", "ema") if combo[name]] + ["fn"] * (combo["reward"] == "function")
     return "-".join([f"s{SEED}", f"{combo['family']}-h{combo['hidden']}", f"z{combo['zero']}", combo["dtype"],
                      *flags, combo["advantage"], combo["loss"], f"{combo['nproc']}p"])
 
@@ -76,10 +80,13 @@ def step3_flags(combo: dict) -> list[str]:
              "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3", "--max_rounds", "3",
              "--save_steps", "1", "--save_total_limit", "3", "--disable_tqdm", "--log_interval", "1",
              "--advantage", combo["advantage"], "--loss_aggregation", combo["loss"]]
+    fn = combo["reward"] == "function"
     if combo["advantage"] == "gae":  # 6 answers a round, micro-batches of 3, reward model = the tiny model
         flags += ["--per_device_training_batch_size", "3"]
+        flags += [*REWARD_FN, "--reward_source", "model", "--reward_weights", "0.5", "1"] if fn else []
     else:  # 12 answers (2 per prompt) scored by the checker (ties: a random model scores 0)
-        flags += ["--samples_per_prompt", "2", "--reward_source", "checker", "--per_device_training_batch_size", "4"]
+        flags += ["--samples_per_prompt", "2", "--per_device_training_batch_size", "4",
+                  *(REWARD_FN if fn else ["--reward_source", "checker"])]
     if combo["lora"]:
         flags += ["--actor_lora_dim", "4", "--only_optimize_lora", "--actor_lora_learning_rate", "1e-3"]
         if combo["advantage"] == "gae":
