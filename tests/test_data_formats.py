@@ -193,6 +193,39 @@ def test_conversational_prompt_column_keeps_its_messages(tmp_path):
     assert s["prompt_messages"] == [SYSTEM, user("Name a fruit.")] and s["columns"] == {"level": 2}
 
 
+SKY = "What color is the sky?"
+HUMAN_SKY = " Human: What color is the sky? Assistant:"
+
+
+# TRL's dataset formats (its docs' "Dataset formats and types" table): each row -> the
+# (prompt, chosen, rejected, prompt_messages, columns) it loads as
+@pytest.mark.parametrize("row, expected", [
+    ({"prompt": SKY}, (HUMAN_SKY, None, None, None, {})),
+    ({"prompt": SKY, "completion": " It is blue."}, (HUMAN_SKY, " It is blue.", None, None, {})),
+    ({"prompt": SKY, "chosen": "Blue.", "rejected": "Green."}, (HUMAN_SKY, " Blue.", " Green.", None, {})),
+    # unpaired preference: the completion may be the bad one, so it is not an SFT answer
+    ({"prompt": SKY, "completion": "Green.", "label": False},
+     (HUMAN_SKY, None, None, None, {"completion": "Green.", "label": False})),
+    ({"prompt": [user(SKY)]}, (HUMAN_SKY, None, None, [user(SKY)], {})),
+    ({"prompt": [user(SKY)], "completion": [assistant("It is blue.")]},
+     (HUMAN_SKY, " It is blue.", None, [user(SKY)], {})),
+    ({"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]},
+     (HUMAN_SKY, " Blue.", " Green.", [user(SKY)], {})),
+    ({"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+     (HUMAN_SKY, " Blue.", " Green.", [user(SKY)], {})),
+    ({"messages": [user(SKY), assistant("It is blue.")]}, (HUMAN_SKY, " It is blue.", None, [user(SKY)], {})),
+    # TRL's "-trl-style" sets: a text prompt next to whole conversations
+    ({"prompt": SKY, "chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]},
+     (HUMAN_SKY, " Blue.", " Green.", [user(SKY)], {})),
+], ids=["prompt-only", "prompt-completion", "preference", "unpaired-preference", "conv-prompt-only",
+        "conv-prompt-completion", "conv-preference", "conv-implicit-prompt-preference", "conv-messages",
+        "trl-style"])
+def test_trl_dataset_formats(tmp_path, row, expected):
+    path = write_jsonl(tmp_path / "trl.jsonl", [row])
+    (s,) = load_raw_dataset(path).train + load_raw_dataset(path).eval
+    assert (s["prompt"], s["chosen"], s["rejected"], s.get("prompt_messages"), s["columns"]) == expected
+
+
 def test_step1_ids_equal_the_chat_template_ids(chat_tok, tmp_path):
     path = write_jsonl(tmp_path / "conv.jsonl", conversational_rows())
     train, evl = create_prompt_dataset([path], "1,0,0", tmp_path / "cache", 1, 0, chat_tok, 256,

@@ -179,14 +179,25 @@ def chat_sample(messages: list, rejected=None) -> dict | None:
     return conversation_sample(messages[:last], messages[last]["content"], rejected)
 
 
+def _answer_column(record: dict) -> str:
+    """The column holding the (chosen) answer: "chosen", or TRL's prompt-completion "completion"
+    (not in its unpaired-preference rows, whose "label" may say the completion is bad)."""
+    return "completion" if "chosen" not in record and "completion" in record and "label" not in record else "chosen"
+
+
+def _whole_conversation(value) -> bool:
+    """A chosen/rejected list that holds its own prompt (a user turn), not only the answer."""
+    return isinstance(value, list) and any(m.get("role") != "assistant" for m in value)
+
+
 def _record_sample(record: dict) -> dict | None:
     if "messages" in record:
         return chat_sample(record["messages"] or [], record.get("rejected"))
-    prompt, chosen, rejected = record.get("prompt"), record.get("chosen"), record.get("rejected")
-    if isinstance(chosen, list):  # chosen/rejected as whole conversations
-        return chat_sample(chosen, rejected)
-    if isinstance(prompt, list):  # a conversational prompt, answers as text
+    prompt, chosen, rejected = record.get("prompt"), record.get(_answer_column(record)), record.get("rejected")
+    if isinstance(prompt, list):  # a conversational prompt; answers as text or assistant turns
         return conversation_sample(prompt, chosen, rejected)
+    if _whole_conversation(chosen):  # chosen/rejected as whole conversations (the prompt implicit)
+        return chat_sample(chosen, rejected)
     if not prompt:
         return None
     return make_sample(as_prompt(str(prompt)), _answer(chosen), _answer(rejected))
@@ -198,7 +209,8 @@ SAMPLE_COLUMNS = ("prompt", "chosen", "rejected", "messages")  # the rest go to 
 def row_columns(where: str, record: dict) -> dict:
     """The row's other columns, refused unless JSON can carry them (the Step 3 cache stores them
     as JSON, and a reward function gets exactly what the file held)."""
-    columns = {k: v for k, v in record.items() if k not in SAMPLE_COLUMNS}
+    used = {*SAMPLE_COLUMNS, _answer_column(record)}
+    columns = {k: v for k, v in record.items() if k not in used}
     for name, value in columns.items():
         if not _json_able(value):
             raise ConfigError(f"{where}: column {name!r} holds a {type(value).__name__} value, which JSON "
@@ -232,8 +244,8 @@ def records_to_samples(where: str, records: list[dict]) -> list[dict]:
     columns = list(records[0])
     chat = "messages" in columns or isinstance(records[0].get("chosen"), list)
     if not chat and "prompt" not in columns:
-        raise ConfigError(f"{where}: needs a 'prompt' column ('chosen', 'rejected' optional) "
-                          f"or 'messages'; it has {columns}")
+        raise ConfigError(f"{where}: needs a 'prompt' column ('chosen' or 'completion', 'rejected' "
+                          f"optional) or 'messages'; it has {columns}")
     samples = with_origin(map(_checked_sample(where), enumerate(records)), "")
     if len(samples) < len(records):
         logger.warning("%s: skipped %d of %d rows with an empty prompt", where,
