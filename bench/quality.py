@@ -92,7 +92,8 @@ def build_models(args, preset) -> dict[str, Path]:
              *(("--max_rounds", args.rounds) if args.rounds else ()), *args.step3_args.split()]
     runs = [(f"seed{s}", ["--seed", s]) for s in args.seeds]
     if "ptx" not in args.skip:
-        runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0], "--unsupervised_dataset_name", "bundled"]))
+        runs.append((f"seed{args.seeds[0]}_ptx", ["--seed", args.seeds[0],
+                                                   "--unsupervised_dataset_name", args.task or "bundled"]))
     pending = []
     for name, extra in runs:
         folder = out / f"step3_{name}"
@@ -387,7 +388,7 @@ def main(argv=None) -> None:
     check_args(args)
     from inference.prompt_eval import evaluate
     from train import PRESETS
-    from utils.data import bundled, tasks
+    from utils.data import tasks
 
     family = tasks.family(args.task or "bundled")
     preset = PRESETS[args.preset]
@@ -399,7 +400,7 @@ def main(argv=None) -> None:
                        family=family)
     per_prompt = {name: a.scores for name, a in zip(models, answers)}
     scores = {name: a.mean_score for name, a in zip(models, answers)}
-    texts = bundled.plain_text_corpus()[:64]
+    texts = family.plain_text_corpus()[:64]  # the task family's prose (the ptx run's text)
     first = f"ppo_seed{args.seeds[0]}"
     info = summaries(args)
     other = {"reward used by Step 3": str(args.reward_used),

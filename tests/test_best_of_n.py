@@ -322,6 +322,19 @@ def test_quality_bench_policy_pairs_are_ranked_by_the_task_family(monkeypatch, t
     assert train[train.index("--data_path") + 1] == str(tmp_path / "policy_pairs.jsonl")
 
 
+def test_quality_bench_ptx_run_uses_the_task_family_prose(monkeypatch, tmp_path):
+    from bench import quality
+    from train import PRESETS
+    pending = []
+    monkeypatch.setattr(quality, "run_side_by_side", lambda runs, jobs: pending.extend(runs))
+    args = quality.parse_args(["--task", "bundled-constraints", "--reward", "checker", "--sft", str(tmp_path / "sft"),
+                               "--seeds", "7", "--skip", "dpo", "--output_dir", str(tmp_path)])
+    models = quality.build_models(args, PRESETS["default"])
+    assert set(models) == {"base", "sft", "ppo_seed7", "ppo_seed7_ema", "ppo_seed7_ptx"}
+    (ptx,) = [[str(c) for c in cmd] for cmd, log in pending if log.name == "step3_seed7_ptx.log"]
+    assert ptx[ptx.index("--unsupervised_dataset_name") + 1] == "bundled-constraints"
+
+
 def test_quality_bench_best_of_rows_are_paired_with_greedy_sft(monkeypatch):
     """Each row: its per-prompt column's mean and its paired gain over greedy SFT (mean and SE
     of the per-prompt differences); the table shows them."""

@@ -305,6 +305,11 @@ def test_unsupervised_jsonl_bundled_and_hub(tok, tmp_path, monkeypatch):
     assert sorted(_blocks(ds)) == sorted(stream[i:i + 8] for i in range(0, len(ds) * 8, 8))
 
     assert len(get_unsupervised_dataset("bundled", tok, 64, tmp_path / "o", seed=0)) > 10
+    from utils.data import constraints  # each task family's own prose, in its own cache entry
+    prose = get_unsupervised_dataset("bundled-constraints", tok, 64, tmp_path / "o", seed=0)
+    first_doc = ids(tok, constraints.plain_text_corpus()[0], False)
+    stream = [t for i in range(len(prose)) for t in prose[i]["input_ids"].tolist()]
+    assert len(prose) > 10 and any(stream[i:i + 8] == first_doc[:8] for i in range(len(stream)))
 
     def load_dataset(path, name=None, **kw):
         folder = HUB / f"{path}__{name}"

@@ -200,7 +200,8 @@ class PPOConfig:
 @dataclass
 class PtxConfig:
     unsupervised_dataset_name: str = field(default="", metadata=doc(
-        "Plain-text source for the ptx loss ('bundled', a text/jsonl file, or a hub set); empty = off."))
+        "Plain-text source for the ptx loss ('bundled' or 'bundled-constraints': the task family's prose; a "
+        "text/jsonl file; or a hub set); empty = off."))
     unsupervised_dataset_config_name: str = field(default="", metadata=doc("Hub config of that source."))
     unsup_coef: float = field(default=27.8, metadata=doc("Weight of the ptx loss."))
     compute_fp32_loss: bool = field(default=False, metadata=doc("ptx loss from fp32 logits."))

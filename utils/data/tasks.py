@@ -3,7 +3,7 @@ instead of hard-coding "bundled".
 
 A family checks its own prompts (`is_task_prompt`, `score`, `score_batch`, `task_of`,
 `question_of`, all parsing the prompt text) and gives its fixed held-out questions (`held_out`),
-the split no step trains on whatever its --seed.
+the split no step trains on whatever its --seed, and its prose (`plain_text_corpus`).
 """
 from __future__ import annotations
 
@@ -34,6 +34,10 @@ class TaskFamily:
 
     def task_of(self, prompt: str) -> str:
         return self.module.task_of(prompt)
+
+    def plain_text_corpus(self) -> list[str]:
+        """Prose in the family's vocabulary (its ptx text: --unsupervised_dataset_name NAME)."""
+        return self.module.plain_text_corpus()
 
     def held_out(self, num: int) -> list[str]:
         """The first `num` questions of the fixed test split (plain text, no wrapper)."""

@@ -10,11 +10,10 @@ from typing import Callable
 import datasets
 
 from utils.config import ConfigError, cache_dir
-from utils.data import bundled
 from utils.data.cache import TokenizedDataset, cached, tokenizer_fingerprint
 from utils.data.pipeline import encode
 from utils.data.raw_datasets import hub_fingerprint, load_hub_dataset
-from utils.data.sources import (FILE_TYPES, file_hash, load_disk_dataset, looks_like_path,
+from utils.data.sources import (BUNDLED_FAMILIES, FILE_TYPES, file_hash, load_disk_dataset, looks_like_path,
                                 read_records)
 
 
@@ -50,9 +49,10 @@ def _local_docs(path: Path) -> tuple[str, Callable[[], list[str]]]:
 
 
 def _text_source(name_or_path: str, config_name: str | None) -> tuple[str, Callable[[], list[str]]]:
-    if name_or_path == "bundled":
-        return (f"bundled:{hashlib.sha256(Path(bundled.__file__).read_bytes()).hexdigest()}",
-                bundled.plain_text_corpus)
+    if name_or_path in BUNDLED_FAMILIES:  # a task family's own prose, in its answers' vocabulary
+        module = BUNDLED_FAMILIES[name_or_path]
+        return (f"{name_or_path}:{hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()}",
+                module.plain_text_corpus)
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _local_docs(path)
@@ -79,7 +79,8 @@ def pack_blocks(docs_ids: list[list[int]], block: int, eos: int | None,
 
 def get_unsupervised_dataset(name_or_path, tokenizer, max_seq_len, output_path, seed,
                              config_name=None) -> TokenizedDataset:
-    """'bundled', a local text file/table, or a hub data set with a 'text' column -> blocks of
+    """A bundled task family's prose ('bundled', 'bundled-constraints'), a local text file/table, or
+    a hub data set with a 'text' column -> blocks of
     max_seq_len tokens, items {"input_ids", "labels"} (labels = input_ids)."""
     fingerprint, load_docs = _text_source(str(name_or_path), config_name)
     eos = tokenizer.eos_token_id
