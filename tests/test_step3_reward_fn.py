@@ -369,3 +369,20 @@ def test_two_processes_a_reward_that_applies_on_one_only(tmp_path):
     assert proc.returncode != 0
     assert re.search(r"error: reward function fails_on_rank1 raised RuntimeError: rank 1 data "
                      r"\(on (prompt \d+ of the batch|.*row \d+)\)\n", proc.stdout + proc.stderr), proc.stderr[-3000:]
+
+
+def test_scores_beyond_the_clip_are_warned_about_once(caplog):
+    """A reward on a larger scale than --clip_reward_value is flattened by the clip: one warning."""
+    from types import SimpleNamespace
+
+    from training.step3_rlhf_finetuning.ppo_trainer import DeepSpeedPPOTrainer
+    trainer = SimpleNamespace(ppo=SimpleNamespace(clip_reward_value=5.0))
+    warn = DeepSpeedPPOTrainer._warn_once_if_clipped
+    with caplog.at_level("WARNING"):
+        warn(trainer, torch.tensor([1.0, -5.0, 4.9]))  # within the clip: nothing
+        assert not caplog.records
+        warn(trainer, torch.tensor([1.0, -12.5, 30.0]))
+        warn(trainer, torch.tensor([40.0]))  # said once
+    (record,) = caplog.records
+    assert record.getMessage() == ("reward scores up to 30 are clipped to +-5 (--clip_reward_value): "
+                                   "raise it for rewards on a larger scale")

@@ -14,6 +14,7 @@ DeepSpeed-Chat's name, is the trainer with ptx on).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +26,8 @@ from training.step3_rlhf_finetuning.rewards import Given, reward_source
 from training.step3_rlhf_finetuning.rollout import AnswerSampler
 from training.step3_rlhf_finetuning.scoring import credit, score_rollout
 from training.step3_rlhf_finetuning.update import PtxStats, TrainStats, actor_update, critic_update, ptx_update
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DeepSpeedPPOTrainer", "DeepSpeedPPOTrainerUnsupervised", "Experience", "Rollout", "TrainStats"]
 
@@ -76,8 +79,19 @@ class DeepSpeedPPOTrainer:
         critic = self.critic if self.uses_critic else None
         *scored, parts = score_rollout(answers, self.actor, self.ref, critic, self.reward_source,
                                        self.generation.temperature)
+        self._warn_once_if_clipped(scored[3])
         exp = credit(answers, *scored, self.ppo, self.kl_coef, self.generation.samples_per_prompt)
         return Rollout(exp, answers.generation_s, parts)
+
+    def _warn_once_if_clipped(self, scores: torch.Tensor) -> None:
+        """Scores beyond --clip_reward_value are clipped (as DeepSpeed-Chat clips reward-model
+        scores): fine for a reward model, silently flattening for a reward function on a larger
+        scale (a raw length would tie every answer), so say it once."""
+        clip = self.ppo.clip_reward_value
+        if not getattr(self, "_clip_warned", False) and bool((scores.abs() > clip).any()):
+            self._clip_warned = True
+            logger.warning("reward scores up to %.4g are clipped to +-%g (--clip_reward_value): raise it "
+                           "for rewards on a larger scale", scores.abs().max().item(), clip)
 
     def generate_experience(self, prompts, mask: torch.Tensor | None = None, step: int = 0) -> Experience:
         """DeepSpeed-Chat's name: the rollout's Experience (`step` is accepted and unused)."""
