@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import textwrap
 
 import pytest
 
 from tests.helpers import assert_ok, run_module
 from tests.test_step3 import rounds
+from tests.test_step3_reward_fn import target_recorder
 
 # plain-text role markers and the tokenizer's own eos: no new tokens, so the tiny model's
 # embeddings fit the tokenizer unchanged
@@ -55,19 +55,11 @@ def test_steps_1_and_3_train_and_talk_in_the_template(templated, tmp_path):
 
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": [{"role": "user", "content": f"Say {n}."}], "target": str(n)} for n in NUMBERS])
-    calls = tmp_path / "calls.jsonl"
-    (tmp_path / "says.py").write_text(textwrap.dedent(f'''
-        import json
-
-        def says_target(prompts, completions, target):
-            with open({str(calls)!r}, "a") as f:
-                f.write(json.dumps({{"prompts": prompts, "target": target}}) + "\\n")
-            return [float(t in c) for c, t in zip(completions, target)]
-    '''))
+    spec, calls = target_recorder(tmp_path)
     out = tmp_path / "step3"
     assert_ok(run_module("training.step3_rlhf_finetuning.main", [
         "--actor_model_name_or_path", sft, "--critic_model_name_or_path", tmp_path / "no-critic",
-        "--data_path", prompts, "--data_split", "0,0,1", "--reward_fn", f"{tmp_path / 'says.py'}:says_target",
+        "--data_path", prompts, "--data_split", "0,0,1", "--reward_fn", spec,
         "--advantage", "grpo", "--samples_per_prompt", "2", "--per_device_generation_batch_size", "4",
         "--per_device_training_batch_size", "4", "--max_prompt_seq_len", "32", "--max_answer_seq_len", "6",
         "--num_warmup_steps", "0", "--dtype", "fp32", "--max_rounds", "2", "--disable_tqdm",

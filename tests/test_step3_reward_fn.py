@@ -311,14 +311,11 @@ def test_a_run_whose_function_raises_stops_with_one_line(tmp_path):
     assert sum(ln.startswith("error: ") for ln in proc.stderr.splitlines()) == 1
 
 
-def test_prompt_only_rows_reach_the_function_with_their_columns(tmp_path):
-    """Prompt-only data (no chosen answer) with a ground-truth column: every call gets each
-    answer's own row's column (K=2 answers a row), and the run's reward is the function's."""
-    data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "target": str(i), "topic": "numbers"})
-                            + "\n" for i in range(40)))
-    calls = tmp_path / "calls.jsonl"
-    (tmp_path / "target.py").write_text(textwrap.dedent(f'''
+def target_recorder(folder):
+    """A reward function file whose function appends each call's prompts and `target` column to
+    calls.jsonl and scores 1 where the answer holds the target: (its --reward_fn spec, calls file)."""
+    calls = folder / "calls.jsonl"
+    (folder / "target.py").write_text(textwrap.dedent(f'''
         import json
 
         def has_target(prompts, completions, target):
@@ -326,10 +323,19 @@ def test_prompt_only_rows_reach_the_function_with_their_columns(tmp_path):
                 f.write(json.dumps({{"prompts": prompts, "target": target}}) + "\\n")
             return [float(t in c) for c, t in zip(completions, target)]
     '''))
+    return f"{folder / 'target.py'}:has_target", calls
+
+
+def test_prompt_only_rows_reach_the_function_with_their_columns(tmp_path):
+    """Prompt-only data (no chosen answer) with a ground-truth column: every call gets each
+    answer's own row's column (K=2 answers a row), and the run's reward is the function's."""
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say the number {i}.", "target": str(i), "topic": "numbers"})
+                            + "\n" for i in range(40)))
+    spec, calls = target_recorder(tmp_path)
     out = tmp_path / "run"
     proc = run_module(MODULE, [*RUN, "--critic_model_name_or_path", tmp_path / "no-model-here",
-                               "--data_path", data, "--data_split", "0,0,1",
-                               "--reward_fn", f"{tmp_path / 'target.py'}:has_target", "--output_dir", out])
+                               "--data_path", data, "--data_split", "0,0,1", "--reward_fn", spec, "--output_dir", out])
     assert_ok(proc)
     seen = [json.loads(line) for line in calls.read_text().splitlines()]
     assert len(seen) == 2
