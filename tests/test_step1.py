@@ -94,6 +94,28 @@ def test_loss_falls_on_bundled_data_and_metrics_logged(tmp_path):
     assert any((out / "logs" / "tensorboard").iterdir())
 
 
+def logged_scalars(folder) -> dict[str, int]:
+    """Tag -> number of scalar events in the TensorBoard event files of `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return {tag: len(events.Scalars(tag)) for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("where", [".", "tb"])
+def test_tensorboard_events_in_the_output_folder_survive_the_final_save(tmp_path, where):
+    """DeepSpeed-Chat's scripts pass --tensorboard_path $OUTPUT: the final save replaces the
+    output folder atomically, and the events written there (or in a folder inside it) must come
+    through whole, every scalar readable (they used to be dropped, and the writer's last flush
+    could hit the folder mid-replacement and crash the run)."""
+    out = tmp_path / "sft"
+    ok(run([*QUICK, "--max_steps", "3", "--log_interval", "1", "--enable_tensorboard",
+            "--tensorboard_path", str(out / where), "--output_dir", str(out)]))
+    assert (out / "model.safetensors").is_file() and (out / "logs" / "metrics.jsonl").is_file()
+    scalars = logged_scalars(out / where)
+    assert scalars.get("train/loss") == 3 and scalars.get("eval/loss", 0) >= 1, scalars
+
+
 def test_lora_trains_only_adapters_and_exports_merged(tmp_path):
     out = tmp_path / "sft_lora"
     ok(run([*QUICK, "--zero_stage", "2", "--lora_dim", "8", "--only_optimize_lora",

@@ -31,6 +31,18 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(tensorboard_dir or self.log_dir / "tensorboard"))
 
+    def entries_in(self, folder: str | Path) -> tuple[str, ...]:
+        """The names of `folder`'s entries this logger writes into (the TensorBoard events when
+        --tensorboard_path is the output folder itself, as DeepSpeed-Chat's scripts set it, or a
+        folder inside it), flushed to disk: a final save that replaces `folder` carries them over."""
+        if self._tb is None:
+            return ()
+        self._tb.flush()
+        folder, tb = Path(folder).resolve(), Path(self._tb.log_dir).resolve()
+        if tb == folder:
+            return tuple(sorted(p.name for p in folder.glob("events.out.tfevents.*")))
+        return (tb.relative_to(folder).parts[0],) if tb.is_relative_to(folder) else ()
+
     def truncate_after(self, step: int) -> None:
         """Resuming from a checkpoint at `step`: drop records logged after it (the crashed run
         got further than its last checkpoint) and reload the rest for the final curves."""

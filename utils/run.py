@@ -94,7 +94,7 @@ def finish_run(strategy: DeepSpeedStrategy, engine, tokenizer, cfg, logger, name
     summary = {"steps": steps, **{f"{k}_before": v for k, v in first.items()},
                **{f"{k}_after": v for k, v in last.items()}}
     try:
-        strategy.save_hf_model(engine, tokenizer, cfg.output_dir,
+        strategy.save_hf_model(engine, tokenizer, cfg.output_dir, keep=logger.entries_in(cfg.output_dir),
                                extra_json={"training_config.json": asdict(cfg), "training_summary.json": summary})
     except WriteRefused as err:  # e.g. a full disk: the folder keeps what it held, say how to finish
         raise final_save_refused(err, cfg.output_dir, f"{cfg.output_dir} holds what it held before",

@@ -66,13 +66,14 @@ def hf_state_dict(engine, dtype: torch.dtype | None = None):
 
 
 def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | None = None,
-                  dtype: torch.dtype | None = None) -> None:
+                  dtype: torch.dtype | None = None, keep: tuple[str, ...] = ()) -> None:
     """Save an engine's model as a plain Hugging Face directory (safetensors + tokenizer).
 
     ZeRO-3 shards are gathered (every rank must call this); LoRA is merged into the base
     weights on a copy of the state dict, so the live training model is left as it was.
     `dtype` casts the floating-point weights (the fp32 EMA is saved in the training dtype).
-    Written atomically: a crash while saving leaves `output_dir` as it was before."""
+    Written atomically: a crash while saving leaves `output_dir` as it was before. The run's
+    logs and checkpoints in it survive the replacement, and so do the entries named in `keep`."""
     exported = hf_state_dict(engine, dtype)
     if is_main():
         module, state = exported
@@ -92,7 +93,7 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
             for name, payload in (extra_json or {}).items():
                 (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
 
-        atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR, CHECKPOINTS))
+        atomic_directory_write(output_dir, write, keep=tuple(dict.fromkeys((LOG_SUBDIR, CHECKPOINTS, *keep))))
     barrier()
 
 
