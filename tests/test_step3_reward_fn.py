@@ -382,7 +382,7 @@ def test_scores_beyond_the_clip_are_warned_about_once(caplog):
     from types import SimpleNamespace
 
     from training.step3_rlhf_finetuning.ppo_trainer import DeepSpeedPPOTrainer
-    trainer = SimpleNamespace(ppo=SimpleNamespace(clip_reward_value=5.0))
+    trainer = SimpleNamespace(ppo=SimpleNamespace(clip_reward_value=5.0), _clip_warned=False)
     warn = DeepSpeedPPOTrainer._warn_once_if_clipped
     with caplog.at_level("WARNING"):
         warn(trainer, torch.tensor([1.0, -5.0, 4.9]))  # within the clip: nothing

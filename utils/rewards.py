@@ -43,7 +43,6 @@ class RewardFunction:
     accepts: frozenset[str] | None  # parameter names; None when it takes **kwargs
     required: frozenset[str] = frozenset()  # parameters without a default
 
-
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], columns: Sequence[dict],
                  origins: Sequence[str] | None = None) -> list[float | None]:
         """One checked score (or None) per answer; see the module docstring."""

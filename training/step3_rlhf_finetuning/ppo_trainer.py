@@ -61,6 +61,7 @@ class DeepSpeedPPOTrainer:
             raise ValueError("--advantage gae needs the critic, but the engine was built without one")
         self.reward_source = reward_source(reward_fn, self.reward, cfg, self.tokenizer)
         self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid)
+        self._clip_warned = False  # _warn_once_if_clipped
 
     @property
     def hybrid(self):
@@ -88,7 +89,7 @@ class DeepSpeedPPOTrainer:
         scores): fine for a reward model, silently flattening for a reward function on a larger
         scale (a raw length would tie every answer), so say it once."""
         clip = self.ppo.clip_reward_value
-        if not getattr(self, "_clip_warned", False) and bool((scores.abs() > clip).any()):
+        if not self._clip_warned and bool((scores.abs() > clip).any()):
             self._clip_warned = True
             logger.warning("reward scores up to %.4g are clipped to +-%g (--clip_reward_value): raise it "
                            "for rewards on a larger scale", scores.abs().max().item(), clip)

@@ -1,7 +1,6 @@
 """Plain-text data for Step 3's pretraining (ptx) loss: documents packed into fixed-size blocks."""
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from pathlib import Path
@@ -51,8 +50,7 @@ def _local_docs(path: Path) -> tuple[str, Callable[[], list[str]]]:
 def _text_source(name_or_path: str, config_name: str | None) -> tuple[str, Callable[[], list[str]]]:
     if name_or_path in BUNDLED_FAMILIES:  # a task family's own prose, in its answers' vocabulary
         module = BUNDLED_FAMILIES[name_or_path]
-        return (f"{name_or_path}:{hashlib.sha256(Path(module.__file__).read_bytes()).hexdigest()}",
-                module.plain_text_corpus)
+        return f"{name_or_path}:{file_hash(Path(module.__file__))}", module.plain_text_corpus
     path = Path(name_or_path).expanduser()
     if path.exists():
         return _local_docs(path)

@@ -93,7 +93,7 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
             for name, payload in (extra_json or {}).items():
                 (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
 
-        atomic_directory_write(output_dir, write, keep=tuple(dict.fromkeys((LOG_SUBDIR, CHECKPOINTS, *keep))))
+        atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR, CHECKPOINTS, *keep))
     barrier()
 
 
