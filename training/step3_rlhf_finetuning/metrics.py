@@ -1,5 +1,5 @@
-"""A round's numbers: experience statistics, the phases' FLOPs (DeepSpeed-Chat paper counting)
-and throughput, peak memory, and the mean over processes."""
+"""A round's numbers: experience statistics, the phases' matmul FLOPs (utils.flops) and
+throughput, peak memory, and the mean over processes."""
 from __future__ import annotations
 
 import resource
@@ -46,33 +46,45 @@ def reward_part_means(parts_of_rollouts: list[dict[str, list]]) -> dict:
     return {f"reward_{k}": s / n for k, (s, n) in sums.items() if n}
 
 
+def _shape(engine, value_head: bool) -> flops.Shape | None:
+    """The matmul shape of a DeepSpeed engine's model (None for a model not run)."""
+    if engine is None:
+        return None
+    s = flops.shape(engine.module.config, engine.module)
+    return s.value_head() if value_head else s
+
+
 class PhaseFlops:
-    """FLOPs of one round's phases, per process."""
+    """Matmul FLOPs of one round's phases, per process (utils.flops): generation with the KV
+    cache; the scoring forwards (actor and reference: logits for the answer positions + 1, as
+    scoring.answer_log_probs asks; critic and reward model: the value head at every position);
+    ppo_epochs passes of actor and critic training over the round's rows at the width
+    Experience.concat pads them to. The ptx term's forwards are not counted."""
 
     def __init__(self, engine, ppo_epochs: int, actor_checkpointing: bool, critic_checkpointing: bool):
-        self.actor_cfg = engine.actor.module.config
-        scorer = engine.critic or engine.reward  # both start from the reward model
-        self.critic_cfg = scorer.module.config if scorer is not None else None
-        self.has_critic = engine.critic is not None
-        # the critic's and the reward model's forwards (each left out when not run)
-        self.critic_models = int(self.has_critic) + int(engine.reward is not None)
-        self.actor_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                for p in engine.ref.module.parameters())
+        self.actor = _shape(engine.actor, value_head=False)
+        self.critic = _shape(engine.critic, value_head=True)
+        self.reward = _shape(engine.reward, value_head=True)
         self.ppo_epochs, self.actor_ckpt, self.critic_ckpt = ppo_epochs, actor_checkpointing, critic_checkpointing
 
     def of(self, exps: list[Experience]) -> dict:
-        gen = score = train = 0.0
+        gen = score = 0.0
         for exp in exps:
-            b, p, seq_len = len(exp), exp.prompt_len, exp.seq.size(1)
-            decoded = int(exp.action_mask.sum(1).max())
-            gen += flops.generation_flops(self.actor_cfg, self.actor_params, b, p, decoded)
-            score += 2 * flops.forward_flops(self.actor_cfg, b, seq_len)  # actor and reference
-            train += self.ppo_epochs * flops.training_flops(self.actor_cfg, b, seq_len, self.actor_ckpt)
-            if self.critic_models:
-                score += self.critic_models * flops.forward_flops(self.critic_cfg, b, seq_len)
-            if self.has_critic:
-                train += self.ppo_epochs * flops.training_flops(self.critic_cfg, b, seq_len, self.critic_ckpt)
-        return {"generation": gen, "scoring": score, "training": train}
+            b, p, width = len(exp), exp.prompt_len, exp.seq.size(1)
+            gen += flops.generation_flops(self.actor, b, p, int(exp.action_mask.sum(1).max()))
+            score += 2 * flops.forward_flops(self.actor, b, width, logits=width - p + 1)  # actor and reference
+            score += sum(flops.forward_flops(s, b, width) for s in (self.critic, self.reward) if s is not None)
+        return {"generation": gen, "scoring": score, "training": self.ppo_epochs * self.training(exps)}
+
+    def training(self, exps: list[Experience]) -> float:
+        """One pass of actor and critic training over the round's rows."""
+        rows = sum(len(e) for e in exps)
+        answers = max(e.seq.size(1) - e.prompt_len for e in exps)
+        width = max(e.prompt_len for e in exps) + answers
+        work = flops.training_flops(self.actor, rows, width, logits=answers + 1, checkpointing=self.actor_ckpt)
+        if self.critic is not None:
+            work += flops.training_flops(self.critic, rows, width, checkpointing=self.critic_ckpt)
+        return work
 
 
 def timing(exps: list[Experience], work: dict, gen_s: float, scoring_s: float, train_s: float,
