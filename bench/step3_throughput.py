@@ -9,9 +9,10 @@ from the left by our data layer; TRL gets the same token ids) and eos is disable
 iteration generates batch x --answer_len tokens; one optimizer step per model per iteration.
 The first iteration (engine builds, first inference-copy build) is left out of every mean.
 
-Prints samples/s, generation tokens/s, per-phase effective TFLOPs (DeepSpeed-Chat's counting,
+Prints samples/s, generation tokens/s, per-phase effective TFLOPs (the matmuls each phase runs,
 utils.flops) and their share of the machine's measured matmul peak (bench.peak), peak memory,
-and each variant's samples/s as a ratio to TRL's (target >= 3x); `--json FILE` keeps the numbers.
+TFLOP per sample (ours), and each variant's samples/s as a ratio to TRL's (target >= 3x);
+`--json FILE` keeps the numbers.
 
     python -m bench.step3_throughput                                  # tiny-llama, quick
     python -m bench.step3_throughput --actor output/step1_sft --critic output/step2_reward
@@ -37,6 +38,7 @@ OURS = {
 PEER = "trl ppo"
 COLUMNS = ("samples_per_s", "generation_tokens_per_s", "generation_tflops", "training_tflops", "tflops",
            "generation_s", "scoring_s", "training_s", "peak_memory_gb")
+LOGGED = (*COLUMNS, "flops_per_sample")  # ours only: the peer's rounds are not counted
 
 
 def child_env(device: str) -> dict:
@@ -83,7 +85,7 @@ def run_ours(name: str, args, data: Path, workdir: Path) -> dict:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     timed = rows[1:] or rows  # drop the warm-up round
-    means = {c: sum(r[f"train/{c}"] for r in timed) / len(timed) for c in COLUMNS}
+    means = {c: sum(r[f"train/{c}"] for r in timed) / len(timed) for c in LOGGED}
     means["peak_memory_gb"] = max(r["train/peak_memory_gb"] for r in rows)
     means["generated_tokens_per_round"] = sum(r["train/generated_tokens"] for r in rows) / len(rows)
     means["optimizer_steps_per_round"] = 2  # actor and critic
@@ -106,7 +108,7 @@ def print_table(results: dict, peak: float, args) -> None:
           f"answer {args.answer_len} tokens (eos off), {args.rounds} iterations (first left out), "
           f"dtype {args.dtype}, {args.device}; matmul peak {peak / 1e12:.4f} TFLOP/s")
     heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak",
-             "gen s", "score s", "train s", "peak GB", "vs TRL")
+             "gen s", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
     print(f"{'variant':24s}" + "".join(f"{h:>13s}" for h in heads))
     base = results.get(PEER, {}).get("samples_per_s")
     for name, r in results.items():
@@ -114,6 +116,7 @@ def print_table(results: dict, peak: float, args) -> None:
         cells += [r["generation_tflops"] * 1e12 / peak * 100 if "generation_tflops" in r else None,
                   r["training_tflops"] * 1e12 / peak * 100 if "training_tflops" in r else None]
         cells += [r.get(c) for c in COLUMNS[5:]]
+        cells += [r["flops_per_sample"] / 1e12 if "flops_per_sample" in r else None]
         ratio = f"{r['samples_per_s'] / base:12.2f}x" if base else f"{'-':>13s}"
         print(f"{name:24s}" + "".join(f"{c:13.4g}" if c is not None else f"{'-':>13s}" for c in cells) + ratio)
     print("work per iteration: " + "; ".join(

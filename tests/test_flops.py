@@ -143,7 +143,7 @@ def step3_models():
 
 def test_phase_flops_count_the_rounds_scoring_training_and_generation():
     from training.step3_rlhf_finetuning.experience import Experience
-    from training.step3_rlhf_finetuning.metrics import PhaseFlops
+    from training.step3_rlhf_finetuning.metrics import PhaseFlops, timing
     from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values
 
     actor, ref, critic = step3_models()
@@ -169,6 +169,10 @@ def test_phase_flops_count_the_rounds_scoring_training_and_generation():
     assert work["generation"] == pytest.approx(generation, rel=1e-3)
     assert work["scoring"] == pytest.approx(scoring, rel=1e-3)
     assert work["training"] == pytest.approx(training, rel=1e-3)
+    assert (work["real_tokens"], work["padded_tokens"]) == (BATCH * (SEQ + NEW) - 4, BATCH * (SEQ + NEW))
+    times = timing([exp], work, 1.0, 1.0, 1.0, 4.0)
+    assert times["flops_per_sample"] == pytest.approx((generation + scoring + training) / BATCH, rel=1e-3)
+    assert times["tflops"] == pytest.approx((generation + scoring + training) / 4.0 / 1e12, rel=1e-3)
 
 
 def old_forward(batch: int, seq_len: int, layers: int, h: int, vocab: int) -> float:

@@ -46,6 +46,9 @@ def reward_part_means(parts_of_rollouts: list[dict[str, list]]) -> dict:
     return {f"reward_{k}": s / n for k, (s, n) in sums.items() if n}
 
 
+PHASES = ("generation", "scoring", "training")
+
+
 def _shape(engine, value_head: bool) -> flops.Shape | None:
     """The matmul shape of a DeepSpeed engine's model (None for a model not run)."""
     if engine is None:
@@ -59,7 +62,11 @@ class PhaseFlops:
     cache; the scoring forwards (actor and reference: logits for the answer positions + 1, as
     scoring.answer_log_probs asks; critic and reward model: the value head at every position);
     ppo_epochs passes of actor and critic training over the round's rows at the width
-    Experience.concat pads them to. The ptx term's forwards are not counted."""
+    Experience.concat pads them to. The ptx term's forwards are not counted.
+
+    Forwards run over the padded width, so that is what is counted; `real_tokens` (prompt and
+    answer tokens under the attention mask) is kept beside `padded_tokens` for a change that
+    unpads them."""
 
     def __init__(self, engine, ppo_epochs: int, actor_checkpointing: bool, critic_checkpointing: bool):
         self.actor = _shape(engine.actor, value_head=False)
@@ -74,7 +81,9 @@ class PhaseFlops:
             gen += flops.generation_flops(self.actor, b, p, int(exp.action_mask.sum(1).max()))
             score += 2 * flops.forward_flops(self.actor, b, width, logits=width - p + 1)  # actor and reference
             score += sum(flops.forward_flops(s, b, width) for s in (self.critic, self.reward) if s is not None)
-        return {"generation": gen, "scoring": score, "training": self.ppo_epochs * self.training(exps)}
+        return {"generation": gen, "scoring": score, "training": self.ppo_epochs * self.training(exps),
+                "padded_tokens": sum(e.attention_mask.numel() for e in exps),
+                "real_tokens": sum(int(e.attention_mask.sum()) for e in exps)}
 
     def training(self, exps: list[Experience]) -> float:
         """One pass of actor and critic training over the round's rows."""
@@ -89,14 +98,18 @@ class PhaseFlops:
 
 def timing(exps: list[Experience], work: dict, gen_s: float, scoring_s: float, train_s: float,
            total_s: float) -> dict:
-    """Seconds, throughput and achieved TFLOP/s of a round's phases."""
+    """Seconds, throughput and achieved TFLOP/s of a round's phases; FLOPs per answer."""
     generated = sum(int(e.action_mask.sum()) for e in exps)
+    answers = sum(len(e) for e in exps)
+    total = sum(work[phase] for phase in PHASES)
     return {"generation_s": gen_s, "scoring_s": scoring_s, "training_s": train_s, "round_s": total_s,
-            "samples_per_s": sum(len(e) for e in exps) / total_s, "generated_tokens": generated,
+            "samples_per_s": answers / total_s, "generated_tokens": generated,
             "generation_tokens_per_s": generated / max(gen_s, 1e-9),
             "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
             "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,
-            "tflops": sum(work.values()) / total_s / 1e12, "peak_memory_gb": peak_memory_gb()}
+            "tflops": total / total_s / 1e12, "flops_per_sample": total / answers,
+            "real_token_share": work["real_tokens"] / max(work["padded_tokens"], 1),
+            "peak_memory_gb": peak_memory_gb()}
 
 
 def peak_memory_gb() -> float:
