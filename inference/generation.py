@@ -79,3 +79,42 @@ def seeded_rng(seed: int | None, device: torch.device):
         if device.type == "cuda":
             torch.cuda.manual_seed(seed)
         yield
+
+
+class SampledLogProbs:
+    """A logits processor for HF `generate` that keeps the log-prob of each sampled token under
+    softmax(logits / temperature): the behaviour policy's log-probs, as the Step 3 scoring forward
+    would compute them, without that forward.
+
+    Placed in `logits_processor`, it runs before generate's own temperature/top-k/top-p warpers,
+    so it sees the model's logits (HF casts them to fp32) and the log-probs are of the tempered
+    distribution without top-k/top-p truncation, the distribution the training loss scores. A
+    step's token is only known at the next call (or at the end), so one step's log-softmax is
+    kept at a time: memory is one (batch, vocab) tensor, not one per step."""
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self._pending: torch.Tensor | None = None  # (B, V) log-softmax of the last step
+        self._picked: list[torch.Tensor] = []     # (B,) per finished step
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self._pending is not None:
+            self._take(input_ids[:, -1])
+        self._pending = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        self._picked.append(self._pending.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+        self._pending = None
+
+    def result(self, sequences: torch.Tensor, prompt_len: int, width: int) -> torch.Tensor:
+        """(B, width) log-probs of sequences[:, prompt_len:] (the generate output, before any
+        padding), 0 after the last generated step."""
+        steps = sequences.shape[1] - prompt_len
+        if self._pending is not None and len(self._picked) < steps:
+            self._take(sequences[:, prompt_len + len(self._picked)])
+        if len(self._picked) != steps:
+            raise RuntimeError(f"recorded {len(self._picked)} sampled log-probs for {steps} generated tokens")
+        log_probs = (torch.stack(self._picked, 1) if self._picked
+                     else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32))
+        return torch.nn.functional.pad(log_probs, (0, width - steps))[:, :width]

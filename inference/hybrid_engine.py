@@ -49,8 +49,8 @@ import time
 import torch
 from torch import nn
 
-from inference.generation import (answer_lengths, check_sampling, draw_seed, generation_config, pad_to_width,
-                                  seeded_rng)
+from inference.generation import (SampledLogProbs, answer_lengths, check_sampling, draw_seed, generation_config,
+                                  pad_to_width, seeded_rng)
 from inference.tensor_parallel import (NotSliceable, ShardRefresher, TPGroups, broadcast_seed, check_tp_config,
                                        gather_group_prompts, shard)
 from utils.config import ConfigError
@@ -98,13 +98,16 @@ class HybridEngine:
     @torch.no_grad()
     def generate(self, prompt: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_tokens: int,
                  do_sample: bool = True, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+                 top_p: float = 1.0, generator: torch.Generator | None = None,
+                 with_log_probs: bool = False):
         """prompt (B, P) LEFT-padded ids, prompt_mask (B, P) 0/1. Returns (B, P + max_new_tokens)
         on the engine's device: the prompt followed by each row's answer; after a row's first
         eos every later position is pad_token_id (always exactly that wide, so answers start at
         P). Enters inference mode (gathers/refreshes the inference copy), generates with a KV
         cache, leaves inference mode; the engine's train() state is as before. Under ZeRO-3 or
-        TP every rank must call it, with the same sampling settings within a TP group."""
+        TP every rank must call it, with the same sampling settings within a TP group.
+        with_log_probs: return (ids, (B, max_new_tokens) fp32 log-probs of the answer tokens
+        under softmax(logits / temperature), 0 after the last generated step: SampledLogProbs)."""
         check_sampling(do_sample, temperature, top_k, top_p, max_new_tokens)
         if prompt.shape != prompt_mask.shape or prompt.dim() != 2:
             raise ValueError(f"prompt {tuple(prompt.shape)} and prompt_mask "
@@ -118,9 +121,10 @@ class HybridEngine:
             config = generation_config(max_new_tokens=max_new_tokens, do_sample=do_sample,
                                        temperature=temperature, top_k=top_k, top_p=top_p,
                                        pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id)
+            recorder = SampledLogProbs(temperature if do_sample else 1.0) if with_log_probs else None
             with DeepSpeedStrategy.torch_linear():
-                out = self._generate(prompt.to(self.device), prompt_mask.to(self.device), config,
-                                     generator if do_sample else None, do_sample)
+                out, log_probs = self._generate(prompt.to(self.device), prompt_mask.to(self.device), config,
+                                                generator if do_sample else None, do_sample, recorder)
             generate_s = _elapsed(start, self.device)
         finally:
             self._leave()
@@ -129,7 +133,7 @@ class HybridEngine:
         self.last_stats = {"gather_s": gather_s, "generate_s": generate_s, "new_tokens": new_tokens,
                            "tokens_per_s": new_tokens / max(generate_s, 1e-9),
                            "built": built, "gathered_chunks": chunks}
-        return out
+        return (out, log_probs) if with_log_probs else out
 
     @property
     def inference_model(self) -> nn.Module | None:
@@ -237,25 +241,30 @@ class HybridEngine:
 
     # ------------------------------------------------------------------ generation
 
-    def _generate(self, prompt, mask, config, generator, do_sample: bool) -> torch.Tensor:
-        width = prompt.shape[1] + config.max_new_tokens
+    def _generate(self, prompt, mask, config, generator, do_sample: bool, recorder: SampledLogProbs | None):
+        """(ids, log-probs or None), both padded to the full answer width."""
         if self._groups is None:
             seed = draw_seed(generator) if generator is not None else None
             with seeded_rng(seed, self.device):
-                out = self._model.generate(input_ids=prompt, attention_mask=mask, generation_config=config)
-            return pad_to_width(out, width, self.pad_token_id)
-        return self._generate_tp(prompt, mask, config, generator, do_sample)
+                return self._sample(prompt, mask, config, recorder)
+        return self._generate_tp(prompt, mask, config, generator, do_sample, recorder)
 
-    def _generate_tp(self, prompt, mask, config, generator, do_sample: bool) -> torch.Tensor:
+    def _generate_tp(self, prompt, mask, config, generator, do_sample: bool, recorder):
         """The group generates its stacked prompts together; this rank keeps its rows."""
         ids, full_mask, own, extra = gather_group_prompts(prompt, mask, self._groups, self.pad_token_id)
         seed = None
         if do_sample:  # every rank draws (generators stay in step), the first rank's seed wins
             seed = broadcast_seed(draw_seed(generator), self._groups, self.device)
         with seeded_rng(seed, self.device):
-            out = self._model.generate(input_ids=ids, attention_mask=full_mask, generation_config=config)
-        out = pad_to_width(out, ids.shape[1] + config.max_new_tokens, self.pad_token_id)
-        return out[own, extra:]
+            out, log_probs = self._sample(ids, full_mask, config, recorder)
+        return out[own, extra:], (log_probs[own] if log_probs is not None else None)
+
+    def _sample(self, ids, mask, config, recorder):
+        out = self._model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                                   logits_processor=[recorder] if recorder is not None else None)
+        width = ids.shape[1] + config.max_new_tokens
+        log_probs = recorder.result(out, ids.shape[1], config.max_new_tokens) if recorder is not None else None
+        return pad_to_width(out, width, self.pad_token_id), log_probs
 
 
 # ---------------------------------------------------------------------- helpers

@@ -98,6 +98,22 @@ def hybrid_tokens(hybrid, ids, mask, **kwargs) -> list:
     return hybrid.generate(ids, mask, max_new_tokens=kwargs.pop("new", NEW), **kwargs).tolist()
 
 
+def logprob_gap(hybrid, engine, ids, mask, temperature: float = 1.3, seed: int = 11, **sampling) -> float:
+    """Largest |generation-pass log-prob - training-side forward's| over the sampled answer tokens:
+    the rollout's kept log-probs against what Step 3's scoring forward on the engine computes."""
+    from training.step3_rlhf_finetuning.scoring import answer_log_probs
+    from utils.rl_math import answer_mask
+    seq, kept = hybrid.generate(ids, mask, max_new_tokens=NEW, do_sample=True, temperature=temperature,
+                                generator=torch.Generator().manual_seed(seed), with_log_probs=True, **sampling)
+    answer = answer_mask(seq[:, ids.shape[1]:], hybrid.eos_token_id, hybrid.pad_token_id)
+    was_training = engine.module.training
+    engine.eval()
+    with torch.no_grad():
+        scored = answer_log_probs(engine, seq, torch.cat([mask, answer.long()], 1), ids.shape[1], temperature)
+    engine.train(was_training)
+    return ((kept - scored).abs() * answer).max().item()
+
+
 class Counter:
     """Counts ZeRO-3 gathers (GatheredParameters entries) and trained-module forwards."""
 
@@ -142,6 +158,8 @@ def scenario_zero(stage: int, tokenizer, device) -> dict:
                                 for n, p in engine.module.named_parameters()) if stage < 3 else None
     out.update(eos_case(hybrid, ids, mask, tokenizer))
     out.update(sampling_case(hybrid, ids, mask))
+    out["logprob_gap"] = logprob_gap(hybrid, engine, ids, mask)
+    out["logprob_gap_top_k"] = logprob_gap(hybrid, engine, ids, mask, top_k=5, top_p=0.9)
     engine.module.eval()
     hybrid_tokens(hybrid, ids, mask)
     out["eval_mode_kept"] = not engine.module.training
@@ -215,6 +233,7 @@ def scenario_lora(name: str, stage: int, tokenizer, device) -> dict:
     before = {k: v.clone() for k, v in gathered_state_dict(engine).items()}
     hybrid = HybridEngine(engine, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     out = {"ref": ref, "unfused_ref": unfused, "hybrid": hybrid_tokens(hybrid, ids, mask)}
+    out["logprob_gap"] = logprob_gap(hybrid, engine, ids, mask)
     after = gathered_state_dict(engine)
     out["trained_untouched"] = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     out["copy_lora_modules"] = [n for n, _ in hybrid.inference_model.named_modules() if "lora" in n]
@@ -259,7 +278,8 @@ def scenario_lora_free(name: str, stage: int, tokenizer, device, dtype: str = "f
     engine = build_engine(plain_model(name, tokenizer).train(), stage, dtype)
     hybrid = HybridEngine(engine, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     return {"ref": ref, "hybrid": hybrid_tokens(hybrid, ids, mask),
-            "copy_dtype": str(next(hybrid.inference_model.parameters()).dtype)}
+            "copy_dtype": str(next(hybrid.inference_model.parameters()).dtype),
+            "logprob_gap": logprob_gap(hybrid, engine, ids, mask)}
 
 
 # ---------------------------------------------------------------------- two processes
@@ -293,6 +313,7 @@ def scenario_multi(name: str, stage: int, tp: int, lora: bool, tokenizer, device
     samples = [hybrid_tokens(hybrid, ids, mask, do_sample=True, temperature=1.3,
                              generator=torch.Generator().manual_seed(9)) for _ in range(2)]
     out["sample_reproducible"] = samples[0] == samples[1]
+    out["logprob_gap"] = logprob_gap(hybrid, engine, ids, mask)
     train_steps(engine, *prompts(tokenizer, TEXTS[:2], device), steps=2)
     out["hybrid_after_step"] = hybrid_tokens(hybrid, ids, mask)
     out["stats_after_step"] = hybrid.last_stats

@@ -224,3 +224,31 @@ def test_zero0_in_process_generates_like_plain_without_deepspeed():
     with pytest.raises(ValueError, match="merged in place"):
         HybridEngine(types.SimpleNamespace(module=peft_model, zero_optimization_stage=lambda: 0),
                      pad_token_id=1, eos_token_id=0)
+
+
+# ---------------------------------------------------------------- rollout log-probs
+
+FP32_GAP = 1e-4  # fp32: generating with a KV cache and scoring in one forward differ by rounding
+BF16_GAP = 0.1   # bf16 rounds each matmul to 8 bits of mantissa: the two paths drift apart
+
+
+@pytest.mark.parametrize("case,key,bound", [
+    ("zero0", "logprob_gap", FP32_GAP), ("zero2", "logprob_gap", FP32_GAP), ("zero3", "logprob_gap", FP32_GAP),
+    ("zero3", "logprob_gap_top_k", FP32_GAP), ("lora_llama_zero3", "logprob_gap", FP32_GAP),
+    ("lora_gpt2_zero2", "logprob_gap", FP32_GAP), ("opt_zero3", "logprob_gap", FP32_GAP),
+    ("llama_zero3_bf16", "logprob_gap", BF16_GAP)])
+def test_generation_log_probs_match_the_scoring_forward(single, case, key, bound):
+    """The log-probs kept from the generation pass (Step 3's old policy unless
+    --recompute_rollout_logprobs) equal the scoring forward's on the engine: KV cache vs one
+    pass, fused LoRA vs adapters, the inference copy vs ZeRO shards; with top-k/top-p they are
+    still the tempered softmax's, untruncated, as the training loss scores them."""
+    gap = single[case][key]
+    assert 0 <= gap < bound, (case, gap)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["tp2_llama_zero3", "tp2_opt_lora_zero2", "dp_llama_zero3"])
+def test_generation_log_probs_match_under_tensor_parallelism(multi, case):
+    """Each rank keeps its own rows' log-probs from the group's tensor-parallel generate."""
+    for rank in multi:
+        assert 0 <= rank[case]["logprob_gap"] < FP32_GAP, (case, rank[case]["logprob_gap"])

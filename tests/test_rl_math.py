@@ -279,3 +279,25 @@ def test_padding_after_the_answers_does_not_change_their_log_probs():
         full = lm_logits(model, seq, mask, last=7)[:, :3]  # answer columns 6..8 (prompt 6)
         cut = lm_logits(model, seq[:, :9], mask[:, :9], last=4)[:, :3]
     torch.testing.assert_close(full, cut, atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_is_weights_by_hand():
+    from utils.rl_math import truncated_is_weights
+    lp = torch.tensor([[math.log(0.5), math.log(0.9), 0.0]])
+    rollout = torch.tensor([[math.log(0.25), math.log(0.3), 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    w = truncated_is_weights(lp, rollout, mask, cap=2.5)
+    # 0.5 / 0.25 = 2, 0.9 / 0.3 = 3 capped at 2.5, masked 0 (a huge log-ratio there gives no inf)
+    assert w[0].tolist() == pytest.approx([2.0, 2.5, 0.0])
+
+
+def test_is_weights_folded_into_advantages_weigh_the_clipped_surrogate():
+    """credit() multiplies the advantages by the TIS weights: for w >= 0 that is the per-token
+    clipped surrogate times w, whichever side of the clip a token is on."""
+    ratio_logs = torch.tensor([[0.5, -0.5, 0.05, 0.0]])
+    adv = torch.tensor([[1.0, -2.0, 0.5, 3.0]])
+    w = torch.tensor([[0.3, 2.0, 1.0, 0.0]])
+    mask = torch.ones(1, 4)
+    old = torch.zeros(1, 4)
+    weighted = clipped_surrogate(ratio_logs, old, adv * w, mask, 0.2)
+    assert torch.allclose(weighted, clipped_surrogate(ratio_logs, old, adv, mask, 0.2) * w)

@@ -129,7 +129,7 @@ class FakeActor:
     def __init__(self, tok):
         self.tok, self.module, self.training = tok, self, False
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, **_):
+    def generate(self, input_ids, attention_mask, generation_config, **_):
         ids = [self.tok(f"answer {i}", add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
                for i in range(input_ids.size(0))]
         width = max(map(len, ids))

@@ -172,6 +172,16 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
     return (values - mean) * torch.rsqrt(var + eps) * mask.to(values.dtype)
 
 
+def truncated_is_weights(log_probs: torch.Tensor, rollout_log_probs: torch.Tensor, action_mask: torch.Tensor,
+                         cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS, Yao et al. 2025): per answer token (B, A), min(p / p_rollout,
+    cap), p the trainer's probability of the token and p_rollout the generation pass's; 0 on masked
+    positions. Corrects for the sampler computing slightly different probabilities than training
+    (precision, KV cache, fused weights); the cap bounds the variance a rare token could add."""
+    log_ratio = (log_probs - rollout_log_probs).float() * action_mask
+    return torch.exp(log_ratio).clamp(max=cap) * action_mask.to(torch.float32)
+
+
 def clipped_surrogate(log_probs: torch.Tensor, old_log_probs: torch.Tensor, advantages: torch.Tensor,
                       action_mask: torch.Tensor, clip: float, clip_high: float | None = None) -> torch.Tensor:
     """PPO's clipped surrogate per answer token (B, A): max(-A * ratio, -A * clip(ratio, 1 - clip,

@@ -13,7 +13,8 @@ from training.step3_rlhf_finetuning.config import Step3Config
 from training.step3_rlhf_finetuning.data import (prompt_batches, prompt_loader, total_iterations,
                                                  unsupervised_batches)
 from training.step3_rlhf_finetuning.experience import decoded
-from training.step3_rlhf_finetuning.metrics import PhaseFlops, reduce_mean, reward_part_means, rollout_stats, timing
+from training.step3_rlhf_finetuning.metrics import (PhaseFlops, mean, reduce_mean, reward_part_means, rollout_stats,
+                                                    timing)
 from training.step3_rlhf_finetuning.ppo_trainer import DeepSpeedPPOTrainer
 from training.step3_rlhf_finetuning.rewards import GroundTruth, Given, ground_truth_for
 from training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
@@ -126,17 +127,18 @@ def one_round(each: Round, prompt_batches, round_index: int) -> dict:
     """Roll out generation_batches prompt batches, then update; one metrics row."""
     cfg, trainer = each.cfg, each.trainer
     start = time.perf_counter()
-    exps, parts, gen_s = [], [], 0.0
+    exps, parts, diagnostics, gen_s = [], [], [], 0.0
     for batch in prompt_batches:
         rollout = trainer.rollout(batch)
         exps.append(rollout.experience)
         parts.append(rollout.reward_parts)
+        diagnostics.append(rollout.stats)
         gen_s += rollout.generation_s
     scoring_s = time.perf_counter() - start - gen_s
     if cfg.print_answers and dist.is_main() and round_index % cfg.print_answers_interval == 0:
         prompts, answers = decoded(trainer.tokenizer, exps[0])
         each.say(f"--- prompt: {prompts[0]!r}\n--- answer: {answers[0]!r} (score {exps[0].scores[0].item():.3f})")
-    stats = rollout_stats(exps)
+    stats = {**rollout_stats(exps), **{k: mean([d[k] for d in diagnostics]) for k in diagnostics[0]}}
     if each.truth is not None:
         stats.update(each.truth(exps))
     train_start = time.perf_counter()

@@ -37,6 +37,7 @@ class Rollout:
     experience: Experience
     generation_s: float  # of the rollout's time, the seconds spent generating
     reward_parts: dict[str, list] = field(default_factory=dict)  # reward name -> score or None per answer
+    stats: dict[str, float] = field(default_factory=dict)  # scoring diagnostics (scoring.Scored.stats)
 
 
 class DeepSpeedPPOTrainer:
@@ -60,7 +61,9 @@ class DeepSpeedPPOTrainer:
         if self.uses_critic and self.critic is None:
             raise ValueError("--advantage gae needs the critic, but the engine was built without one")
         self.reward_source = reward_source(reward_fn, self.reward, cfg, self.tokenizer)
-        self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid)
+        # the generation pass's log-probs serve as PPO's old ones, or as TIS's denominator
+        keep = not cfg.ppo.recompute_rollout_logprobs or cfg.ppo.rollout_is_cap > 0
+        self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid, keep_log_probs=keep)
         self._clip_warned = False  # _warn_once_if_clipped
 
     @property
@@ -78,11 +81,11 @@ class DeepSpeedPPOTrainer:
             prompts, mask = prompts["prompt"], prompts["prompt_att_mask"]
         answers = self.sampler.sample(prompts, mask, rows)
         critic = self.critic if self.uses_critic else None
-        *scored, parts = score_rollout(answers, self.actor, self.ref, critic, self.reward_source,
-                                       self.generation.temperature)
-        self._warn_once_if_clipped(scored[3])
-        exp = credit(answers, *scored, self.ppo, self.kl_coef, self.generation.samples_per_prompt)
-        return Rollout(exp, answers.generation_s, parts)
+        scored = score_rollout(answers, self.actor, self.ref, critic, self.reward_source,
+                               self.generation.temperature, self.ppo)
+        self._warn_once_if_clipped(scored.scores)
+        exp = credit(answers, scored, self.ppo, self.kl_coef, self.generation.samples_per_prompt)
+        return Rollout(exp, answers.generation_s, scored.parts, scored.stats)
 
     def _warn_once_if_clipped(self, scores: torch.Tensor) -> None:
         """Scores beyond --clip_reward_value are clipped (as DeepSpeed-Chat clips reward-model

@@ -4,6 +4,8 @@ rewards, then advantages and returns (GAE with the critic, or the critic-free gr
 The forwards are shared with the update (update.py)."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from training.step3_rlhf_finetuning.config import PPOConfig
@@ -12,7 +14,8 @@ from training.step3_rlhf_finetuning.rewards import RewardSource, scored_parts
 from training.step3_rlhf_finetuning.rollout import Answers
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.rl_math import (entropy_from_logits, gae_advantages, group_advantages, kl_penalized_rewards,
-                           log_probs_from_logits, masked_sum, whiten)
+                           log_probs_from_logits, masked_mean, masked_sum, truncated_is_weights,
+                           whiten)
 
 
 def answer_log_probs(model, seq, attention_mask, prompt_len: int, temperature: float,
@@ -36,30 +39,55 @@ def critic_values(model, seq, attention_mask, prompt_len: int) -> torch.Tensor:
     return values[:, prompt_len - 1:-1].float()
 
 
+@dataclass
+class Scored:
+    """A rollout's numbers before credit: (B, A) log-probs of actor and reference, critic values
+    (0 without a critic), (B,) scores; parts: each reward's own scores when several are weighed
+    (rewards.scored_parts); is_weights: (B, A) truncated importance weights or None; stats: the
+    rollout's diagnostics (generation vs recomputed log-probs) when there are any."""
+    log_probs: torch.Tensor
+    ref_log_probs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    parts: dict
+    is_weights: torch.Tensor | None = None
+    stats: dict = field(default_factory=dict)
+
+
 @torch.no_grad()
-def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, temperature: float):
-    """(log_probs, ref_log_probs, values, scores, parts) of the answers; values are 0 without a
-    critic; parts: each reward's own scores when several are weighed (rewards.scored_parts)."""
+def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, temperature: float,
+                  ppo: PPOConfig | None = None) -> Scored:
+    """Score the answers. The actor's log-probs are the generation pass's own (answers.log_probs)
+    unless there are none or ppo.recompute_rollout_logprobs asks for an actor forward."""
+    ppo = ppo or PPOConfig()
     seq, mask, p = answers.seq, answers.attention_mask, answers.prompt_len
     # the reward first: a failing reward function stops the run before the forwards are spent
     scores, parts = scored_parts(reward, answers.prompts, seq, mask, answers.action_mask, answers.rows)
-    models = [actor, *([critic] if critic is not None else [])]
+    recompute = answers.log_probs is None or ppo.recompute_rollout_logprobs
+    models = [*([actor] if recompute else []), *([critic] if critic is not None else [])]
     for model in models:
         model.eval()
-    log_probs = answer_log_probs(actor, seq, mask, p, temperature)
+    log_probs = answer_log_probs(actor, seq, mask, p, temperature) if recompute else answers.log_probs
     ref_log_probs = answer_log_probs(ref, seq, mask, p, temperature)
     values = (critic_values(critic, seq, mask, p) * answers.action_mask if critic is not None
               else torch.zeros_like(log_probs))
     for model in models:
         model.train()
-    return log_probs, ref_log_probs, values, scores, parts
+    scored = Scored(log_probs, ref_log_probs, values, scores, parts)
+    if recompute and answers.log_probs is not None:  # both: how far generation and training disagree
+        mask = answers.action_mask
+        scored.stats["rollout_logprob_gap"] = masked_mean((log_probs - answers.log_probs).abs(), mask).item()
+        if ppo.rollout_is_cap:
+            scored.is_weights = truncated_is_weights(log_probs, answers.log_probs, mask, ppo.rollout_is_cap)
+            scored.stats["rollout_is_weight"] = masked_mean(scored.is_weights, mask).item()
+    return scored
 
 
 @torch.no_grad()
-def credit(answers: Answers, log_probs, ref_log_probs, values, scores, ppo: PPOConfig, kl_coef: float,
-           samples_per_prompt: int) -> Experience:
+def credit(answers: Answers, scored: Scored, ppo: PPOConfig, kl_coef: float, samples_per_prompt: int) -> Experience:
     """The scored rollout as PPO's Experience: rewards, advantages and returns."""
     action_mask = answers.action_mask
+    log_probs, ref_log_probs, values, scores = scored.log_probs, scored.ref_log_probs, scored.values, scored.scores
     kl_coef = 0.0 if ppo.kl_in_loss else kl_coef  # with the KL as a loss term the reward is the score alone
     rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, kl_coef, ppo.clip_reward_value)
     if ppo.uses_critic:
@@ -72,6 +100,8 @@ def credit(answers: Answers, log_probs, ref_log_probs, values, scores, ppo: PPOC
         returns = torch.zeros_like(advantages)
     if ppo.whiten_advantages:
         advantages = whiten(advantages, action_mask)
+    if scored.is_weights is not None:  # TIS weighs the policy-gradient term (w >= 0 commutes with the clip)
+        advantages = advantages * scored.is_weights
     return Experience(prompts=answers.prompts, seq=answers.seq, attention_mask=answers.attention_mask,
                       action_mask=action_mask, log_probs=log_probs, ref_log_probs=ref_log_probs, values=values,
                       scores=scores, rewards=rewards, advantages=advantages, returns=returns)

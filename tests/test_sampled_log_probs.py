@@ -1,0 +1,50 @@
+"""inference.generation.SampledLogProbs: the log-probs HF generate's sampled tokens had, equal to
+a forward over the finished sequences (the Step 3 scoring forward), eos-stopped rows included."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inference.generation import SampledLogProbs, generation_config, pad_to_width
+from training.step3_rlhf_finetuning.scoring import answer_log_probs
+from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
+from utils.rl_math import answer_mask
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.set_num_threads(1)
+    path = resolve_model_path("tiny-llama")
+    tok = load_tokenizer(path, padding_side="left")
+    return load_causal_lm(path, tok).eval(), tok
+
+
+@pytest.mark.parametrize("temperature,top_k", [(1.0, 0), (0.7, 0), (1.3, 4)])
+def test_recorded_log_probs_equal_a_forward_over_the_answers(model_and_tokenizer, temperature, top_k):
+    model, tok = model_and_tokenizer
+    batch = tok(["What is 2 + 3?", "Reverse the word cat, please."], return_tensors="pt", padding=True)
+    ids, mask, new = batch["input_ids"], batch["attention_mask"], 10
+    torch.manual_seed(0)
+    # an eos the first row samples early, so rows stop at different steps and generate may end early
+    eos = [tok.eos_token_id]
+    recorder = SampledLogProbs(temperature)
+    config = generation_config(max_new_tokens=new, do_sample=True, temperature=temperature, top_k=top_k,
+                               top_p=1.0, pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
+                             logits_processor=[recorder])
+    kept = recorder.result(out, ids.shape[1], new)
+    seq = pad_to_width(out, ids.shape[1] + new, tok.pad_token_id)
+    answers = answer_mask(seq[:, ids.shape[1]:], eos, tok.pad_token_id)
+    with torch.no_grad():
+        scored = answer_log_probs(model, seq, torch.cat([mask, answers.long()], 1), ids.shape[1], temperature)
+    assert kept.shape == (2, new) and kept.dtype == torch.float32
+    assert torch.allclose(kept * answers, scored * answers, atol=1e-5)
+    assert (kept[:, out.shape[1] - ids.shape[1]:] == 0).all()  # steps generate never ran
+    assert (kept[answers] < 0).all()
+
+
+def test_a_recorder_that_missed_steps_is_an_error():
+    recorder = SampledLogProbs(1.0)
+    with pytest.raises(RuntimeError, match="recorded 0 sampled log-probs for 3 generated tokens"):
+        recorder.result(torch.zeros(1, 5, dtype=torch.long), 2, 4)
