@@ -168,6 +168,10 @@ def test_phase_flops_count_the_rounds_scoring_training_and_generation():
     work = PhaseFlops(engine, 1, False, False).of([exp])
     assert work["generation"] == pytest.approx(generation, rel=1e-3)
     assert work["scoring"] == pytest.approx(scoring, rel=1e-3)
+    with torch.no_grad():  # rollout log-probs kept from generating: the reference alone reads the rollout
+        ref_only = counted(lambda: [answer_log_probs(ref, seq, mask, SEQ, 1.0), critic_values(critic, seq, mask, SEQ)])
+    assert PhaseFlops(engine, 1, False, False, actor_scoring=False).of([exp])["scoring"] == pytest.approx(
+        ref_only, rel=1e-3)
     assert work["training"] == pytest.approx(training, rel=1e-3)
     assert (work["real_tokens"], work["padded_tokens"]) == (BATCH * (SEQ + NEW) - 4, BATCH * (SEQ + NEW))
     times = timing([exp], work, 1.0, 1.0, 1.0, 4.0)

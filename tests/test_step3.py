@@ -120,13 +120,13 @@ def test_critic_free_rloo_over_several_answers_per_prompt(tmp_path):
 
 
 def test_recomputed_rollout_log_probs_with_truncated_importance_sampling(tmp_path):
-    """--recompute_rollout_logprobs --rollout_is_cap 2: the scoring forward recomputes the old
-    log-probs (DeepSpeed-Chat's way), each round logs how far the generation pass's were from them
-    (fp32: rounding) and the mean TIS weight (1 when they agree)."""
+    """--rollout_is_cap 2 (which recomputes): the scoring forward recomputes the old log-probs
+    (DeepSpeed-Chat's way), each round logs how far the generation pass's were from them (fp32:
+    rounding) and the mean TIS weight (1 when they agree)."""
     out = tmp_path / "tis"
     logged = finished(run_module(MODULE, [*QUICK, "--reward_source", "checker", "--max_prompt_seq_len", "96",
                                           "--advantage", "grpo", "--samples_per_prompt", "2",
-                                          "--recompute_rollout_logprobs", "--rollout_is_cap", "2",
+                                          "--rollout_is_cap", "2",
                                           "--output_dir", out]), out, folders=("actor",))
     for row in logged:
         assert 0 <= row["train/rollout_logprob_gap"] < 1e-4, row
@@ -169,7 +169,7 @@ def test_long_prompts_are_cut_from_the_left_and_reported_once(tmp_path):
     (["--scale_rewards", "none"], "--scale_rewards none scales grpo's advantages; --advantage gae has none"),
     (["--cliprange_high", "-0.1"], "--cliprange_high must be >= 0"),
     (["--loss_aggregation", "mean"], "invalid choice: 'mean'"),
-    (["--rollout_is_cap", "2"], "it needs --recompute_rollout_logprobs"),
+    (["--rollout_is_cap", "2", "--no-recompute_rollout_logprobs"], "cannot go with --no-recompute_rollout_logprobs"),
     (["--rollout_is_cap", "-1", "--recompute_rollout_logprobs"], "--rollout_is_cap must be >= 0"),
 ])
 def test_impossible_flag_values_are_refused(tmp_path, flags, message):

@@ -180,15 +180,18 @@ class PPOConfig:
     whiten_advantages: bool = field(default=False, metadata=doc(
         "Normalize each rollout's advantages to zero mean and unit variance (as TRL does); "
         "off by default, as in DeepSpeed-Chat."))
-    recompute_rollout_logprobs: bool = field(default=False, metadata=doc(
+    recompute_rollout_logprobs: bool = field(default=None, metadata=doc(
         "Score the rollout's own log-probs (PPO's old policy) with a second actor forward after "
-        "generating, as DeepSpeed-Chat does. Off: they are kept from the generation pass itself "
-        "(the same tempered softmax, one forward fewer per answer)."))
+        "generating, as DeepSpeed-Chat does; --no-recompute_rollout_logprobs keeps them from the "
+        "generation pass itself (the same tempered softmax, one actor forward fewer per answer). "
+        "Default: kept when the actor computes in fp32 (they agree with a training forward to ~1e-5), "
+        "recomputed in bf16 (there they drift by ~0.05 per token: docs/2026-12-05-rollout-logprobs.md) "
+        "or with --rollout_is_cap."))
     rollout_is_cap: float = field(default=0.0, metadata=doc(
-        "Truncated importance sampling (TIS, as TRL's and OpenRLHF's): with "
-        "--recompute_rollout_logprobs, weigh each token's policy loss by min(p_recomputed / "
-        "p_generation, this), correcting for the generation pass computing slightly different "
-        "probabilities (bf16, KV cache, fused LoRA) than training does. 0 = off."))
+        "Truncated importance sampling (TIS, as TRL's and OpenRLHF's): weigh each token's policy "
+        "loss by min(p_recomputed / p_generation, this), correcting for the generation pass "
+        "computing slightly different probabilities (bf16, KV cache, fused LoRA) than training "
+        "does. Recomputes the rollout log-probs. 0 = off."))
     enable_ema: bool = field(default=False, metadata=doc("Keep an exponential moving average of the actor."))
     ema_decay: float = field(default=0.992, metadata=doc(
         "EMA decay per actor optimizer step (the average is kept in fp32 whatever --dtype; saved in --dtype)."))
@@ -336,9 +339,9 @@ def validate_ppo(ppo: PPOConfig, samples_per_prompt: int) -> None:
         raise ConfigError(f"--ema_decay must be in (0, 1), got {ppo.ema_decay}")
     if ppo.rollout_is_cap < 0:
         raise ConfigError(f"--rollout_is_cap must be >= 0 (0: off), got {ppo.rollout_is_cap}")
-    if ppo.rollout_is_cap and not ppo.recompute_rollout_logprobs:
+    if ppo.rollout_is_cap and ppo.recompute_rollout_logprobs is False:
         raise ConfigError("--rollout_is_cap weighs recomputed log-probs against the generation's: "
-                          "it needs --recompute_rollout_logprobs")
+                          "it cannot go with --no-recompute_rollout_logprobs")
 
 
 def as_step3_config(args) -> Step3Config:

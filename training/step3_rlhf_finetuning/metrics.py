@@ -59,8 +59,9 @@ def _shape(engine, value_head: bool) -> flops.Shape | None:
 
 class PhaseFlops:
     """Matmul FLOPs of one round's phases, per process (utils.flops): generation with the KV
-    cache; the scoring forwards (actor and reference: logits for the answer positions + 1, as
-    scoring.answer_log_probs asks; critic and reward model: the value head at every position);
+    cache; the scoring forwards (the reference, and the actor when it recomputes its rollout
+    log-probs: logits for the answer positions + 1, as scoring.answer_log_probs asks; critic and
+    reward model: the value head at every position);
     ppo_epochs passes of actor and critic training over the round's rows at the width
     Experience.concat pads them to. The ptx term's forwards are not counted.
 
@@ -68,7 +69,11 @@ class PhaseFlops:
     answer tokens under the attention mask) is kept beside `padded_tokens` for a change that
     unpads them."""
 
-    def __init__(self, engine, ppo_epochs: int, actor_checkpointing: bool, critic_checkpointing: bool):
+    def __init__(self, engine, ppo_epochs: int, actor_checkpointing: bool, critic_checkpointing: bool,
+                 actor_scoring: bool = True):
+        """actor_scoring: the actor reads the rollout again to score it (--recompute_rollout_logprobs);
+        otherwise only the reference's scoring forward runs on the actor's shape."""
+        self.scoring_passes = 1 + int(actor_scoring)  # reference, and the actor when it recomputes
         self.actor = _shape(engine.actor, value_head=False)
         self.critic = _shape(engine.critic, value_head=True)
         self.reward = _shape(engine.reward, value_head=True)
@@ -79,7 +84,7 @@ class PhaseFlops:
         for exp in exps:
             b, p, width = len(exp), exp.prompt_len, exp.seq.size(1)
             gen += flops.generation_flops(self.actor, b, p, int(exp.action_mask.sum(1).max()))
-            score += 2 * flops.forward_flops(self.actor, b, width, logits=width - p + 1)  # actor and reference
+            score += self.scoring_passes * flops.forward_flops(self.actor, b, width, logits=width - p + 1)
             score += sum(flops.forward_flops(s, b, width) for s in (self.critic, self.reward) if s is not None)
         return {"generation": gen, "scoring": score, "training": self.ppo_epochs * self.training(exps),
                 "padded_tokens": sum(e.attention_mask.numel() for e in exps),

@@ -24,7 +24,7 @@ from training.step3_rlhf_finetuning.experience import Experience, Rows
 from training.step3_rlhf_finetuning.metrics import experience_stats
 from training.step3_rlhf_finetuning.rewards import Given, reward_source
 from training.step3_rlhf_finetuning.rollout import AnswerSampler
-from training.step3_rlhf_finetuning.scoring import credit, score_rollout
+from training.step3_rlhf_finetuning.scoring import credit, recomputes_rollout_logprobs, score_rollout
 from training.step3_rlhf_finetuning.update import PtxStats, TrainStats, actor_update, critic_update, ptx_update
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,8 @@ class DeepSpeedPPOTrainer:
             raise ValueError("--advantage gae needs the critic, but the engine was built without one")
         self.reward_source = reward_source(reward_fn, self.reward, cfg, self.tokenizer)
         # the generation pass's log-probs serve as PPO's old ones, or as TIS's denominator
-        keep = not cfg.ppo.recompute_rollout_logprobs or cfg.ppo.rollout_is_cap > 0
+        self.recomputes_logprobs = recomputes_rollout_logprobs(cfg.ppo, self.actor)
+        keep = not self.recomputes_logprobs or cfg.ppo.rollout_is_cap > 0
         self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid, keep_log_probs=keep)
         self._clip_warned = False  # _warn_once_if_clipped
 

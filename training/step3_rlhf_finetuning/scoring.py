@@ -39,6 +39,14 @@ def critic_values(model, seq, attention_mask, prompt_len: int) -> torch.Tensor:
     return values[:, prompt_len - 1:-1].float()
 
 
+def recomputes_rollout_logprobs(ppo: PPOConfig, actor) -> bool:
+    """--recompute_rollout_logprobs as given, else its default for this actor: recompute in bf16
+    (the generation pass drifts there), or for --rollout_is_cap; keep the generation's in fp32."""
+    if ppo.recompute_rollout_logprobs is not None:
+        return ppo.recompute_rollout_logprobs
+    return ppo.rollout_is_cap > 0 or next(actor.parameters()).dtype != torch.float32
+
+
 @dataclass
 class Scored:
     """A rollout's numbers before credit: (B, A) log-probs of actor and reference, critic values
@@ -58,12 +66,12 @@ class Scored:
 def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, temperature: float,
                   ppo: PPOConfig | None = None) -> Scored:
     """Score the answers. The actor's log-probs are the generation pass's own (answers.log_probs)
-    unless there are none or ppo.recompute_rollout_logprobs asks for an actor forward."""
+    unless there are none or recomputes_rollout_logprobs asks for an actor forward."""
     ppo = ppo or PPOConfig()
     seq, mask, p = answers.seq, answers.attention_mask, answers.prompt_len
     # the reward first: a failing reward function stops the run before the forwards are spent
     scores, parts = scored_parts(reward, answers.prompts, seq, mask, answers.action_mask, answers.rows)
-    recompute = answers.log_probs is None or ppo.recompute_rollout_logprobs
+    recompute = answers.log_probs is None or recomputes_rollout_logprobs(ppo, actor)
     models = [*([actor] if recompute else []), *([critic] if critic is not None else [])]
     for model in models:
         model.eval()
