@@ -108,7 +108,7 @@ def timing(exps: list[Experience], work: dict, gen_s: float, scoring_s: float, t
     answers = sum(len(e) for e in exps)
     total = sum(work[phase] for phase in PHASES)
     return {"generation_s": gen_s, "scoring_s": scoring_s, "training_s": train_s, "round_s": total_s,
-            "samples_per_s": answers / total_s, "generated_tokens": generated,
+            "samples_per_s": answers / total_s, "answers": answers, "generated_tokens": generated,
             "generation_tokens_per_s": generated / max(gen_s, 1e-9),
             "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
             "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,

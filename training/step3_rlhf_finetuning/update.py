@@ -100,6 +100,7 @@ class UpdateLog:
 
     def __init__(self):
         self.actor, self.critic, self.unsup, self.entropy, self.shift = [], [], [], [], []
+        self.steps = 0  # optimizer steps of each trained model (benchmarks compare the work done)
 
     def add(self, stats: TrainStats) -> None:
         self.actor.append(stats.actor_loss.item())
@@ -110,7 +111,7 @@ class UpdateLog:
     def summary(self, nonfinite: NonFinite) -> dict:
         out = {"actor_loss": mean(self.actor), "critic_loss": mean(self.critic), "entropy": mean(self.entropy),
                "policy_shift": mean(self.shift), "first_policy_shift": self.shift[0] if self.shift else float("nan"),
-               "skipped_nonfinite": nonfinite.total}
+               "skipped_nonfinite": nonfinite.total, "optimizer_steps": self.steps}
         if self.unsup:
             out["unsup_loss"] = mean(self.unsup)
         return out
@@ -127,6 +128,7 @@ def ppo_update(trainer, cfg: Step3Config, exps: list[Experience], unsup, nonfini
     micro = [m for _ in range(cfg.ppo_epochs) for m in experience.split(cfg.per_device_training_batch_size)]
     log = UpdateLog()
     for group in accumulation_groups(len(micro), cfg.gradient_accumulation_steps):
+        log.steps += 1
         tokens = step_token_count([micro[i] for i in group]) if cfg.ppo.loss_aggregation == "dapo" else None
         for i in group:
             boundary = i == group[-1]
