@@ -39,7 +39,9 @@ lines):
               sequence<->grpo, token<->bnpo, dr_grpo<->dr_grpo), epsilon = --cliprange (no
               clip-higher), num_iterations 1 = --ppo_epochs 1 (ratio 1 at every step), temperature,
               top_p 1, top_k 0, eos = the tokenizer's eos only (TRL would also stop at the model's
-              generation_config eos ids: the peer sets them to the tokenizer's)
+              generation_config eos ids: the peer sets them to the tokenizer's); with --ignore_eos
+              every answer is exactly --max_answer_seq_len tokens (ours --ignore_eos, TRL
+              generation_kwargs min_new_tokens)
   schedule    --prompts_per_round prompts x K answers a round, in micro-batches of --micro_batch
               answers, one optimizer step a round (gradient accumulation over the round; TRL
               steps_per_generation = gradient_accumulation_steps), --rounds rounds (TRL max_steps):
@@ -49,6 +51,8 @@ lines):
 Not matched (cannot be, or not worth it):
   - random streams: the same seed drives different code, so the sampled answers differ; seeds
     are the unit of comparison (report the spread, not one run)
+  - --ignore_eos: ours samples eos as an ordinary token and goes on; TRL's min_new_tokens gives
+    eos no probability (were it sampled, TRL would end the answer there)
   - the group std: ours divides by std + 1e-6, TRL by std + 1e-4; both give a tied group 0
   - what the reward function sees as `prompts`: TRL the raw prompt text, ours the prompt decoded
     from its ids (TRL's own extras, completion_ids, trainer_state, log_extra, log_metric, are
@@ -93,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="answers per micro-batch (0 = the whole round); one optimizer step a round")
     p.add_argument("--max_prompt_seq_len", type=int, default=128)
     p.add_argument("--max_answer_seq_len", type=int, default=32, help="TRL max_completion_length")
+    p.add_argument("--ignore_eos", action="store_true",
+                   help="every answer exactly --max_answer_seq_len tokens on both sides (throughput benchmarks)")
     p.add_argument("--kl_ctl", type=float, default=0.04, help="KL weight (TRL beta)")
     p.add_argument("--learning_rate", type=float, default=5e-6)
     p.add_argument("--lr_scheduler_type", default="constant")
@@ -135,7 +141,8 @@ def matched_settings(args) -> dict:
             "answers_per_round": args.prompts_per_round * args.samples_per_prompt,
             "micro_batch": micro, "gradient_accumulation_steps": accumulation, "optimizer_steps_per_round": 1,
             "rounds": args.rounds, "answers_seen": args.rounds * args.prompts_per_round * args.samples_per_prompt,
-            "max_answer_seq_len": args.max_answer_seq_len, "kl_ctl": args.kl_ctl, "kl_in_loss": True,
+            "max_answer_seq_len": args.max_answer_seq_len, "ignore_eos": bool(args.ignore_eos),
+            "kl_ctl": args.kl_ctl, "kl_in_loss": True,
             "learning_rate": args.learning_rate, "lr_scheduler_type": args.lr_scheduler_type, "warmup_steps": 0,
             "adam_betas": list(ADAM_BETAS), "adam_eps": ADAM_EPS, "weight_decay": 0.0,
             "max_grad_norm": args.max_grad_norm, "temperature": args.temperature, "top_p": 1.0, "top_k": 0,
@@ -162,6 +169,7 @@ def ours_command(args, seed: int, out: Path) -> list[str]:
              "--per_device_training_batch_size", m["micro_batch"],
              "--gradient_accumulation_steps", m["gradient_accumulation_steps"],
              "--max_prompt_seq_len", m["max_prompt_seq_len"], "--max_answer_seq_len", m["max_answer_seq_len"],
+             *(["--ignore_eos"] if m["ignore_eos"] else []),
              "--temperature", m["temperature"], "--top_p", m["top_p"], "--top_k", m["top_k"],
              "--actor_learning_rate", m["learning_rate"], "--lr_scheduler_type", m["lr_scheduler_type"],
              "--num_warmup_steps", m["warmup_steps"], "--actor_weight_decay", m["weight_decay"],
@@ -183,6 +191,8 @@ def trl_config_kwargs(m: dict, seed: int, output_dir: str, use_cpu: bool) -> dic
         beta=m["kl_ctl"], epsilon=m["cliprange"], epsilon_high=m["cliprange"], scale_rewards=m["scale_rewards"],
         loss_type=LOSS_TYPES[m["loss_aggregation"]], mask_truncated_completions=False,
         temperature=m["temperature"], top_p=m["top_p"], top_k=m["top_k"],
+        # eos masked out of sampling until max_completion_length: no answer ends early
+        generation_kwargs={"min_new_tokens": m["max_answer_seq_len"]} if m["ignore_eos"] else None,
         learning_rate=m["learning_rate"], lr_scheduler_type=m["lr_scheduler_type"], warmup_steps=m["warmup_steps"],
         adam_beta1=m["adam_betas"][0], adam_beta2=m["adam_betas"][1], adam_epsilon=m["adam_eps"],
         weight_decay=m["weight_decay"], max_grad_norm=m["max_grad_norm"], optim="adamw_torch",

@@ -36,6 +36,7 @@ def parsed_ours(argv: list[str]):
      "--lr_scheduler_type", "cosine", "--max_grad_norm", "0.5", "--gradient_checkpointing"],
     ["--loss_aggregation", "token", "--scale_rewards", "batch", "--micro_batch", "8"],
     ["--loss_aggregation", "dr_grpo"],
+    ["--ignore_eos", "--max_answer_seq_len", "16"],
 ])
 def test_both_sides_get_every_matched_setting(tmp_path, extra):
     args = build_parser().parse_args([*BASE, *extra, "--output_dir", str(tmp_path)])
@@ -65,7 +66,9 @@ def test_both_sides_get_every_matched_setting(tmp_path, extra):
     assert cfg.ppo.clip_reward_value >= 1e6  # TRL does not clip scores
     assert (cfg.generation.temperature, cfg.generation.top_p, cfg.generation.top_k) == (
         kw["temperature"], kw["top_p"], kw["top_k"])
-    assert not cfg.generation.ignore_eos
+    # eos ends answers on both sides, or (--ignore_eos) on neither: every answer max_answer_seq_len tokens
+    assert cfg.generation.ignore_eos == m["ignore_eos"] == ("--ignore_eos" in extra)
+    assert kw["generation_kwargs"] == ({"min_new_tokens": kw["max_completion_length"]} if m["ignore_eos"] else None)
     # the same answers per round, micro-batches, one optimizer step a round, the same rounds
     trl_generation_batch = kw["per_device_train_batch_size"] * kw["steps_per_generation"]  # one process
     assert cfg.answers_per_rank == trl_generation_batch == m["prompts_per_round"] * m["samples_per_prompt"]
