@@ -14,7 +14,10 @@ bench.grpo_vs_trl.matched_settings built (as JSON), it
   - trains with GRPOConfig(**bench.grpo_vs_trl.trl_config_kwargs(...)) and saves the final
     policy and tokenizer as an HF folder (<output_dir>/policy);
   - writes <output_dir>/peer_result.json: the policy folder, per-round seconds (one optimizer
-    step a round, timed from TRL's step-end callback), the rollouts' mean reward and KL per round.
+    step a round, timed from TRL's step-end callback), the rollouts' mean reward and KL per round,
+    and the work as measured (bench.step3_throughput checks it): each generate call's seconds
+    (a wrapper that only times), each reward call's answers and completion tokens, optimizer
+    steps, peak memory.
 """
 from __future__ import annotations
 
@@ -68,13 +71,16 @@ def step3_prompts(m: dict, seed: int, data_output_path: str,
 TRL_EXTRAS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")  # not ours
 
 
-def trl_reward(spec: str):
+def trl_reward(spec: str, seen: list | None = None):
     """The user's function, called as utils/rewards.py calls it: prompts, completions and the
-    data set's columns (not TRL's extras), only those it names unless it takes **kwargs."""
+    data set's columns (not TRL's extras), only those it names unless it takes **kwargs. Each
+    call appends to `seen` the answers it scores and their tokens (the work TRL did)."""
     from utils.rewards import load_reward_functions
     rf = load_reward_functions([spec])[0]
 
     def reward(prompts, completions, **kwargs):
+        if seen is not None:
+            seen.append({"answers": len(completions), "tokens": sum(map(len, kwargs["completion_ids"]))})
         given = {"prompts": prompts, "completions": completions,
                  **{k: v for k, v in kwargs.items() if k not in TRL_EXTRAS}}
         if rf.accepts is not None:
@@ -84,6 +90,16 @@ def trl_reward(spec: str):
     return reward
 
 
+def timed(generate, seconds: list):
+    """`generate` that appends its wall seconds to `seconds` (it only measures)."""
+    def wrapped(*args, **kwargs):
+        start = time.perf_counter()
+        out = generate(*args, **kwargs)
+        seconds.append(time.perf_counter() - start)
+        return out
+    return wrapped
+
+
 def run(args) -> dict:
     import datasets
     import torch
@@ -91,6 +107,7 @@ def run(args) -> dict:
     from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
+    from training.step3_rlhf_finetuning.metrics import peak_memory_gb
     from utils.model import load_tokenizer, resolve_model_path
 
     m = json.loads(args.settings)
@@ -107,6 +124,8 @@ def run(args) -> dict:
     policy.generation_config.pad_token_id = tokenizer.pad_token_id
 
     marks, log_rows, checked = [], [], {}  # step-end times; TRL's per-step logs; its checkpointing
+    scored, generation_s = [], []  # per reward call: answers and tokens; per generate call: seconds
+    policy.generate = timed(policy.generate, generation_s)
 
     class Marks(TrainerCallback):
         def on_train_begin(self, *_, model=None, **__):
@@ -122,7 +141,7 @@ def run(args) -> dict:
 
     out = Path(args.output_dir)
     config = GRPOConfig(**trl_config_kwargs(m, args.seed, str(out / "trainer"), use_cpu))
-    trainer = GRPOTrainer(model=policy, reward_funcs=trl_reward(m["reward_fn"]), args=config,
+    trainer = GRPOTrainer(model=policy, reward_funcs=trl_reward(m["reward_fn"], scored), args=config,
                           train_dataset=data, processing_class=tokenizer, callbacks=[Marks()])
     setup = {"eos_token_ids": sorted(set(trainer.eos_token_ids)), "reference_model": trainer.ref_model is not None}
     if setup != {"eos_token_ids": [tokenizer.eos_token_id], "reference_model": m["kl_ctl"] > 0}:
@@ -139,7 +158,8 @@ def run(args) -> dict:
     tokenizer.save_pretrained(str(out / "policy"))
     (out / "policy" / "trl_config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
     return {"model": str(out / "policy"), "trl_version": trl.__version__, "train_s": train_s, **setup, **checked,
-            "round_s": [b - a for a, b in zip(marks, marks[1:])],
+            "round_s": [b - a for a, b in zip(marks, marks[1:])], "generation_s": generation_s,
+            "scored": scored, "optimizer_steps": trainer.state.global_step, "peak_memory_gb": peak_memory_gb(),
             "reward": [r["reward"] for r in log_rows], "kl": [r.get("kl") for r in log_rows],
             "completion_length": [r.get("completions/mean_length") for r in log_rows]}
 
