@@ -12,6 +12,15 @@ from utils.model import resolve_dtype_name
 PREFIX = "RESULT "
 
 
+def child_env(device: str) -> dict:
+    """A benchmark child's environment: offline hub; a CPU benchmark stays on the CPU even on a
+    GPU machine."""
+    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
 def report_result(result: dict) -> None:
     """In the child: hand the measured numbers to the parent."""
     print(PREFIX + json.dumps(result), flush=True)

@@ -212,7 +212,7 @@ def trl_command(args, seed: int, out: Path) -> list[str]:
 
 def run_logged(cmd: list[str], log: Path, device: str) -> float:
     """Run one side; its console in `log`; wall seconds. Stops the benchmark on failure."""
-    from bench.step3_throughput import child_env
+    from bench.child import child_env
     start = time.perf_counter()
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT,

@@ -3,7 +3,7 @@
 This interpreter when it already has the wanted trl; otherwise a virtual environment in the
 cache folder, one per trl version, created once, that sees this environment's packages (torch,
 transformers, ...) and adds trl on top, so our own environment is never changed by a benchmark.
-`bench.step3_throughput` uses trl 1.12 (its PPO trainer), `bench.grpo_vs_trl` trl 1.16 (GRPO).
+`bench.step3_throughput` uses trl 1.12 (its PPO trainer) and 1.16 (GRPO), `bench.grpo_vs_trl` trl 1.16.
 """
 from __future__ import annotations
 

@@ -1,21 +1,39 @@
-"""Step 3 throughput side by side: our engine set-ups and TRL's PPO trainer on the same work.
+"""Step 3 throughput side by side: our engine set-ups and TRL's trainers on the same work.
 
-Every variant is a real PPO run in its own subprocess with the same actor, critic/reward model,
-prompts, batch size, prompt and answer lengths and number of iterations: ours through
-`training.step3_rlhf_finetuning.main`, the peer through TRL 1.12's `trl.experimental.ppo`
-(`bench.trl_peer`, in an environment from `bench.peer_env`). Fixed work per iteration on both
-sides: every prompt is exactly --prompt_len tokens (questions of the bundled task joined and cut
-from the left by our data layer; TRL gets the same token ids) and eos is disabled, so each
-iteration generates batch x --answer_len tokens; one optimizer step per model per iteration.
-The first iteration (engine builds, first inference-copy build) is left out of every mean.
+Every row is a real Step 3 run in its own subprocess on the same actor, prompts, prompt and
+answer lengths and number of rounds, and each of ours is compared with TRL's trainer of its own
+algorithm:
+  PPO   ours (actor + critic, --critic as critic and reward model; ZeRO 2/3, hybrid engine or
+        plain generate) through `training.step3_rlhf_finetuning.main`, against TRL 1.12's
+        `trl.experimental.ppo` (`bench.trl_peer`): --batch prompts x 1 answer a round
+  GRPO  ours (`--advantage grpo`, no critic; ZeRO 2, hybrid or plain generate) against TRL 1.16's
+        GRPOTrainer (`bench.trl_grpo_peer`), both built by `bench.grpo_vs_trl` from its matched
+        settings (model, KL weight --kl_ctl as a k3 term in the loss = TRL beta, lr
+        --learning_rate, AdamW, temperature 1, dtype, seed, loss, gradient clipping): --batch
+        prompts x --samples_per_prompt answers a round, all in one micro-batch and ONE optimizer
+        step a round on both sides. Reward on both: `question_reward` (the bundled checker on
+        each row's last question, a data column both sides pass to the function)
+TRL runs in a cached environment with its version (`bench.peer_env`).
 
-Prints samples/s, generation tokens/s, per-phase effective TFLOPs (the matmuls each phase runs,
-utils.flops) and their share of the machine's measured matmul peak (bench.peak), peak memory,
-TFLOP per sample (ours), and each variant's samples/s as a ratio to TRL's (target >= 3x);
-`--json FILE` keeps the numbers.
+Fixed work per round on both sides: every prompt is exactly --prompt_len tokens (bundled
+questions joined, words dropped from the front; our data layer encodes them without a cut and
+TRL gets the same token ids, or for GRPO the same text, checked to give the same ids), and eos
+never ends an answer (ours --ignore_eos; TRL PPO stop_token None, TRL GRPO min_new_tokens), so a
+round generates answers x --answer_len tokens; one optimizer step of each trained model (TRL PPO
+steps policy and value head in one optimizer). Each row records its work per round as measured
+(answers, generated tokens, optimizer steps); the benchmark stops if any row did other work.
+
+Timing: a round is the wall time from one round's end to the next's (ours: the rounds' log lines;
+TRL: its step-end callback), so the first round (engine builds) is left out of every mean.
+Prints samples/s (samples = answers), generation tokens/s, per-phase effective TFLOPs (the
+matmuls each phase runs, utils.flops) and their share of the machine's measured matmul peak
+(bench.peak), peak memory, TFLOP per sample (ours), and each row's samples/s as a ratio to its
+algorithm's TRL row in the same run ("vs TRL"); `--json FILE` keeps the numbers.
 
     python -m bench.step3_throughput                                  # tiny-llama, quick
     python -m bench.step3_throughput --actor output/step1_sft --critic output/step2_reward
+    python -m bench.step3_throughput --actor smollm2-135m --variants "grpo zero2+hybrid" "trl grpo" \\
+        --batch 8 --samples_per_prompt 4 --prompt_len 64 --answer_len 32 --kl_ctl 0.1 --learning_rate 1e-5
     python -m bench.step3_throughput --device cuda --actor facebook/opt-1.3b \\
         --critic facebook/opt-350m --prompt_len 256 --answer_len 256 --batch 16   # on a GPU
 """
@@ -23,121 +41,260 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-OURS = {
+from bench.child import child_env
+
+PPO = {  # our PPO rows (actor and critic): engine flags
     "zero2+hybrid": ["--actor_zero_stage", "2", "--critic_zero_stage", "2"],
     "zero2, plain generate": ["--actor_zero_stage", "2", "--critic_zero_stage", "2", "--no-enable_hybrid_engine"],
     "zero3+hybrid": ["--actor_zero_stage", "3", "--critic_zero_stage", "3"],
     "zero3, plain generate": ["--actor_zero_stage", "3", "--critic_zero_stage", "3", "--no-enable_hybrid_engine"],
 }
-PEER = "trl ppo"
+GRPO = {  # our GRPO rows (actor only): bench.grpo_vs_trl's engine flags
+    "grpo zero2+hybrid": ["--zero_stage", "2"],
+    "grpo zero2, plain generate": ["--zero_stage", "2", "--ours_args=--no-enable_hybrid_engine"],
+}
+TRL_PPO, TRL_GRPO = "trl ppo", "trl grpo"
+VARIANTS = [*PPO, TRL_PPO, *GRPO, TRL_GRPO]
+REWARD_FN = "bench.step3_throughput:question_reward"  # the GRPO rows' reward, both sides
 COLUMNS = ("samples_per_s", "generation_tokens_per_s", "generation_tflops", "training_tflops", "tflops",
            "generation_s", "scoring_s", "training_s", "peak_memory_gb")
 LOGGED = (*COLUMNS, "flops_per_sample")  # ours only: the peer's rounds are not counted
-
-
-def child_env(device: str) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}
-    if device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # a CPU benchmark stays on the CPU even on a GPU machine
-    return env
+WORK = ("answers", "generated_tokens", "optimizer_steps")  # per round, of each trained model; every row records it
 
 
 def write_prompt_file(path: Path, actor: str, prompt_len: int, count: int) -> None:
-    """`count` prompts of at least prompt_len tokens (bundled questions joined); the data layer
-    keeps the last prompt_len tokens of each, so every prompt ends up exactly that long."""
+    """`count` prompts of exactly prompt_len tokens: bundled questions joined, words dropped from
+    the front until the length fits. The texts need no cut by our data layer, so the GRPO peer
+    hands TRL the very text (and ids) ours trains on. Each row's "question" column is its last
+    question, always whole: the one `question_reward` checks the answer against."""
     from utils.data import bundled
-    from utils.data.pipeline import encode
-    from utils.data.raw_datasets import as_answer, human_prompt
-    from utils.model import load_tokenizer, resolve_model_path
+    from utils.data.raw_datasets import as_answer
 
-    tokenizer = load_tokenizer(resolve_model_path(actor))
+    tokens = prompt_length(actor)
     examples = bundled.generate_examples(num=4 * count + 64, seed=1)
     rows, at = [], 0
     while len(rows) < count:
+        if at > 8 * len(examples):
+            raise SystemExit(f"no joined bundled questions make a prompt of exactly {prompt_len} tokens")
         parts = []
-        while len(encode(tokenizer, [human_prompt(" ".join(parts))], True)[0]) <= prompt_len:
+        while not parts or tokens(" ".join(parts)) <= prompt_len:
             parts.append(examples[at % len(examples)]["prompt"])
             at += 1
-        chosen = examples[(at - 1) % len(examples)]
-        rows.append({"prompt": human_prompt(" ".join(parts)), "chosen": as_answer(chosen["chosen"]),
-                     "rejected": as_answer(chosen["rejected"])})
+        text = exact_length_prompt(tokens, parts[:-1], parts[-1], prompt_len)
+        last = examples[(at - 1) % len(examples)]
+        if text is not None:  # else: no cut hits prompt_len; the next try starts a question later
+            rows.append({"prompt": text, "chosen": as_answer(last["chosen"]), "rejected": as_answer(last["rejected"]),
+                         "question": last["prompt"]})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_ours(name: str, args, data: Path, workdir: Path) -> dict:
-    out = workdir / name.replace(" ", "_").replace(",", "").replace("+", "_")
-    cmd = [sys.executable, "-m", "training.step3_rlhf_finetuning.main",
-           "--actor_model_name_or_path", args.actor, "--critic_model_name_or_path", args.critic,
-           "--data_path", str(data), "--data_split", "0,0,1", "--data_output_path", str(workdir / "data"),
-           "--per_device_generation_batch_size", str(args.batch), "--per_device_training_batch_size", str(args.batch),
-           "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len),
-           "--ignore_eos", "--num_warmup_steps", "0", "--max_rounds", str(args.rounds),
-           "--dtype", args.dtype, "--seed", str(args.seed), "--disable_tqdm", "--output_dir", str(out),
-           *OURS[name]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device))
-    if proc.returncode:
-        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+def prompt_length(actor: str):
+    """question -> token count of its Human/Assistant prompt, as our data layer encodes it."""
+    from utils.data.pipeline import encode
+    from utils.data.raw_datasets import human_prompt
+    from utils.model import load_tokenizer, resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(actor))
+    return lambda question: len(encode(tokenizer, [human_prompt(question)], True)[0])
+
+
+def exact_length_prompt(tokens, before: list[str], question: str, prompt_len: int) -> str | None:
+    """The Human/Assistant prompt of `question` after the longest word suffix of the questions
+    `before` it that makes exactly prompt_len tokens, or None (dropping a word can remove two
+    tokens at once, and a word can change how its neighbour is split)."""
+    from utils.data.raw_datasets import human_prompt
+
+    words = " ".join(before).split(" ") if before else []
+    for start in range(len(words) + 1):
+        text = " ".join([*words[start:], question])
+        if tokens(text) == prompt_len:
+            return human_prompt(text)
+    return None
+
+
+def question_reward(prompts, completions, question, **kwargs) -> list[float]:
+    """The GRPO rows' reward on both sides (--reward_fn bench.step3_throughput:question_reward):
+    the bundled checker's score of each answer to its row's last question. The prompts join
+    several questions, which the checker does not parse, so it gets the "question" column."""
+    from utils.data import bundled
+    return [bundled.score(q, c) for q, c in zip(question, completions)]
+
+
+def slug(name: str) -> str:
+    return name.replace(" ", "_").replace(",", "").replace("+", "_")
+
+
+def ppo_command(name: str, args, data: Path, workdir: Path, out: Path) -> list[str]:
+    """Our Step 3 flags (after python -m) for a PPO variant."""
+    return ["--actor_model_name_or_path", args.actor, "--critic_model_name_or_path", args.critic,
+            "--data_path", str(data), "--data_split", "0,0,1", "--data_output_path", str(workdir / "data"),
+            "--per_device_generation_batch_size", str(args.batch), "--per_device_training_batch_size", str(args.batch),
+            "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len),
+            "--ignore_eos", "--num_warmup_steps", "0", "--max_rounds", str(args.rounds),
+            "--dtype", args.dtype, "--seed", str(args.seed), "--disable_tqdm", "--output_dir", str(out),
+            *PPO[name]]
+
+
+def grpo_args(name: str, args, data: Path, workdir: Path):
+    """bench.grpo_vs_trl's arguments for the GRPO rows: its matched settings (and the command lines
+    built from them) on this benchmark's fixed work; `name`'s engine flags for ours."""
+    from bench.grpo_vs_trl import build_parser
+    return build_parser().parse_args([
+        "--sft", args.actor, "--reward_fn", REWARD_FN, "--data_path", str(data), "--data_split", "0,0,1",
+        "--rounds", str(args.rounds), "--prompts_per_round", str(args.batch),
+        "--samples_per_prompt", str(args.samples_per_prompt), "--micro_batch", "0",
+        "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len), "--ignore_eos",
+        "--kl_ctl", str(args.kl_ctl), "--learning_rate", str(args.learning_rate), "--dtype", args.dtype,
+        "--device", args.device, "--output_dir", str(workdir / slug(name)), *GRPO.get(name, [])])
+
+
+def run_grpo_side(name: str, args, data: Path, workdir: Path) -> dict:
+    """bench.grpo_vs_trl's run of one side (ours or TRL's) for the GRPO row `name`."""
+    from bench import grpo_vs_trl
+    gargs = grpo_args(name, args, data, workdir)
+    gargs.output_dir.mkdir(parents=True, exist_ok=True)
+    return (grpo_vs_trl.run_trl if name == TRL_GRPO else grpo_vs_trl.run_ours)(gargs, args.seed)
+
+
+def one_value(values: list, what: str, name: str):
+    """The value every round shares; a benchmark whose rounds did different work is void."""
+    if len(set(values)) != 1:
+        raise SystemExit(f"{name}: {what} per round differ between rounds: {values}")
+    return values[0]
+
+
+def ours_result(name: str, out: Path) -> dict:
+    """Our run's means over its timed rounds (metrics.jsonl) and its work per round."""
+    from utils.metrics import read_jsonl
+    rows = [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/samples_per_s" in r]
     timed = rows[1:] or rows  # drop the warm-up round
     means = {c: sum(r[f"train/{c}"] for r in timed) / len(timed) for c in LOGGED}
     means["peak_memory_gb"] = max(r["train/peak_memory_gb"] for r in rows)
-    means["generated_tokens_per_round"] = sum(r["train/generated_tokens"] for r in rows) / len(rows)
-    means["optimizer_steps_per_round"] = 2  # actor and critic
+    means["work"] = {key: one_value([r[f"train/{key}"] for r in rows], key, name) for key in WORK}
+    if len(rows) > 1:  # timed as the peers are: from one round's end (its log line) to the next's
+        means["round_s"] = (rows[-1]["time"] - rows[0]["time"]) / len(timed)
+        means["samples_per_s"] = means["work"]["answers"] / means["round_s"]
     return means
 
 
-def run_peer(args, data: Path, workdir: Path) -> dict:
+def run_ours(name: str, args, data: Path, workdir: Path) -> dict:
+    if name in GRPO:
+        return ours_result(name, Path(run_grpo_side(name, args, data, workdir)["model"]).parent)
+    out = workdir / slug(name)
+    cmd = [sys.executable, "-m", "training.step3_rlhf_finetuning.main", *ppo_command(name, args, data, workdir, out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device))
+    if proc.returncode:
+        raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    return ours_result(name, out)
+
+
+def run_trl_ppo(args, data: Path, workdir: Path) -> dict:
     from bench.child import read_result
     from bench.peer_env import trl_python
 
-    cmd = [trl_python(), "-m", "bench.trl_peer", "--actor", args.actor, "--critic", args.critic,
+    cmd = [trl_python("1.12"), "-m", "bench.trl_peer", "--actor", args.actor, "--critic", args.critic,
            "--data", str(data), "--cache", str(workdir / "data"), "--batch", str(args.batch),
            "--prompt_len", str(args.prompt_len), "--answer_len", str(args.answer_len),
            "--rounds", str(args.rounds), "--dtype", args.dtype, "--seed", str(args.seed)]
-    return read_result(subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device)), PEER)
+    return read_result(subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device)), TRL_PPO)
+
+
+def trl_grpo_result(side: dict) -> dict:
+    """The GRPO peer's per-round numbers (bench.trl_grpo_peer) as a row: the first round left out."""
+    timed, gen = side["round_s"][1:] or side["round_s"], side["generation_s"][1:] or side["generation_s"]
+    work = {"answers": one_value([s["answers"] for s in side["scored"]], "answers", TRL_GRPO),
+            "generated_tokens": one_value([s["tokens"] for s in side["scored"]], "generated tokens", TRL_GRPO),
+            "optimizer_steps": side["optimizer_steps"] / len(side["round_s"])}
+    return {"samples_per_s": work["answers"] * len(timed) / sum(timed), "round_s": sum(timed) / len(timed),
+            "generation_tokens_per_s": work["generated_tokens"] * len(gen) / sum(gen),
+            "generation_s": sum(gen) / len(gen), "peak_memory_gb": side["peak_memory_gb"], "work": work,
+            "trl_completion_length": side["completion_length"]}  # TRL's own log, per round
+
+
+def run_trl_grpo(args, data: Path, workdir: Path) -> dict:
+    return trl_grpo_result(run_grpo_side(TRL_GRPO, args, data, workdir))
+
+
+def run_variant(name: str, args, data: Path, workdir: Path) -> dict:
+    runner = {TRL_PPO: run_trl_ppo, TRL_GRPO: run_trl_grpo}.get(name)
+    return runner(args, data, workdir) if runner else run_ours(name, args, data, workdir)
+
+
+def peer_of(name: str) -> str:
+    """The TRL row a variant is compared with: the peer of its own algorithm."""
+    return TRL_GRPO if name in (*GRPO, TRL_GRPO) else TRL_PPO
+
+
+def expected_work(name: str, args) -> dict:
+    """What every round of `name` must do: its answers of exactly --answer_len tokens, one
+    optimizer step of each trained model."""
+    answers = args.batch * (args.samples_per_prompt if peer_of(name) == TRL_GRPO else 1)
+    return {"answers": answers, "generated_tokens": answers * args.answer_len, "optimizer_steps": 1}
+
+
+def check_work(results: dict, args) -> None:
+    """Every row did exactly the asked work per round, so each row and its peer did the same."""
+    wrong = {name: r["work"] for name, r in results.items() if r["work"] != expected_work(name, args)}
+    if wrong:
+        raise SystemExit("not the same work: " + "; ".join(
+            f"{name} did {work} per round, not {expected_work(name, args)}" for name, work in wrong.items()))
+
+
+def ratios(results: dict) -> dict:
+    """Each row's samples/s over its algorithm's TRL row's (None without that row)."""
+    return {name: r["samples_per_s"] / results[peer_of(name)]["samples_per_s"] if peer_of(name) in results else None
+            for name, r in results.items()}
 
 
 def print_table(results: dict, peak: float, args) -> None:
-    print(f"\nStep 3, actor {args.actor}, critic {args.critic}, batch {args.batch}, prompt {args.prompt_len} + "
-          f"answer {args.answer_len} tokens (eos off), {args.rounds} iterations (first left out), "
+    print(f"\nStep 3, actor {args.actor}, critic {args.critic} (PPO), {args.batch} prompts x 1 answer (PPO) or x "
+          f"{args.samples_per_prompt} answers (GRPO) a round, prompt {args.prompt_len} + answer {args.answer_len} "
+          f"tokens (eos off), {args.rounds} rounds (first left out), GRPO KL {args.kl_ctl} lr {args.learning_rate}, "
           f"dtype {args.dtype}, {args.device}; matmul peak {peak / 1e12:.4f} TFLOP/s")
     heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak",
              "gen s", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
-    print(f"{'variant':24s}" + "".join(f"{h:>13s}" for h in heads))
-    base = results.get(PEER, {}).get("samples_per_s")
-    for name, r in results.items():
+    print(f"{'variant':28s}" + "".join(f"{h:>13s}" for h in heads))
+    for (name, r), ratio in zip(results.items(), ratios(results).values()):
         cells = [r.get(c) for c in COLUMNS[:5]]
         cells += [r["generation_tflops"] * 1e12 / peak * 100 if "generation_tflops" in r else None,
                   r["training_tflops"] * 1e12 / peak * 100 if "training_tflops" in r else None]
         cells += [r.get(c) for c in COLUMNS[5:]]
         cells += [r["flops_per_sample"] / 1e12 if "flops_per_sample" in r else None]
-        ratio = f"{r['samples_per_s'] / base:12.2f}x" if base else f"{'-':>13s}"
-        print(f"{name:24s}" + "".join(f"{c:13.4g}" if c is not None else f"{'-':>13s}" for c in cells) + ratio)
-    print("work per iteration: " + "; ".join(
-        f"{name} {r['generated_tokens_per_round']:.0f} generated tokens, {r['optimizer_steps_per_round']} "
-        "optimizer step(s)" for name, r in results.items()))
+        print(f"{name:28s}" + "".join(f"{c:13.4g}" if c is not None else f"{'-':>13s}" for c in cells)
+              + (f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13s}"))
+    print(f"samples = answers; vs TRL: each row's samples/s over '{TRL_PPO}' (PPO rows) or '{TRL_GRPO}' "
+          "(GRPO rows), the same run's measurement")
+    print("work per round: " + "; ".join(
+        f"{name} {r['work']['answers']:g} answers, {r['work']['generated_tokens']:g} generated tokens, "
+        f"{r['work']['optimizer_steps']:g} optimizer step(s) per model" for name, r in results.items()))
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--actor", default="tiny-llama")
-    parser.add_argument("--critic", default="tiny-llama")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--critic", default="tiny-llama", help="PPO's critic and reward model (GRPO has none)")
+    parser.add_argument("--batch", type=int, default=8, help="prompts a round")
+    parser.add_argument("--samples_per_prompt", type=int, default=4, help="GRPO: answers per prompt")
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--answer_len", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--kl_ctl", type=float, default=0.1, help="GRPO: KL weight, ours and TRL's beta")
+    parser.add_argument("--learning_rate", type=float, default=1e-5, help="GRPO: the actor's, ours and TRL's")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--variants", nargs="*", default=[*OURS, PEER], choices=[*OURS, PEER])
+    parser.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
     parser.add_argument("--json", help="write the results here")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     import torch
 
@@ -153,11 +310,12 @@ def main() -> None:
         results = {}
         for name in args.variants:
             print(f"running {name} ...", flush=True)
-            results[name] = run_peer(args, data, Path(tmp)) if name == PEER else run_ours(name, args, data, Path(tmp))
-    print_table(results, peak, args)
+            results[name] = run_variant(name, args, data, Path(tmp))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "matmul_peak_flops": peak,
                                                "results": results}, indent=2))
+    check_work(results, args)
+    print_table(results, peak, args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Run by `bench.step3_throughput` in a subprocess, with the python of an environme
 (`bench.peer_env`). The prompts come from the benchmark's prompt file through our own data layer,
 so both toolkits see the same token ids; all prompts have one length and eos is disabled on both
 sides, so every iteration generates exactly batch x answer_len tokens and runs one optimizer step
-per model (TRL steps policy and value head in one optimizer: one step per iteration, ours two).
+per model (TRL steps policy and value head in one optimizer, ours each model in its own); the
+answers, tokens and optimizer steps are counted as they happen and reported as "work" per round.
 Timing: per iteration from TRL's own step-end callback; generation by timing TRL's
 `batch_generation` (a wrapper that only measures). The first iteration is left out, as for ours.
 """
@@ -55,7 +56,7 @@ def run(args) -> dict:
     for model in (value, reward):
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    marks, gen = [], {"s": 0.0, "tokens": 0, "first_s": 0.0}
+    marks, gen = [], {"s": 0.0, "tokens": 0, "answers": 0, "first_s": 0.0}
 
     class Marks(TrainerCallback):
         def on_train_begin(self, *_, **__):
@@ -73,6 +74,7 @@ def run(args) -> dict:
         out = timed_generation(model, queries, *rest, **kw)
         gen["s"] += time.perf_counter() - start
         gen["tokens"] += (out[0].size(1) - queries.size(1)) * queries.size(0)
+        gen["answers"] += queries.size(0)
         return out
     trl_ppo.batch_generation = measured
 
@@ -87,6 +89,7 @@ def run(args) -> dict:
             use_cpu=device == "cpu", dataloader_num_workers=0, disable_tqdm=True)
         trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref,
                              reward_model=reward, train_dataset=data, value_model=value, callbacks=[Marks()])
+        steps = count_calls(trainer.optimizer, "step")  # one optimizer for policy and value head
         trainer.train()
 
     rounds = [b - a for a, b in zip(marks, marks[1:])]
@@ -98,8 +101,20 @@ def run(args) -> dict:
     return {"samples_per_s": args.batch * len(timed) / sum(timed),
             "generation_tokens_per_s": gen_tokens / max(gen_s, 1e-9),
             "generation_s": gen_s / len(timed), "round_s": sum(timed) / len(timed),
-            "generated_tokens_per_round": gen["tokens"] / len(rounds), "optimizer_steps_per_round": 1,
+            "work": {"answers": gen["answers"] / len(rounds), "generated_tokens": gen["tokens"] / len(rounds),
+                     "optimizer_steps": steps["calls"] / len(rounds)},
             "rounds": len(rounds), "peak_memory_gb": peak}
+
+
+def count_calls(obj, method: str) -> dict:
+    """Count calls of obj.method (a wrapper that only counts) in the returned dict's "calls"."""
+    count, inner = {"calls": 0}, getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        count["calls"] += 1
+        return inner(*args, **kwargs)
+    setattr(obj, method, counted)
+    return count
 
 
 def main() -> None:

@@ -1,12 +1,17 @@
 """The Step 3 benchmark's fixed work: prompt files whose prompts all come out exactly
---prompt_len tokens through our data layer, the same ids the TRL peer is given; the quality
-benchmark's paired statistics and its refusals."""
+--prompt_len tokens through our data layer, the same ids the TRL peers are given; both
+algorithms' commands ask for the same answers and one optimizer step a round; every row is
+compared with its own algorithm's peer, and a row that did other work stops the benchmark. The
+quality benchmark's paired statistics and its refusals."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import error_line, run_module
 from bench.peak import matmul_peak_flops
+from bench import step3_throughput as throughput
 from bench.step3_throughput import write_prompt_file
 from bench.trl_peer import prompt_ids
 
@@ -21,6 +26,117 @@ def test_prompt_file_gives_prompts_of_exactly_prompt_len_tokens(tmp_path):
     ids = prompt_ids(args, load_tokenizer(resolve_model_path("tiny-llama")))
     assert len(ids) >= 20 and {len(row) for row in ids} == {40}
     assert len({tuple(row) for row in ids}) == len(ids)  # distinct prompts
+
+
+def test_grpo_peer_gets_the_prompt_texts_of_our_ids_and_each_rows_whole_last_question(tmp_path):
+    """No prompt is cut by our data layer, so TRL tokenizes the very text to the very ids
+    (step3_prompts refuses otherwise); the reward's column is the question the prompt ends with."""
+    from bench.trl_grpo_peer import step3_prompts
+    from utils.model import load_tokenizer, resolve_model_path
+
+    data = tmp_path / "prompts.jsonl"
+    write_prompt_file(data, "tiny-llama", prompt_len=40, count=12)
+    m = {"data_path": str(data), "data_split": "0,0,1", "max_prompt_seq_len": 40, "num_examples": 0,
+         "prompts_per_round": 4, "rounds": 3}
+    texts, ids, columns = step3_prompts(m, 5, str(tmp_path / "cache"), load_tokenizer(resolve_model_path("tiny-llama")))
+    assert len(ids) == 12 and {len(row) for row in ids} == {40}
+    assert all(text.endswith(f" {c['question']} Assistant:") for text, c in zip(texts, columns))
+
+
+def test_question_reward_checks_the_answer_against_the_question_column():
+    question = "Which is smaller, 75 or 63? Reply with just the number."
+    joined = f" Human: Answer with the word only. {question} Assistant:"
+    assert throughput.question_reward([joined] * 3, ["63", "75", "It is 63"], [question] * 3) == [1.0, 0.0, 0.5]
+
+
+def bench_args(*extra: str):
+    return throughput.build_parser().parse_args(["--batch", "3", "--samples_per_prompt", "4", "--prompt_len", "40",
+                                                 "--answer_len", "16", "--rounds", "5", *extra])
+
+
+@pytest.mark.parametrize("name", [*throughput.PPO, *throughput.GRPO])
+def test_our_commands_ask_for_the_rounds_answers_in_one_optimizer_step(tmp_path, name):
+    """Parsed by Step 3's own parser: the row's answers a round, each exactly --answer_len tokens,
+    in one optimizer step; GRPO with the KL weight and lr TRL gets."""
+    from bench.grpo_vs_trl import ours_command
+    from training.step3_rlhf_finetuning.config import Step3Config
+    from training.step3_rlhf_finetuning.data import optimizer_steps_per_round
+    from utils.config import parse_config
+
+    args = bench_args("--kl_ctl", "0.07", "--learning_rate", "2e-5", "--dtype", "fp32")
+    data = tmp_path / "prompts.jsonl"
+    grpo = name in throughput.GRPO
+    argv = (ours_command(throughput.grpo_args(name, args, data, tmp_path), 1, tmp_path / "out") if grpo
+            else throughput.ppo_command(name, args, data, tmp_path, tmp_path / "out"))
+    cfg = parse_config(Step3Config, argv)
+    cfg.validate()
+    assert cfg.answers_per_rank == throughput.expected_work(name, args)["answers"] == (12 if grpo else 3)
+    assert cfg.generation.ignore_eos and cfg.generation.max_answer_seq_len == 16
+    assert optimizer_steps_per_round(cfg) == 1 and cfg.max_rounds == 5
+    assert cfg.hybrid.enable_hybrid_engine == ("hybrid" in name)
+    assert cfg.actor.zero_stage == (3 if "zero3" in name else 2)
+    if grpo:
+        assert cfg.ppo.advantage == "grpo" and cfg.ppo.kl_in_loss and cfg.ppo.kl_ctl == 0.07
+        assert cfg.actor.learning_rate == 2e-5 and cfg.reward_fn == [throughput.REWARD_FN]
+
+
+def test_trl_grpo_is_asked_for_the_same_round():
+    from bench.grpo_vs_trl import matched_settings, trl_config_kwargs
+
+    args = bench_args("--kl_ctl", "0.07", "--learning_rate", "2e-5", "--dtype", "fp32")
+    kw = trl_config_kwargs(matched_settings(throughput.grpo_args(throughput.TRL_GRPO, args, "p.jsonl", Path("w"))),
+                           1, "out", use_cpu=True)
+    answers = throughput.expected_work(throughput.TRL_GRPO, args)["answers"]
+    assert kw["per_device_train_batch_size"] * kw["steps_per_generation"] == answers == 12  # one generation batch
+    assert kw["steps_per_generation"] == kw["gradient_accumulation_steps"] and kw["max_steps"] == 5  # a step a round
+    assert kw["num_generations"] == 4 and kw["generation_kwargs"] == {"min_new_tokens": 16}
+    assert (kw["beta"], kw["learning_rate"], kw["bf16"]) == (0.07, 2e-5, False)
+
+
+def work(answers, tokens, steps=1):
+    return {"work": {"answers": answers, "generated_tokens": tokens, "optimizer_steps": steps}}
+
+
+def test_each_row_is_compared_with_its_own_algorithms_peer_and_must_do_the_asked_work():
+    args = bench_args()
+    results = {"zero2+hybrid": {"samples_per_s": 6.0, **work(3, 48)},
+               "trl ppo": {"samples_per_s": 2.0, **work(3, 48)},
+               "grpo zero2+hybrid": {"samples_per_s": 12.0, **work(12, 192)},
+               "trl grpo": {"samples_per_s": 10.0, **work(12, 192)},
+               "zero3+hybrid": {"samples_per_s": 1.0, **work(3, 48)}}
+    assert throughput.ratios(results) == {"zero2+hybrid": 3.0, "trl ppo": 1.0, "grpo zero2+hybrid": 1.2,
+                                          "trl grpo": 1.0, "zero3+hybrid": 0.5}
+    assert throughput.ratios({"grpo zero2+hybrid": results["grpo zero2+hybrid"]}) == {"grpo zero2+hybrid": None}
+    throughput.check_work(results, args)
+    for wrong in (work(12, 180), work(12, 192, steps=2), work(11, 176)):  # an eos, an extra step, a lost answer
+        with pytest.raises(SystemExit, match="trl grpo did"):
+            throughput.check_work({**results, "trl grpo": {"samples_per_s": 10.0, **wrong}}, args)
+
+
+def test_our_rows_are_timed_from_round_end_to_round_end_and_need_the_same_work_each_round(tmp_path):
+    import json
+
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    row = {"train/answers": 4, "train/generated_tokens": 32, "train/optimizer_steps": 1,
+           **{f"train/{c}": 1.0 for c in throughput.LOGGED}}
+    rows = [{"step": i + 1, "time": t, **row} for i, t in enumerate((100.0, 102.0, 106.0))]
+    (logs / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, {"step": 3, "eval/x": 1}]))
+    r = throughput.ours_result("ours", tmp_path)
+    assert r["round_s"] == 3.0 and r["samples_per_s"] == pytest.approx(4 / 3)  # rounds 2-3: 6 s, 8 answers
+    assert r["work"] == {"answers": 4, "generated_tokens": 32, "optimizer_steps": 1}
+    rows[2]["train/generated_tokens"] = 30
+    (logs / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match="generated_tokens per round differ"):
+        throughput.ours_result("ours", tmp_path)
+
+
+def test_trl_grpo_row_leaves_out_the_first_round_and_counts_what_trl_scored():
+    side = {"round_s": [9.0, 2.0, 4.0], "generation_s": [5.0, 1.0, 1.0], "optimizer_steps": 3, "peak_memory_gb": 1.0,
+            "scored": [{"answers": 12, "tokens": 192}] * 3, "completion_length": [16.0] * 3}
+    r = throughput.trl_grpo_result(side)
+    assert r["samples_per_s"] == 4.0 and r["generation_tokens_per_s"] == 192.0
+    assert r["work"] == {"answers": 12, "generated_tokens": 192, "optimizer_steps": 1.0}
 
 
 def test_matmul_peak_is_positive_and_finite():
