@@ -224,12 +224,17 @@ def run_logged(cmd: list[str], log: Path, device: str) -> float:
     return wall
 
 
+# settings added after runs were saved, with the value those runs had
+LATER_SETTINGS = {"ignore_eos": False}
+
+
 def earlier_run(done: Path, args, seed: int) -> dict | None:
     """A side's saved result from an earlier call with the same settings and seed (not --overwrite)."""
     if args.overwrite or not done.is_file():
         return None
     side = json.loads(done.read_text())
-    return side if side.get("settings") == {**matched_settings(args), "seed": seed} else None
+    saved = {**LATER_SETTINGS, **side.get("settings", {})}
+    return side if saved == {**matched_settings(args), "seed": seed} else None
 
 
 def run_ours(args, seed: int) -> dict:

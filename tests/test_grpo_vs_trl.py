@@ -170,3 +170,18 @@ def test_both_sides_run_and_are_scored_on_tiny_llama(tmp_path):
     assert trl["trl_version"].startswith("1.16")
     assert trl["reference_model"] and len(trl["eos_token_ids"]) == 1 and trl["gradient_checkpointing"] is False
     assert "ours - TRL" in (out / "grpo_vs_trl.md").read_text()
+
+
+def test_saved_sides_from_before_a_setting_existed_are_reused_only_with_its_old_value(tmp_path):
+    """A side saved before --ignore_eos existed ran with eos on: it is reused without the flag and
+    rerun with it (a setting that changed is never taken from an older run)."""
+    from bench.grpo_vs_trl import earlier_run
+    args = build_parser().parse_args(["--sft", "tiny-llama", "--reward_fn", "m.py:f", "--output_dir", str(tmp_path)])
+    old = {**matched_settings(args), "seed": 3}
+    del old["ignore_eos"]
+    done = tmp_path / "side.json"
+    done.write_text(json.dumps({"settings": old, "model": "x"}))
+    assert earlier_run(done, args, 3)["model"] == "x"
+    assert earlier_run(done, args, 4) is None
+    args.ignore_eos = True
+    assert earlier_run(done, args, 3) is None
