@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_split", default="2,4,4")
     p.add_argument("--num_examples", type=int, default=0, help="cap on the family's rows (0 = all)")
     p.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
+    p.add_argument("--peer_seeds", type=int, nargs="+", default=None,
+                   help="TRL's seeds when fewer than ours (e.g. 4 seeds ours, 2 TRL); default --seeds")
     p.add_argument("--rounds", type=int, default=10, help="rollout rounds = optimizer steps, each side")
     p.add_argument("--prompts_per_round", type=int, default=8)
     p.add_argument("--samples_per_prompt", type=int, default=4, help="answers per prompt (TRL num_generations)")
@@ -324,30 +326,36 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def side_seeds(args, side: str) -> list[int]:
+    """The seeds a side runs: --seeds, or --peer_seeds for TRL when given."""
+    return list(args.peer_seeds) if side == "trl" and args.peer_seeds else list(args.seeds)
+
+
 def compare(args) -> dict:
     from inference.prompt_eval import evaluate
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    sides = {}
-    for seed in args.seeds:  # alternate the sides, so a machine that slows down hits both
-        for side in args.sides:
-            sides.setdefault(side, []).append(run_ours(args, seed) if side == "ours" else run_trl(args, seed))
+    sides, seeds = {}, {side: side_seeds(args, side) for side in args.sides}
+    for seed in dict.fromkeys([*args.seeds, *(args.peer_seeds or [])]):  # alternate the sides, so a
+        for side in args.sides:                                            # machine that slows hits both
+            if seed in seeds[side]:
+                sides.setdefault(side, []).append(run_ours(args, seed) if side == "ours" else run_trl(args, seed))
     questions, score = held_out(args)
     models = {"sft": args.sft, **{f"{side}_seed{s}": r["model"] for side, runs in sides.items()
-                                  for s, r in zip(args.seeds, runs)}}
+                                  for s, r in zip(seeds[side], runs)}}
     print(f"scoring {len(models)} models on {len(questions)} held-out prompts ...", flush=True)
     answers = evaluate(list(map(str, models.values())), questions, prompt_format="human_assistant",
                        max_new_tokens=args.max_new_tokens or args.max_answer_seq_len)
     per_prompt = {name: score(a.answers) for name, a in zip(models, answers)}
-    result = {"matched": matched_settings(args), "seeds": args.seeds, "held_out_prompts": len(questions),
+    result = {"matched": matched_settings(args), "seeds": seeds, "held_out_prompts": len(questions),
               "sft_score": statistics.fmean(per_prompt["sft"]),
-              "sides": {side: side_summary(runs, [per_prompt[f"{side}_seed{s}"] for s in args.seeds],
+              "sides": {side: side_summary(runs, [per_prompt[f"{side}_seed{s}"] for s in seeds[side]],
                                            per_prompt["sft"]) for side, runs in sides.items()},
               "trl_version": next((r.get("trl_version") for r in sides.get("trl", [])), None),
               "runs": sides, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count()} CPU threads",
               "per_prompt": per_prompt}
     if {"ours", "trl"} <= set(sides):
-        d = paired_difference([per_prompt[f"ours_seed{s}"] for s in args.seeds],
-                              [per_prompt[f"trl_seed{s}"] for s in args.seeds])
+        d = paired_difference([per_prompt[f"ours_seed{s}"] for s in seeds["ours"]],
+                              [per_prompt[f"trl_seed{s}"] for s in seeds["trl"]])
         result["ours_minus_trl"] = d
         at_least = result["sides"]["ours"]["gain"] >= result["sides"]["trl"]["gain"]
         result["verdict"] = (("our gain is at least TRL's" if at_least else "our gain is BELOW TRL's")

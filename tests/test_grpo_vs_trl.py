@@ -185,3 +185,15 @@ def test_saved_sides_from_before_a_setting_existed_are_reused_only_with_its_old_
     assert earlier_run(done, args, 4) is None
     args.ignore_eos = True
     assert earlier_run(done, args, 3) is None
+
+
+def test_the_peer_may_run_fewer_seeds_and_the_difference_pairs_prompts_over_seed_means(tmp_path):
+    from bench.grpo_vs_trl import paired_difference, side_seeds
+    args = build_parser().parse_args(["--sft", "tiny-llama", "--reward_fn", "m.py:f", "--output_dir", str(tmp_path),
+                                      "--seeds", "1", "2", "3", "4", "--peer_seeds", "1", "2"])
+    assert side_seeds(args, "ours") == [1, 2, 3, 4] and side_seeds(args, "trl") == [1, 2]
+    args.peer_seeds = None
+    assert side_seeds(args, "trl") == [1, 2, 3, 4]
+    # two prompts: ours' four seeds average 0.5 and 1.0 on them, TRL's two 0.0 and 1.0
+    d = paired_difference([[0, 1], [1, 1], [0, 1], [1, 1]], [[0, 1], [0, 1]])
+    assert d["difference"] == pytest.approx(0.25) and d["difference_se"] == pytest.approx(0.25)
