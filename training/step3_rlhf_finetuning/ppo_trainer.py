@@ -114,7 +114,8 @@ class DeepSpeedPPOTrainer:
             self.generation.max_answer_seq_len, boundary=boundary and not self.ptx, step_tokens=step_tokens)
         if not self.uses_critic:
             return TrainStats(actor_loss, torch.zeros(()), entropy, shift, skipped=not actor_applied)
-        critic_loss, critic_applied = critic_update(self.strategy, self.critic, exp, self.ppo.cliprange_value, boundary)
+        critic_loss, critic_applied = critic_update(self.strategy, self.critic, exp, self.ppo.cliprange_value,
+                                                    boundary, pack=self.ppo.pack_sequences)
         return TrainStats(actor_loss, critic_loss, entropy, shift, skipped=not (critic_applied and actor_applied))
 
     def ptx_step(self, batch: dict, unsup_coef: float, boundary: bool = True) -> PtxStats:

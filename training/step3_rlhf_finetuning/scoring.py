@@ -13,30 +13,63 @@ from training.step3_rlhf_finetuning.experience import Experience
 from training.step3_rlhf_finetuning.rewards import RewardSource, scored_parts
 from training.step3_rlhf_finetuning.rollout import Answers
 from utils.model.forward import lm_logits, position_ids_from_mask
+from utils.model.packed_forward import pack_rows, packed_logits, packed_values, packs
+from utils.model.packing import Packed
 from utils.rl_math import (entropy_from_logits, gae_advantages, group_advantages, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, truncated_is_weights,
                            whiten)
 
 
 def answer_log_probs(model, seq, attention_mask, prompt_len: int, temperature: float,
-                     with_entropy: bool = False):
+                     with_entropy: bool = False, pack: bool = False):
     """(B, A) log-probs of the answer tokens (and their entropy) under `model`, at the
-    temperature the answers were sampled with."""
-    answers = seq[:, prompt_len:]
-    logits = lm_logits(model, seq, attention_mask, last=answers.size(1) + 1)[:, :-1]
+    temperature the answers were sampled with. `pack`: over the rows' real tokens alone, where
+    the model packs (utils/model/packed_forward.py); 0 at answer positions without a token."""
+    packed = _packed_if(pack, model, seq, attention_mask, prompt_len, _log_probs)
+    logits, labels, to_rows = _answer_logits(model, seq, attention_mask, prompt_len, packed)
     if temperature != 1.0:  # score the distribution the answers were sampled from
         logits = logits / temperature
-    log_probs = log_probs_from_logits(logits, answers)
+    log_probs = to_rows(log_probs_from_logits(logits, labels))
     if not with_entropy:
         return log_probs
     with torch.no_grad():
-        return log_probs, entropy_from_logits(logits)
+        return log_probs, to_rows(entropy_from_logits(logits))
 
 
-def critic_values(model, seq, attention_mask, prompt_len: int) -> torch.Tensor:
-    """(B, A) critic values of the states before each answer token."""
+def _answer_logits(model, seq, attention_mask, prompt_len: int, packed: Packed | None):
+    """(logits, the answer tokens they predict, what brings a result back to (B, A)): (B, A, V)
+    over the padded rows, or (K, V) for the K answer tokens of the packed ones."""
+    answers = seq[:, prompt_len:]
+    if packed is None:
+        logits = lm_logits(model, seq, attention_mask, last=answers.size(1) + 1)[:, :-1]
+        return logits, answers, lambda t: t
+    return packed_logits(model, packed), answers.flatten()[packed.target], packed.unpack
+
+
+def _log_probs(model, seq, attention_mask, prompt_len: int, packed: Packed | None) -> torch.Tensor:
+    """(B, A) log-probs at temperature 1, padded or packed: what packs() compares."""
+    logits, labels, to_rows = _answer_logits(model, seq, attention_mask, prompt_len, packed)
+    return to_rows(log_probs_from_logits(logits, labels))
+
+
+def critic_values(model, seq, attention_mask, prompt_len: int, pack: bool = False) -> torch.Tensor:
+    """(B, A) critic values of the states before each answer token; `pack` as answer_log_probs."""
+    packed = _packed_if(pack, model, seq, attention_mask, prompt_len, _values)
+    return _values(model, seq, attention_mask, prompt_len, packed)
+
+
+def _values(model, seq, attention_mask, prompt_len: int, packed: Packed | None) -> torch.Tensor:
+    if packed is not None:
+        return packed.unpack(packed_values(model, packed).float())
     values = model(seq, attention_mask, position_ids=position_ids_from_mask(attention_mask))
     return values[:, prompt_len - 1:-1].float()
+
+
+def _packed_if(pack: bool, model, seq, attention_mask, prompt_len: int, outputs) -> Packed | None:
+    """The rows packed when asked and `model` packs (decided on its first call), else None."""
+    if pack and packs(model, seq, attention_mask, prompt_len, outputs):
+        return pack_rows(seq, attention_mask, prompt_len)
+    return None
 
 
 def recomputes_rollout_logprobs(ppo: PPOConfig, actor) -> bool:
@@ -75,9 +108,10 @@ def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, te
     models = [*([actor] if recompute else []), *([critic] if critic is not None else [])]
     for model in models:
         model.eval()
-    log_probs = answer_log_probs(actor, seq, mask, p, temperature) if recompute else answers.log_probs
-    ref_log_probs = answer_log_probs(ref, seq, mask, p, temperature)
-    values = (critic_values(critic, seq, mask, p) * answers.action_mask if critic is not None
+    pack = ppo.pack_sequences
+    log_probs = answer_log_probs(actor, seq, mask, p, temperature, pack=pack) if recompute else answers.log_probs
+    ref_log_probs = answer_log_probs(ref, seq, mask, p, temperature, pack=pack)
+    values = (critic_values(critic, seq, mask, p, pack) * answers.action_mask if critic is not None
               else torch.zeros_like(log_probs))
     for model in models:
         model.train()

@@ -52,7 +52,7 @@ def actor_update(strategy, actor, exp: Experience, ppo: PPOConfig, kl_coef: floa
     """The actor's clipped PPO loss on one micro-batch, backward and (at `boundary`) step.
     Returns (loss, applied, entropy, policy shift)."""
     log_probs, entropy = answer_log_probs(actor, exp.seq, exp.attention_mask, exp.prompt_len, temperature,
-                                          with_entropy=True)
+                                          with_entropy=True, pack=ppo.pack_sequences)
     per_token = clipped_surrogate(log_probs, exp.log_probs, exp.advantages, exp.action_mask, ppo.cliprange,
                                   ppo.cliprange_high or None)
     if ppo.kl_in_loss:
@@ -66,9 +66,10 @@ def actor_update(strategy, actor, exp: Experience, ppo: PPOConfig, kl_coef: floa
     return loss.detach(), applied, masked_mean(entropy, exp.action_mask).item(), shift
 
 
-def critic_update(strategy, critic, exp: Experience, cliprange_value: float, boundary: bool):
+def critic_update(strategy, critic, exp: Experience, cliprange_value: float, boundary: bool,
+                  pack: bool = False):
     """The critic's clipped value loss on one micro-batch; (loss, applied)."""
-    values = critic_values(critic, exp.seq, exp.attention_mask, exp.prompt_len)
+    values = critic_values(critic, exp.seq, exp.attention_mask, exp.prompt_len, pack)
     loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cliprange_value)
     return loss.detach(), strategy.backward_and_step(critic, loss, values, boundary=boundary)
 

@@ -86,10 +86,11 @@ class RewardModel(nn.Module):
     def backbone(self) -> nn.Module:
         return base_model(self.hf_model).base_model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """(B, L) ids -> (B, L) values. Pass position_ids for left-padded rows (see
-        utils/model/forward.py); families without them (BLOOM) follow the mask anyway."""
+        utils/model/forward.py); families without them (BLOOM) follow the mask anyway. No mask
+        with packed rows: their position ids say where each sequence starts (utils/model/packing.py)."""
         extra = {}
         if position_ids is not None and "position_ids" in inspect.signature(self.backbone.forward).parameters:
             extra["position_ids"] = position_ids
