@@ -179,6 +179,46 @@ def test_phase_flops_count_the_rounds_scoring_training_and_generation():
     assert times["tflops"] == pytest.approx((generation + scoring + training) / 4.0 / 1e12, rel=1e-3)
 
 
+def test_phase_flops_count_what_packed_forwards_run():
+    """--pack_sequences: scoring and training read bins of the real tokens, the LM head only the
+    answer tokens; counted per micro-batch of 3 rows, as ppo_update splits the round."""
+    from training.step3_rlhf_finetuning.experience import Experience
+    from training.step3_rlhf_finetuning.metrics import PhaseFlops
+    from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values
+    from utils.model.packed_forward import decision
+
+    actor, ref, critic = step3_models()
+    engine = SimpleNamespace(actor=SimpleNamespace(module=actor), ref=SimpleNamespace(module=ref),
+                             critic=SimpleNamespace(module=critic), reward=None)
+    rows, prompts, answers = 6, torch.tensor([24, 5, 9, 20, 3, 12]), torch.tensor([5, 1, 4, 2, 5, 3])
+    cols = torch.arange(SEQ + NEW)
+    mask = ((cols >= SEQ - prompts[:, None]) & (cols < SEQ + answers[:, None])).long()
+    seq = torch.randint(3, VOCAB, (rows, SEQ + NEW)) * mask
+    zeros = torch.zeros(rows, NEW)
+    exp = Experience(seq[:, :SEQ], seq, mask, mask[:, SEQ:].bool(), zeros, zeros, zeros, torch.zeros(rows),
+                     zeros, zeros, zeros)
+
+    def score():
+        return ([answer_log_probs(m, seq, mask, SEQ, 1.0, pack=True) for m in (actor, ref)]
+                + [critic_values(critic, seq, mask, SEQ, pack=True)])
+
+    with torch.no_grad():
+        score()  # each model's first packed call also checks it against a padded forward
+    assert all(decision(m) for m in (actor, ref, critic))
+    with torch.no_grad():
+        scoring = counted(score)
+    training = counted(lambda: [[answer_log_probs(actor, seq[r], mask[r], SEQ, 1.0, pack=True).sum().backward(),
+                                 critic_values(critic, seq[r], mask[r], SEQ, pack=True).sum().backward()]
+                                for r in (slice(0, 3), slice(3, 6))])
+    work = PhaseFlops(engine, 1, False, False, micro_batch=3).of([exp])
+    assert work["scoring"] == pytest.approx(scoring, rel=1e-3)
+    assert work["training"] == pytest.approx(training, rel=1e-3)
+    s = flops.shape(actor.config)  # 47% of the padded rows is padding; 4 bins of 29 hold the rest
+    padded = 2 * flops.forward_flops(s, rows, SEQ + NEW, logits=NEW + 1) + flops.forward_flops(s.value_head(), rows,
+                                                                                               SEQ + NEW)
+    assert work["scoring"] < 0.75 * padded
+
+
 def old_forward(batch: int, seq_len: int, layers: int, h: int, vocab: int) -> float:
     """The DeepSpeed-Chat paper's forward (after Megatron-LM), which utils.flops replaced."""
     return 24.0 * batch * seq_len * layers * h * h * (1 + seq_len / (6 * h) + vocab / (16 * layers * h))

@@ -9,7 +9,8 @@ Counted, at 2 FLOPs per multiply-add, every matmul the model runs:
   torch.utils.flop_counter counts SDPA (a causal flash kernel skips about half of it, so for
   long sequences on such kernels this term is up to 2x what really runs);
 - the head (LM head, or a critic's value head) only at the positions whose outputs are
-  computed: transformers' logits_to_keep (utils/model/forward.py lm_logits).
+  computed: transformers' logits_to_keep (utils/model/forward.py lm_logits), or the answer
+  positions of packed rows (utils/model/packed_forward.py).
 Not counted: norms, activations, softmax, rotary embeddings, embedding lookups (no matmuls),
 LoRA adapters (rank r: 2r(in + out) per adapted matrix and token, small beside the base).
 
@@ -167,23 +168,27 @@ def attention_flops(s: Shape, queries: int, context: float) -> float:
     return 4.0 * s.layers * s.attention_width * queries * context
 
 
-def forward_parts(s: Shape, batch: int, seq_len: int, logits: int | None = None) -> Parts:
-    """One forward over batch x seq_len tokens; the head on the last `logits` positions (all
-    when None)."""
+def forward_parts(s: Shape, batch: int, seq_len: int, logits: int | None = None,
+                  head_tokens: int | None = None) -> Parts:
+    """One forward over batch x seq_len tokens; the head on the last `logits` positions of each
+    row (all when None), or on `head_tokens` positions in all (packed rows: utils/model/packing.py
+    picks them row by row)."""
     kept = seq_len if logits is None else min(logits, seq_len)
+    head_tokens = batch * kept if head_tokens is None else head_tokens
     return Parts(2.0 * batch * seq_len * s.weights, attention_flops(s, batch * seq_len, seq_len),
-                 2.0 * batch * kept * s.head_in * s.head_out)
+                 2.0 * head_tokens * s.head_in * s.head_out)
 
 
-def forward_flops(s: Shape, batch: int, seq_len: int, logits: int | None = None) -> float:
-    return sum(forward_parts(s, batch, seq_len, logits))
+def forward_flops(s: Shape, batch: int, seq_len: int, logits: int | None = None,
+                  head_tokens: int | None = None) -> float:
+    return sum(forward_parts(s, batch, seq_len, logits, head_tokens))
 
 
 def training_flops(s: Shape, batch: int, seq_len: int, logits: int | None = None, checkpointing: bool = False,
-                   frozen: bool = False) -> float:
+                   frozen: bool = False, head_tokens: int | None = None) -> float:
     """Forward and backward; `frozen`: the weights get no gradient (a LoRA base), only their
     input gradients are computed."""
-    f = forward_parts(s, batch, seq_len, logits)
+    f = forward_parts(s, batch, seq_len, logits, head_tokens)
     weight_backward = 1.0 if frozen else 2.0
     attention_backward = SDPA_BACKWARD if s.sdpa else EAGER_BACKWARD
     total = (1 + weight_backward) * (f.weights + f.head) + (1 + attention_backward) * f.attention

@@ -71,7 +71,8 @@ def run(cfg: Step3Config, reward_fn: Given = None) -> dict:
         f"{f'critic ZeRO-{cfg.critic.zero_stage}' if engine.critic is not None else 'no critic'}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.hybrid.enable_hybrid_engine else 'off'}")
     each = Round(cfg, trainer, unsup, PhaseFlops(engine, cfg.ppo_epochs, cfg.actor.gradient_checkpointing,
-                                                 cfg.critic.gradient_checkpointing, trainer.recomputes_logprobs),
+                                                 cfg.critic.gradient_checkpointing, trainer.recomputes_logprobs,
+                                                 cfg.per_device_training_batch_size),
                  ground_truth_for(cfg.data_path, tokenizer),
                  NonFinite(cfg.max_nonfinite_steps, cfg.output_dir, NONFINITE_ADVICE), say)
     logger = run_logger(cfg)

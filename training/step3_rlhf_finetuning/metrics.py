@@ -3,12 +3,15 @@ throughput, peak memory, and the mean over processes."""
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass
 
 import torch
 
 from training.step3_rlhf_finetuning.experience import Experience
 from utils import dist
 from utils import flops
+from utils.model import packing
+from utils.model.packed_forward import decision
 from utils.rl_math import masked_sum
 
 
@@ -57,23 +60,58 @@ def _shape(engine, value_head: bool) -> flops.Shape | None:
     return s.value_head() if value_head else s
 
 
+@dataclass
+class _Rows:
+    """What decides a forward's work over some rows: each row's real tokens and answer tokens,
+    the padded width and answer columns."""
+    real: torch.Tensor     # (rows,)
+    answers: torch.Tensor  # (rows,)
+    width: int
+    answer_columns: int
+
+    @staticmethod
+    def of(exps: list[Experience]) -> "_Rows":
+        """The rows as Experience.concat lays them out: prompts and answers padded to the widest."""
+        answer_columns = max(e.seq.size(1) - e.prompt_len for e in exps)
+        real, answers = (torch.cat([e.attention_mask.sum(1) for e in exps]),
+                         torch.cat([e.action_mask.sum(1) for e in exps]))
+        return _Rows(real, answers, max(e.prompt_len for e in exps) + answer_columns, answer_columns)
+
+    def split(self, size: int) -> list["_Rows"]:
+        """Micro-batches of `size` rows, as Experience.split makes them."""
+        return [_Rows(real, answers, self.width, self.answer_columns)
+                for real, answers in zip(self.real.split(size), self.answers.split(size))]
+
+    def run_by(self, model, lm_head: bool) -> tuple[int, int, dict]:
+        """(rows, width, head) of `model`'s forward: packed bins with the LM head on the answer
+        tokens alone, or the padded rows with it on the answer columns + 1 (logits_to_keep); a
+        value head reads every position either way."""
+        if decision(model):
+            bins, width = packing.packed_shape(self.real.tolist())
+            return bins, width, {"head_tokens": int(self.answers.sum())} if lm_head else {}
+        return len(self.real), self.width, {"logits": self.answer_columns + 1} if lm_head else {}
+
+
 class PhaseFlops:
     """Matmul FLOPs of one round's phases, per process (utils.flops): generation with the KV
     cache; the scoring forwards (the reference, and the actor when it recomputes its rollout
-    log-probs: logits for the answer positions + 1, as scoring.answer_log_probs asks; critic and
-    reward model: the value head at every position);
-    ppo_epochs passes of actor and critic training over the round's rows at the width
-    Experience.concat pads them to. The ptx term's forwards are not counted.
+    log-probs: the LM head on the answer positions; critic and reward model: the value head at
+    every position); ppo_epochs passes of actor and critic training over the round's
+    micro-batches. The ptx term's forwards are not counted.
 
-    Forwards run over the padded width, so that is what is counted; `real_tokens` (prompt and
-    answer tokens under the attention mask) is kept beside `padded_tokens` for a change that
-    unpads them."""
+    What runs is counted: a model that packs (--pack_sequences, utils/model/packed_forward.py)
+    reads bins of the rows' real tokens (utils.model.packing.packed_shape), one that does not
+    reads the padded rows; the reward model always reads padded rows. `real_tokens` (prompt and
+    answer tokens under the attention mask) and `padded_tokens` say how much of a padded
+    forward is padding."""
 
     def __init__(self, engine, ppo_epochs: int, actor_checkpointing: bool, critic_checkpointing: bool,
-                 actor_scoring: bool = True):
+                 actor_scoring: bool = True, micro_batch: int | None = None):
         """actor_scoring: the actor reads the rollout again to score it (--recompute_rollout_logprobs);
-        otherwise only the reference's scoring forward runs on the actor's shape."""
-        self.scoring_passes = 1 + int(actor_scoring)  # reference, and the actor when it recomputes
+        otherwise only the reference's scoring forward runs on the actor's shape. micro_batch:
+        the rows of a PPO micro-batch (--per_device_training_batch_size; None: all of a round's)."""
+        self.engine, self.micro_batch = engine, micro_batch
+        self.scorers = [engine.ref, *([engine.actor] if actor_scoring else [])]
         self.actor = _shape(engine.actor, value_head=False)
         self.critic = _shape(engine.critic, value_head=True)
         self.reward = _shape(engine.reward, value_head=True)
@@ -82,23 +120,33 @@ class PhaseFlops:
     def of(self, exps: list[Experience]) -> dict:
         gen = score = 0.0
         for exp in exps:
-            b, p, width = len(exp), exp.prompt_len, exp.seq.size(1)
-            gen += flops.generation_flops(self.actor, b, p, int(exp.action_mask.sum(1).max()))
-            score += self.scoring_passes * flops.forward_flops(self.actor, b, width, logits=width - p + 1)
-            score += sum(flops.forward_flops(s, b, width) for s in (self.critic, self.reward) if s is not None)
+            b, width, rows = len(exp), exp.seq.size(1), _Rows.of([exp])
+            gen += flops.generation_flops(self.actor, b, exp.prompt_len, int(exp.action_mask.sum(1).max()))
+            score += sum(_forward(self.actor, *rows.run_by(model, lm_head=True)) for model in self.scorers)
+            if self.critic is not None:
+                score += _forward(self.critic, *rows.run_by(self.engine.critic, lm_head=False))
+            if self.reward is not None:
+                score += flops.forward_flops(self.reward, b, width)
         return {"generation": gen, "scoring": score, "training": self.ppo_epochs * self.training(exps),
                 "padded_tokens": sum(e.attention_mask.numel() for e in exps),
                 "real_tokens": sum(int(e.attention_mask.sum()) for e in exps)}
 
     def training(self, exps: list[Experience]) -> float:
-        """One pass of actor and critic training over the round's rows."""
-        rows = sum(len(e) for e in exps)
-        answers = max(e.seq.size(1) - e.prompt_len for e in exps)
-        width = max(e.prompt_len for e in exps) + answers
-        work = flops.training_flops(self.actor, rows, width, logits=answers + 1, checkpointing=self.actor_ckpt)
-        if self.critic is not None:
-            work += flops.training_flops(self.critic, rows, width, checkpointing=self.critic_ckpt)
+        """One pass of actor and critic training over the round's micro-batches, split as
+        ppo_update splits them."""
+        rows = _Rows.of(exps)
+        work = 0.0
+        for micro in rows.split(self.micro_batch or len(rows.real)):
+            batch, width, head = micro.run_by(self.engine.actor, lm_head=True)
+            work += flops.training_flops(self.actor, batch, width, checkpointing=self.actor_ckpt, **head)
+            if self.critic is not None:
+                batch, width, head = micro.run_by(self.engine.critic, lm_head=False)
+                work += flops.training_flops(self.critic, batch, width, checkpointing=self.critic_ckpt, **head)
         return work
+
+
+def _forward(shape: flops.Shape, batch: int, width: int, head: dict) -> float:
+    return flops.forward_flops(shape, batch, width, **head)
 
 
 def timing(exps: list[Experience], work: dict, gen_s: float, scoring_s: float, train_s: float,
