@@ -11,7 +11,7 @@ from transformers.masking_utils import find_packed_sequence_indices
 from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values
 from utils.model import packed_forward
 from utils.model.forward import position_ids_from_mask
-from utils.model.packing import first_fit_decreasing, pack, packed_shape
+from utils.model.packing import bin_width, first_fit_decreasing, pack, packed_shape
 
 PACKING = ("llama", "qwen2", "gpt_neox", "gpt2")  # their decoders read packed sequences from position ids
 PAD = 7
@@ -38,6 +38,14 @@ def test_first_fit_decreasing_places_the_longest_first_into_the_first_bin_with_r
     assert packed_shape([5, 3, 2, 4, 1]) == (3, 5)
     with pytest.raises(ValueError, match="does not fit"):
         first_fit_decreasing([6], 5)
+
+
+def test_the_bin_width_trades_fuller_bins_against_longer_attention():
+    lengths = [10, 16, 12, 19, 7]  # bins x width: 4 x 19 = 76 at the longest row, 3 x 23 = 69 at 1.25x
+    assert bin_width(lengths, None) == 19
+    assert bin_width(lengths, 0.0) == 23  # attention free: the fewest token slots
+    assert bin_width(lengths, 1.0) == 19  # attention dear: 76 x 20 < 69 x 24
+    assert bin_width([5, 5, 5], 0.0) == 5  # nothing to gain: the longest row, at most as many bins as rows
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -135,6 +143,7 @@ def test_packed_log_probs_and_entropy_equal_the_padded(models, family):
     seq, mask = ragged(8, 12, 7, 3)
     (want, want_entropy), (got, got_entropy) = both_ways(model, seq, mask)
     assert packed_forward.decision(model) is True
+    assert packed_forward.pack_for(model, seq, mask, 12).input_ids.size(0) < len(seq)  # rows share bins
     assert_same_on_answers(want, got, mask)
     assert_same_on_answers(want_entropy, got_entropy, mask)
 

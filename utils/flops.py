@@ -168,6 +168,12 @@ def attention_flops(s: Shape, queries: int, context: float) -> float:
     return 4.0 * s.layers * s.attention_width * queries * context
 
 
+def attention_ratio(s: Shape) -> float:
+    """Attention's FLOPs for one query over one key, per FLOP of one token's weight matmuls: a
+    token over W keys costs (1 + W x this) times its weights (packing's bin width choice)."""
+    return attention_flops(s, 1, 1) / (2.0 * s.weights)
+
+
 def forward_parts(s: Shape, batch: int, seq_len: int, logits: int | None = None,
                   head_tokens: int | None = None) -> Parts:
     """One forward over batch x seq_len tokens; the head on the last `logits` positions of each

@@ -10,8 +10,7 @@ import torch
 from training.step3_rlhf_finetuning.experience import Experience
 from utils import dist
 from utils import flops
-from utils.model import packing
-from utils.model.packed_forward import decision
+from utils.model.packed_forward import decision, packed_shape_for
 from utils.rl_math import masked_sum
 
 
@@ -87,7 +86,7 @@ class _Rows:
         tokens alone, or the padded rows with it on the answer columns + 1 (logits_to_keep); a
         value head reads every position either way."""
         if decision(model):
-            bins, width = packing.packed_shape(self.real.tolist())
+            bins, width = packed_shape_for(model, self.real.tolist())
             return bins, width, {"head_tokens": int(self.answers.sum())} if lm_head else {}
         return len(self.real), self.width, {"logits": self.answer_columns + 1} if lm_head else {}
 
@@ -100,7 +99,7 @@ class PhaseFlops:
     micro-batches. The ptx term's forwards are not counted.
 
     What runs is counted: a model that packs (--pack_sequences, utils/model/packed_forward.py)
-    reads bins of the rows' real tokens (utils.model.packing.packed_shape), one that does not
+    reads bins of the rows' real tokens (packed_forward.packed_shape_for), one that does not
     reads the padded rows; the reward model always reads padded rows. `real_tokens` (prompt and
     answer tokens under the attention mask) and `padded_tokens` say how much of a padded
     forward is padding."""

@@ -13,7 +13,7 @@ from training.step3_rlhf_finetuning.experience import Experience
 from training.step3_rlhf_finetuning.rewards import RewardSource, scored_parts
 from training.step3_rlhf_finetuning.rollout import Answers
 from utils.model.forward import lm_logits, position_ids_from_mask
-from utils.model.packed_forward import pack_rows, packed_logits, packed_values, packs
+from utils.model.packed_forward import pack_for, packed_logits, packed_values, packs
 from utils.model.packing import Packed
 from utils.rl_math import (entropy_from_logits, gae_advantages, group_advantages, kl_penalized_rewards,
                            log_probs_from_logits, masked_mean, masked_sum, truncated_is_weights,
@@ -68,7 +68,7 @@ def _values(model, seq, attention_mask, prompt_len: int, packed: Packed | None) 
 def _packed_if(pack: bool, model, seq, attention_mask, prompt_len: int, outputs) -> Packed | None:
     """The rows packed when asked and `model` packs (decided on its first call), else None."""
     if pack and packs(model, seq, attention_mask, prompt_len, outputs):
-        return pack_rows(seq, attention_mask, prompt_len)
+        return pack_for(model, seq, attention_mask, prompt_len)
     return None
 
 

@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from utils import dist
+from utils import dist, flops
 from utils.model.forward import accepts, unwrap
-from utils.model.packing import Packed, pack
+from utils.model.packing import Packed, bin_width, pack, packed_shape
 
 # outputs(model, seq, attention_mask, prompt_len, packed or None for the padded forward) -> (B, A)
 Outputs = Callable[[nn.Module, torch.Tensor, torch.Tensor, int, "Packed | None"], torch.Tensor]
@@ -43,6 +43,7 @@ FULL_AGREEMENT, HALF_AGREEMENT = 1e-4, 1.0
 ISOLATION = 1e-4
 
 _decided: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_ratios: "weakref.WeakKeyDictionary[nn.Module, float | None]" = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -72,6 +73,29 @@ def packed_values(critic: nn.Module, packed: Packed) -> torch.Tensor:
 def pack_rows(seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, width: int | None = None) -> Packed:
     # the bins' tails are read by nothing: any id in the vocabulary will do for them
     return pack(seq, attention_mask, prompt_len, pad_token_id=0, width=width)
+
+
+def pack_for(model: nn.Module, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int) -> Packed:
+    """The rows packed at the bin width that costs `model` least (packing.bin_width)."""
+    lengths = attention_mask.sum(1).tolist()
+    return pack_rows(seq, attention_mask, prompt_len, bin_width(lengths, attention_ratio(model)))
+
+
+def packed_shape_for(model: nn.Module, lengths: list[int]) -> tuple[int, int]:
+    """(bins, width) of pack_for's layout of rows with these real-token counts (FLOP counts)."""
+    return packed_shape(lengths, bin_width(lengths, attention_ratio(model)))
+
+
+def attention_ratio(model: nn.Module) -> float | None:
+    """utils.flops.attention_ratio of `model`'s shape; None where it cannot be counted (bins as
+    wide as the longest row)."""
+    key = unwrap(model)
+    if key not in _ratios:
+        try:
+            _ratios[key] = flops.attention_ratio(flops.shape(key.config, key))
+        except (AttributeError, ValueError):
+            _ratios[key] = None
+    return _ratios[key]
 
 
 def packs(model: nn.Module, seq: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,

@@ -1,9 +1,10 @@
 """Unpadded rows for Step 3's forwards: the real tokens of left-padded prompt + right-padded
 answer rows, packed into a few bins (issue 21, item 3).
 
-Rows are placed first-fit-decreasing into bins as wide as the longest row, so attention in a
-bin costs what one padded row did (one bin holding every token would cost T^2 under a dense
-mask, e.g. CPU SDPA). Each packed sequence numbers its positions from 0 and no attention mask
+Rows are placed first-fit-decreasing into bins of one width: the longest row, or up to twice
+that where the model's cost says fewer, fuller bins pay for their longer attention (bin_width).
+Attention per token then costs at most twice what it did in a padded row (one bin holding every
+token would cost T^2 under a dense mask, e.g. CPU SDPA). Each packed sequence numbers its positions from 0 and no attention mask
 is passed: transformers (masking_utils.find_packed_sequence_indices) then reads where a
 sequence starts from the position ids and keeps attention inside it, when the family passes
 its position ids to the mask (whether it does is measured: utils/model/packed_forward.py). A
@@ -18,6 +19,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+# Candidate bin widths, in longest rows. Rows longer than half the width cannot share a bin, so at
+# the longest row's width alone a rollout whose lengths spread between a quarter and all of it
+# keeps much of its padding as bin tails (SmolLM2, prompts 20-64 and answers 5-32 tokens: 2760
+# tokens read for 2020 real, 3072 padded; 2070 at 1.5x). A wider bin pays attention over more
+# keys per token, 2x at most here.
+WIDTHS = (1.0, 1.25, 1.5, 2.0)
 
 
 @dataclass
@@ -68,10 +76,25 @@ def first_fit_decreasing(lengths: list[int], width: int) -> list[tuple[int, int]
     return place
 
 
-def packed_shape(lengths: list[int]) -> tuple[int, int]:
-    """(bins, width) that `pack` lays rows of these real-token counts out in (FLOP counts)."""
-    width = max(max(lengths, default=0), 1)
+def packed_shape(lengths: list[int], width: int | None = None) -> tuple[int, int]:
+    """(bins, width) that `pack` lays rows of these real-token counts out in (default width: the
+    longest row)."""
+    width = max(max(lengths, default=0), 1) if width is None else width
     return max((b for b, _ in first_fit_decreasing(lengths, width)), default=0) + 1, width
+
+
+def bin_width(lengths: list[int], attention_ratio: float | None) -> int:
+    """The bin width among WIDTHS x the longest row that costs least: bins x W tokens, each
+    weighing 1 + attention_ratio x W (its attention over W keys, against its weight matmuls;
+    utils.flops.attention_ratio). None: the longest row."""
+    longest = max(max(lengths, default=0), 1)
+    if attention_ratio is None:
+        return longest
+
+    def cost(width: int) -> float:
+        bins, _ = packed_shape(lengths, width)
+        return bins * width * (1 + attention_ratio * width)
+    return min((int(longest * k) for k in WIDTHS), key=cost)
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int, pad_token_id: int,
