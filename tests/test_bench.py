@@ -190,3 +190,15 @@ def test_side_by_side_runs_split_the_threads_and_get_their_own_ports(tmp_path, m
 def test_quality_bench_refuses_jobs_below_one(tmp_path):
     proc = run_module("bench.quality", ["--jobs", 0, "--output_dir", tmp_path])
     assert proc.returncode == 2 and error_line(proc) == "error: --jobs must be at least 1, got 0"
+
+
+def test_packed_forwards_bench_reads_fewer_tokens_for_the_same_log_probs(tmp_path, capsys):
+    import json
+    from bench.packed_forwards import main
+    out = tmp_path / "packed.json"
+    main(["--model", "tiny-llama", "--rows", "6", "--repeats", "1", "--json", str(out)])
+    padded, packed = json.loads(out.read_text())["rows"]
+    assert (padded["packed"], packed["packed"]) == (False, True)
+    assert packed["tokens"] < padded["tokens"] and packed["training_tflop"] < padded["training_tflop"]
+    assert packed["max_abs_log_prob_gap"] < 1e-4
+    assert "| fp32 | packed |" in capsys.readouterr().out
