@@ -193,10 +193,10 @@ class PPOConfig:
         "computing slightly different probabilities (bf16, KV cache, fused LoRA) than training "
         "does. Recomputes the rollout log-probs. 0 = off."))
     pack_sequences: bool = field(default=True, metadata=doc(
-        "Score and train on the rollout's real tokens alone: rows packed into bins as wide as the longest, "
-        "so no forward is spent on padding (in a real run ~40% of the padded positions). A model whose "
-        "packed outputs differ from the padded ones on its first batch (BLOOM, OPT) keeps padded forwards; "
-        "--no-pack_sequences pads all, as DeepSpeed-Chat does."))
+        "Actor, reference and critic forwards read the rollout's real tokens, its rows packed into bins 1-2x "
+        "the longest row wide: most padding (4 of 10 positions in a real run) costs nothing. A model whose "
+        "packed outputs differ from padded ones on its first batch (BLOOM, OPT) keeps padded forwards, as "
+        "does the reward model; --no-pack_sequences pads all, as DeepSpeed-Chat does."))
     enable_ema: bool = field(default=False, metadata=doc("Keep an exponential moving average of the actor."))
     ema_decay: float = field(default=0.992, metadata=doc(
         "EMA decay per actor optimizer step (the average is kept in fp32 whatever --dtype; saved in --dtype)."))
