@@ -21,6 +21,19 @@ def child_env(device: str) -> dict:
     return env
 
 
+def report_table(title: str, columns: dict, rows: list[dict], args) -> None:
+    """Print `title` and a markdown table of `rows`, one column per header of `columns` (each
+    value formats a row's cell); with `args.json`, also write {"args", "rows"} there."""
+    print(title)
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in rows:
+        print("| " + " | ".join(cell(r) for cell in columns.values()) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
 def report_result(result: dict) -> None:
     """In the child: hand the measured numbers to the parent."""
     print(PREFIX + json.dumps(result), flush=True)

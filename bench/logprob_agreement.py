@@ -14,10 +14,11 @@ share of tokens whose first-step ratio would already sit outside PPO's [0.8, 1.2
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+
+from bench.child import report_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -83,17 +84,12 @@ def main(argv=None) -> None:
         model = load_causal_lm(path, tokenizer).to(DTYPES[dtype]).eval()
         for use_cache in (True, False):
             rows.append({"dtype": dtype, "kv_cache": use_cache, **agreement(model, tokenizer, ids, mask, args, use_cache)})
-    print(f"{args.model}, {args.prompts} prompts x up to {args.new_tokens} tokens, T {args.temperature}, "
-          f"{torch.get_num_threads()} threads: generation-pass log-probs minus one scoring forward's")
-    print("| dtype | KV cache | answer tokens | mean abs gap | max abs gap | mean gap | ratio outside [0.8, 1.2] |")
-    print("|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['dtype']} | {'yes' if r['kv_cache'] else 'no'} | {r['tokens']} | {r['mean_abs_gap']:.2e} | "
-              f"{r['max_abs_gap']:.2e} | {r['mean_gap']:+.2e} | {r['outside_clip']:.2%} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-
+    report_table(f"{args.model}, {args.prompts} prompts x up to {args.new_tokens} tokens, T {args.temperature}, "
+                 f"{torch.get_num_threads()} threads: generation-pass log-probs minus one scoring forward's", {
+                     "dtype": lambda r: r["dtype"], "KV cache": lambda r: "yes" if r["kv_cache"] else "no",
+                     "answer tokens": lambda r: str(r["tokens"]), "mean abs gap": lambda r: f"{r['mean_abs_gap']:.2e}",
+                     "max abs gap": lambda r: f"{r['max_abs_gap']:.2e}", "mean gap": lambda r: f"{r['mean_gap']:+.2e}",
+                     "ratio outside [0.8, 1.2]": lambda r: f"{r['outside_clip']:.2%}"}, rows, args)
 
 if __name__ == "__main__":
     main()

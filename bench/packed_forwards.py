@@ -12,10 +12,11 @@ the largest log-prob gap between the two.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
+
+from bench.child import report_table
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -125,20 +126,14 @@ def main(argv=None) -> None:
             rows.append({"dtype": dtype, "packed": pack and bool(decision(model)), **runs[pack],
                          **work(model, seq, mask, p, pack and bool(decision(model)), args.micro_batch),
                          "max_abs_log_prob_gap": gap})
-    print(f"{args.model}: {args.rows} rows, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, answers "
-          f"{args.answer_len[0]}-{args.answer_len[1]}: {int(mask.sum())} real of {mask.numel()} padded positions; "
-          f"training micro-batches of {args.micro_batch}; {torch.get_num_threads()} threads")
-    print("| dtype | forwards | tokens read | scoring TFLOP | scoring s | training TFLOP | training s "
-          "| max log-prob gap |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['dtype']} | {'packed' if r['packed'] else 'padded'} | {r['tokens']} | {r['scoring_tflop']:.3f} | "
-              f"{r['scoring_s']:.2f} | {r['training_tflop']:.3f} | {r['training_s']:.2f} | "
-              f"{r['max_abs_log_prob_gap']:.2e} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-
+    report_table(f"{args.model}: {args.rows} rows, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, answers "
+                 f"{args.answer_len[0]}-{args.answer_len[1]}: {int(mask.sum())} real of {mask.numel()} padded positions; "
+                 f"training micro-batches of {args.micro_batch}; {torch.get_num_threads()} threads", {
+                     "dtype": lambda r: r["dtype"], "forwards": lambda r: "packed" if r["packed"] else "padded",
+                     "tokens read": lambda r: str(r["tokens"]), "scoring TFLOP": lambda r: f"{r['scoring_tflop']:.3f}",
+                     "scoring s": lambda r: f"{r['scoring_s']:.2f}", "training TFLOP": lambda r: f"{r['training_tflop']:.3f}",
+                     "training s": lambda r: f"{r['training_s']:.2f}",
+                     "max log-prob gap": lambda r: f"{r['max_abs_log_prob_gap']:.2e}"}, rows, args)
 
 if __name__ == "__main__":
     main()
