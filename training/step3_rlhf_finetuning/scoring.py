@@ -99,12 +99,13 @@ class Scored:
 def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, temperature: float,
                   ppo: PPOConfig | None = None) -> Scored:
     """Score the answers. The actor's log-probs are the generation pass's own (answers.log_probs)
-    unless there are none or recomputes_rollout_logprobs asks for an actor forward."""
+    unless the sampler kept none (recomputes_rollout_logprobs decided so, once, for the trainer)
+    or --rollout_is_cap weighs them against a recomputing forward."""
     ppo = ppo or PPOConfig()
     seq, mask, p = answers.seq, answers.attention_mask, answers.prompt_len
     # the reward first: a failing reward function stops the run before the forwards are spent
     scores, parts = scored_parts(reward, answers.prompts, seq, mask, answers.action_mask, answers.rows)
-    recompute = answers.log_probs is None or recomputes_rollout_logprobs(ppo, actor)
+    recompute = answers.log_probs is None or ppo.rollout_is_cap > 0
     models = [*([actor] if recompute else []), *([critic] if critic is not None else [])]
     for model in models:
         model.eval()
