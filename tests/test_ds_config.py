@@ -12,7 +12,7 @@ import torch
 from tests.helpers import ROOT
 from utils.cli import free_port
 from utils.dist import on_cuda
-from utils.strategy.ds_config import eval_ds_config, load_user_ds_config, train_ds_config
+from utils.strategy.ds_config import effective_zero_stage, eval_ds_config, load_user_ds_config, train_ds_config
 from utils.strategy.export import own_storage
 from utils.fs import atomic_directory_write, check_output_dir
 from utils.strategy.optim import optimizer_param_groups
@@ -30,6 +30,45 @@ def test_train_config_stages_offload_and_user_override():
     assert zero["reduce_bucket_size"] == 200000000  # user value wins, siblings kept
     assert cfg["gradient_clipping"] == 0.5 and "bf16" not in cfg and "fp16" not in cfg
     assert train_ds_config(micro_batch=1, dtype="bf16")["bf16"] == {"enabled": True}
+
+
+def test_one_process_runs_zero_1_and_2_as_stage_0_unless_offload_or_the_user_says():
+    assert [effective_zero_stage(s, False, 1) for s in range(4)] == [0, 0, 0, 3]
+    assert [effective_zero_stage(s, False, 2) for s in range(4)] == [0, 1, 2, 3]
+    assert [effective_zero_stage(s, True, 1) for s in (1, 2, 3)] == [1, 2, 3]
+    assert train_ds_config(micro_batch=1, zero_stage=2)["zero_optimization"]["stage"] == 0
+    forced = train_ds_config(micro_batch=1, zero_stage=2, user_config={"zero_optimization": {"stage": 2}})
+    assert forced["zero_optimization"]["stage"] == 2
+
+
+def test_step3_at_stage_0_equals_zero_2_on_one_process(tmp_path):
+    """The reason one process may run ZeRO-2 as stage 0: the same rounds, the same weights."""
+    from safetensors.torch import load_file
+    from tests.helpers import assert_ok, logged_rows, run_module
+    forced = tmp_path / "zero2.json"
+    forced.write_text('{"zero_optimization": {"stage": 2}}')
+    flags = ["--actor_model_name_or_path", "tiny-llama", "--critic_model_name_or_path", "tiny-llama",
+             "--num_examples", "64", "--per_device_generation_batch_size", "4",
+             "--per_device_training_batch_size", "2", "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8",
+             "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3", "--dtype", "fp32",
+             "--max_rounds", "3", "--disable_tqdm", "--log_interval", "1", "--actor_zero_stage", "2",
+             "--critic_zero_stage", "2"]
+    outs = {name: tmp_path / name for name in ("auto", "forced")}
+    runs = {name: run_module("training.step3_rlhf_finetuning.main", [*flags, "--output_dir", out,
+                             *(["--deepspeed_config", forced] if name == "forced" else [])])
+            for name, out in outs.items()}
+    for proc in runs.values():
+        assert_ok(proc)
+    assert "running it as stage 0" in runs["auto"].stdout and "running it as" not in runs["forced"].stdout
+    rows = {name: [r for r in logged_rows(out / "logs" / "metrics.jsonl") if "train/actor_loss" in r]
+            for name, out in outs.items()}
+    assert len(rows["auto"]) == 3
+    for auto, zero2 in zip(rows["auto"], rows["forced"]):
+        for key in ("train/reward", "train/actor_loss", "train/critic_loss", "train/kl"):
+            assert auto[key] == pytest.approx(zero2[key], rel=1e-4, abs=1e-6), key
+    for model in ("actor", "critic"):
+        auto, zero2 = (load_file(out / model / "model.safetensors") for out in outs.values())
+        assert max((auto[k] - zero2[k]).abs().max().item() for k in auto) < 1e-5, model
 
 
 def test_eval_config_partitions_only_under_zero3():

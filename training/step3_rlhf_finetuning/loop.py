@@ -67,8 +67,8 @@ def run(cfg: Step3Config, reward_fn: Given = None) -> dict:
     trainer = DeepSpeedPPOTrainer(engine, cfg, reward_fn=reward_fn, ptx=unsup is not None)
     say = tqdm.write if dist.is_main() else (lambda *_: None)
     say(f"step3: {len(loader.dataset)} prompts, {rounds} rollout rounds of {cfg.answers_per_rank} answers "
-        f"x {dist.world_size()} process(es), actor ZeRO-{cfg.actor.zero_stage}, "
-        f"{f'critic ZeRO-{cfg.critic.zero_stage}' if engine.critic is not None else 'no critic'}, {cfg.dtype}, "
+        f"x {dist.world_size()} process(es), actor ZeRO-{engine.actor.zero_optimization_stage()}, "
+        f"{f'critic ZeRO-{engine.critic.zero_optimization_stage()}' if engine.critic is not None else 'no critic'}, {cfg.dtype}, "
         f"hybrid engine {'on' if cfg.hybrid.enable_hybrid_engine else 'off'}")
     each = Round(cfg, trainer, unsup, PhaseFlops(engine, cfg.ppo_epochs, cfg.actor.gradient_checkpointing,
                                                  cfg.critic.gradient_checkpointing, trainer.recomputes_logprobs,

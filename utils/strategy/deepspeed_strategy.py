@@ -100,8 +100,12 @@ class DeepSpeedStrategy:
         """A trained DeepSpeed engine with our optimizer and LR schedule: (engine, scheduler)."""
         optimizer = build_optimizer(model, spec.lr, spec.weight_decay, spec.lora_lr, spec.offload)
         scheduler = build_scheduler(optimizer, spec.scheduler, spec.warmup_steps, spec.total_steps)
-        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                          config=self.train_config(spec))
+        config = self.train_config(spec)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        if config["zero_optimization"]["stage"] != spec.zero_stage and is_main():
+            print(f"ZeRO stage {spec.zero_stage} over one process partitions nothing: running it as stage "
+                  f"{config['zero_optimization']['stage']} (same optimizer and math, none of ZeRO's gradient "
+                  "bookkeeping)", flush=True)
         return engine, scheduler
 
     def prepare_frozen(self, model: torch.nn.Module, *, zero_stage: int, offload: bool, micro_batch: int,

@@ -38,17 +38,28 @@ def load_user_ds_config(path: str) -> dict:
         raise ConfigError(f"--deepspeed_config {path} is not valid JSON: {err}") from None
 
 
+def effective_zero_stage(zero_stage: int, offload: bool, processes: int) -> int:
+    """The ZeRO stage a trained engine runs at. Stages 1 and 2 over one process partition
+    nothing: the optimizer, gradients and math are stage 0's, plus ZeRO's per-step bucket,
+    flatten and copy bookkeeping (~20% of a 135M PPO update on this CPU,
+    docs/2026-12-05-less-work-per-sample.md). So one process runs them as stage 0, unless
+    --offload needs ZeRO to place the optimizer. Stage 3 stays (its hybrid-engine path and
+    parameter placement differ)."""
+    return 0 if processes == 1 and zero_stage in (1, 2) and not offload else zero_stage
+
+
 def train_ds_config(*, micro_batch: int, grad_accum: int = 1, zero_stage: int = 0,
                     offload: bool = False, dtype: str = "bf16", grad_clip: float = 1.0,
                     user_config: dict | None = None) -> dict:
-    """DeepSpeed config for a trained engine; `user_config` entries override ours."""
+    """DeepSpeed config for a trained engine; `user_config` entries override ours (a stage
+    given there is kept as given, see effective_zero_stage)."""
     if zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"--zero_stage {zero_stage} must be 0, 1, 2 or 3")
     if offload and zero_stage == 0:
         raise ConfigError("--offload needs ZeRO stage 1, 2 or 3 (--zero_stage)")
     device = "cpu" if offload else "none"
     zero = {
-        "stage": zero_stage,
+        "stage": effective_zero_stage(zero_stage, offload, world_size()),
         "offload_optimizer": {"device": device},
         "overlap_comm": on_cuda(),
         "contiguous_gradients": True,
