@@ -49,7 +49,6 @@ from pathlib import Path
 from bench.child import child_env
 
 PPO = {  # our PPO rows (actor and critic): engine flags
-    "zero0+hybrid": ["--actor_zero_stage", "0", "--critic_zero_stage", "0"],
     "zero2+hybrid": ["--actor_zero_stage", "2", "--critic_zero_stage", "2"],
     "zero2, plain generate": ["--actor_zero_stage", "2", "--critic_zero_stage", "2", "--no-enable_hybrid_engine"],
     "zero3+hybrid": ["--actor_zero_stage", "3", "--critic_zero_stage", "3"],
