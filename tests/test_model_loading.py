@@ -137,9 +137,21 @@ def test_missing_path_errors(tmp_path):
         load_causal_lm("tiny-foo", tok)
 
 
-def test_auto_dtype_follows_cpu_bf16_support():
-    from utils.model import resolve_dtype, resolve_dtype_name
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    assert resolve_dtype_name("auto", "cpu") == ("bf16" if native else "fp32")
-    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if native else torch.float32)
+def test_auto_dtype_follows_the_measured_bf16_speedup(tmp_path, monkeypatch):
+    """auto on CPU: bf16 iff its matmuls measured >= 1.5x fp32's; measured once, then read
+    back (every rank of a run gets the same answer)."""
+    from utils.model import dtype_probe, resolve_dtype, resolve_dtype_name
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path))
+    timed = []
+    monkeypatch.setattr(dtype_probe, "measure_bf16_speedup", lambda: timed.append(1) or 4.0)
+    assert resolve_dtype_name("auto", "cpu") == "bf16" and resolve_dtype("auto", "cpu") == torch.bfloat16
+    assert len(timed) == 1  # the second call read the cached ratio
+    monkeypatch.setenv("RLHFKIT_CACHE", str(tmp_path / "slow"))
+    monkeypatch.setattr(dtype_probe, "measure_bf16_speedup", lambda: 0.3)
+    assert resolve_dtype_name("auto", "cpu") == "fp32" and resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype_name("fp32", "cpu") == "fp32"
+
+
+def test_bf16_speedup_measurement_is_a_real_ratio():
+    from utils.model.dtype_probe import measure_bf16_speedup
+    assert 0.01 < measure_bf16_speedup(size=256, repeats=1) < 1000

@@ -180,13 +180,13 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 
 def auto_dtype_name(device) -> str:
-    """The fastest safe training dtype here: bf16 where the hardware computes in it natively
-    (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp16 on older GPUs, else fp32 (bf16
-    matmuls on an AVX2-only CPU: docs/2026-11-23-step1-deepspeed-overhead.md)."""
+    """The fastest safe training dtype here: on CUDA bf16 where the GPU computes in it, else
+    fp16; on CPU bf16 where its matmuls measure >= 1.5x faster than fp32's, else fp32
+    (utils/model/dtype_probe.py)."""
     if torch.device(device).type == "cuda":
         return "bf16" if _cuda_bf16() else "fp16"
-    fast_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return "bf16" if fast_bf16 else "fp32"
+    from utils.model.dtype_probe import cpu_auto_dtype_name
+    return cpu_auto_dtype_name()
 
 
 def resolve_dtype_name(name: str, device) -> str:
