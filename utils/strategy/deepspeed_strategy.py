@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from utils import ema
 from utils.cli import free_port
 from utils.config import ConfigError
-from utils.dist import all_ranks, barrier, is_main, on_cuda, rank
+from utils.dist import all_ranks, barrier, is_main, on_cuda, rank, world_size
 from utils.model import resolve_dtype, resolve_dtype_name
 from utils.strategy.ds_config import eval_ds_config, load_user_ds_config, train_ds_config
 from utils.strategy.export import gathered_state_dict, hf_state_dict, save_hf_model
@@ -102,6 +102,10 @@ class DeepSpeedStrategy:
         scheduler = build_scheduler(optimizer, spec.scheduler, spec.warmup_steps, spec.total_steps)
         config = self.train_config(spec)
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        if engine.zero_optimization_stage() == 0 and world_size() == 1:
+            # stage 0 "all-reduces" over one process by flattening every gradient into a
+            # bucket and copying it back: a model-sized copy each step that changes nothing
+            engine.enable_backward_allreduce = False
         if config["zero_optimization"]["stage"] != spec.zero_stage and is_main():
             print(f"ZeRO stage {spec.zero_stage} over one process partitions nothing: running it as stage "
                   f"{config['zero_optimization']['stage']} (same optimizer and math, none of ZeRO's gradient "
