@@ -156,10 +156,18 @@ def _infer_fan_in_fan_out(state_dict: dict, pairs: dict) -> bool:
 
 
 def _merge_weight(key, weight, lora_a, lora_b, scaling, fan_in_fan_out):
+    return merged_weight(weight, lora_a, lora_b, scaling, fan_in_fan_out, key)
+
+
+def merged_weight(weight, lora_a, lora_b, scaling: float, fan_in_fan_out: bool, key: str = "weight"):
+    """One LoRA layer's W + scaling * B @ A, computed in fp32 and returned in W's dtype; the
+    inputs are left as they were. The sum is built in the delta's own fp32 buffer (the same
+    values as weight.float() + scaling * delta), so a merge needs one fp32 copy of W, not three:
+    the streaming export merges the layers one by one."""
     delta = lora_b.float() @ lora_a.float()  # (out, in)
     if fan_in_fan_out:
         delta = delta.T
     if delta.shape != weight.shape:
         raise ValueError(f"{key}: LoRA delta {tuple(delta.shape)} does not fit weight "
                          f"{tuple(weight.shape)} (wrong fan_in_fan_out={fan_in_fan_out}?)")
-    return (weight.float() + scaling * delta).to(weight.dtype)
+    return delta.mul_(scaling).add_(weight).to(weight.dtype)
