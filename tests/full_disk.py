@@ -3,8 +3,8 @@
 Usage: RLHFKIT_TEST_FULL_DISK=<path prefix> python -m tests.full_disk <step module> <step flags>
 
 Every weights or checkpoint file written to a path that starts with the prefix (through
-safetensors' save_file, which the final model goes through, or torch.save, which DeepSpeed's
-checkpoints go through) gets a few bytes and then fails with ENOSPC, as a real write does when
+utils.safetensors_stream, which the final model and the EMA's checkpoint go through, safetensors'
+save_file, or torch.save, which DeepSpeed's checkpoints go through) gets a few bytes and then fails with ENOSPC, as a real write does when
 the disk fills in the middle of a file. Everything else is written normally.
 """
 from __future__ import annotations
@@ -25,6 +25,8 @@ def install(prefix: str) -> None:
     import safetensors.torch
     import torch
 
+    import utils.safetensors_stream as stream
+
     real_save_file, real_torch_save = safetensors.torch.save_file, torch.save
 
     def save_file(tensors, filename, *args, **kwargs):
@@ -37,7 +39,14 @@ def install(prefix: str) -> None:
             _fill(f)
         return real_torch_save(obj, f, *args, **kwargs)
 
-    safetensors.torch.save_file, torch.save = save_file, torch_save
+    real_create = stream._create
+
+    def create(path):
+        if str(path).startswith(prefix):
+            _fill(path)
+        return real_create(path)
+
+    safetensors.torch.save_file, torch.save, stream._create = save_file, torch_save, create
 
 
 if __name__ == "__main__":

@@ -69,10 +69,15 @@ def write_file(path: str | Path, specs: list[Spec], tensors: Iterator[torch.Tens
     `specs`) only when its turn comes and holding no reference to it once written."""
     if sys.byteorder != "little":
         raise RuntimeError("safetensors stores little-endian bytes; this writer copies memory as is")
-    with open(path, "wb") as f:
+    with _create(path) as f:
         f.write(header(specs, metadata))
         for spec in specs:
             f.write(_raw_bytes(spec, next(tensors)))
+
+
+def _create(path: str | Path):
+    """The one place a file is opened for writing (tests/full_disk.py fills the disk here)."""
+    return open(path, "wb")
 
 
 def _raw_bytes(spec: Spec, tensor: torch.Tensor) -> memoryview:
@@ -104,12 +109,12 @@ def shard_names(count: int) -> list[str]:
 
 
 def write_model(folder: str | Path, specs: list[Spec], tensors: Iterator[torch.Tensor],
-                max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
+                max_shard_bytes: int | None = None) -> list[str]:
     """A model's weights into `folder` as transformers reads them: model.safetensors, or shards
     and model.safetensors.index.json. `specs` must be in_file_order, `tensors` in the same order.
     Returns the files written."""
     folder = Path(folder)
-    groups = shards(specs, max_shard_bytes)
+    groups = shards(specs, max_shard_bytes or MAX_SHARD_BYTES)  # read at call time: tests shrink it
     names = shard_names(len(groups))
     for name, group in zip(names, groups):
         write_file(folder / name, group, tensors)

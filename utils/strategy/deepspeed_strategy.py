@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from utils import ema
 from utils.cli import free_port
@@ -28,7 +28,7 @@ from utils.config import ConfigError
 from utils.dist import all_ranks, barrier, is_main, on_cuda, rank, world_size
 from utils.model import resolve_dtype, resolve_dtype_name
 from utils.strategy.ds_config import eval_ds_config, load_user_ds_config, train_ds_config
-from utils.strategy.export import gathered_state_dict, hf_state_dict, save_hf_model
+from utils.strategy.export import gathered, hf_state_dict, save_hf_model, save_state_file
 from utils.strategy.optim import build_optimizer, build_scheduler
 
 
@@ -158,15 +158,8 @@ class DeepSpeedStrategy:
 
     # ------------------------------------------------------------ weights
 
-    @staticmethod
-    def gathered(params, modifier_rank: int | None = None):
-        """Context in which ZeRO-3-partitioned `params` are whole on every rank (with
-        `modifier_rank`, that rank's changes are re-partitioned on exit); a no-op otherwise."""
-        params = list(params)
-        if not any(hasattr(p, "ds_id") for p in params):
-            return contextlib.nullcontext()
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-
+    # a context in which ZeRO-3-partitioned params are whole on every rank (a no-op otherwise)
+    gathered = staticmethod(gathered)
     hf_state_dict = staticmethod(hf_state_dict)
     save_hf_model = staticmethod(save_hf_model)
 
@@ -177,9 +170,7 @@ class DeepSpeedStrategy:
         if _has_checkpointing(engine):
             engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
             return
-        state = gathered_state_dict(engine)  # a collective under ZeRO-3
-        if is_main():
-            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / f"{tag}.safetensors"))
+        save_state_file(engine, folder / f"{tag}.safetensors")  # a collective under ZeRO-3, streamed
 
     def load_engine(self, engine, folder: Path, tag: str) -> None:
         """Restore what save_engine wrote."""

@@ -1,16 +1,26 @@
 """An engine's weights as a plain Hugging Face model: gathered from ZeRO shards, the reward
-model's wrapper dropped, LoRA merged, written atomically as safetensors."""
+model's wrapper dropped, LoRA merged, written atomically as safetensors.
+
+The export streams: each tensor is gathered (ZeRO-3), cast, LoRA-merged, written and dropped
+before the next, so saving needs memory for one tensor beyond training's, not for copies of
+the whole model (a 1.7B actor was killed by the OOM killer in its final save when the export
+built the state dict, a cast copy and a merged copy at once). hf_state_dict and
+gathered_state_dict still build the whole dict in memory, for callers that want one."""
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
-from huggingface_hub import save_torch_state_dict
 
 from utils.dist import barrier, is_main
 from utils.fs import CHECKPOINTS, LOG_SUBDIR, atomic_directory_write
-from utils.model.lora import is_lora_wrapped, lora_fan_in_fan_out, lora_scaling, merge_lora_state_dict
+from utils.model.lora import (PEFT_PREFIX, _lora_pairs, is_lora_wrapped, lora_fan_in_fan_out, lora_scaling,
+                              merge_lora_state_dict, merged_weight)
+from utils.safetensors_stream import Spec, in_file_order, write_file, write_model
 
 
 def gathered_state_dict(engine) -> dict | None:
@@ -69,32 +79,142 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
                   dtype: torch.dtype | None = None, keep: tuple[str, ...] = ()) -> None:
     """Save an engine's model as a plain Hugging Face directory (safetensors + tokenizer).
 
-    ZeRO-3 shards are gathered (every rank must call this); LoRA is merged into the base
-    weights on a copy of the state dict, so the live training model is left as it was.
+    ZeRO-3 shards are gathered one parameter at a time (every rank must call this); LoRA is
+    merged into each base weight as it is written, so the live training model is left as it was.
     `dtype` casts the floating-point weights (the fp32 EMA is saved in the training dtype).
     Written atomically: a crash while saving leaves `output_dir` as it was before. The run's
     logs and checkpoints in it survive the replacement, and so do the entries named in `keep`."""
-    exported = hf_state_dict(engine, dtype)
-    if is_main():
-        module, state = exported
-        config = module.config
-        config.architectures = [type(module).__name__]
-        if dtype is not None:
-            config.dtype = dtype
-        tied = _tied_keys(module) if getattr(config, "tie_word_embeddings", False) else []
-
-        def write(tmp: Path) -> None:
-            save_torch_state_dict({k: v.contiguous() for k, v in state.items() if k not in tied}, tmp)
-            config.save_pretrained(tmp)
-            _drop_config_entry(tmp / "config.json", "quantization_config")
-            if getattr(module, "generation_config", None) is not None:
-                module.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            for name, payload in (extra_json or {}).items():
-                (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
-
-        atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR, CHECKPOINTS, *keep))
+    plan = export_plan(engine, dtype)
+    tensors = export_tensors(plan)
+    try:
+        if is_main():
+            write = _folder_writer(plan, tensors, tokenizer, extra_json)
+            atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR, CHECKPOINTS, *keep))
+    finally:
+        for _ in tensors:  # the other ranks' share of each gather (all of it, if rank 0's write failed)
+            pass
     barrier()
+
+
+def _folder_writer(plan: ExportPlan, tensors: Iterator[torch.Tensor], tokenizer, extra_json: dict | None):
+    """write(tmp): the weights streamed from `tensors`, then config, generation config, tokenizer
+    and the extra JSON files."""
+    module = plan.module
+    config = module.config
+    config.architectures = [type(module).__name__]
+    if plan.dtype is not None:
+        config.dtype = plan.dtype
+
+    def write(tmp: Path) -> None:
+        write_model(tmp, plan.specs, tensors)
+        config.save_pretrained(tmp)
+        _drop_config_entry(tmp / "config.json", "quantization_config")
+        if getattr(module, "generation_config", None) is not None:
+            module.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for name, payload in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(payload, indent=2, default=str))
+    return write
+
+
+def save_state_file(engine, path: str | Path) -> None:
+    """The engine's module state dict as it is (names, dtypes, tied weights under each name),
+    streamed into one safetensors file on rank 0 (every rank must call this under ZeRO-3)."""
+    plan = export_plan(engine, hf=False)
+    tensors = export_tensors(plan)
+    try:
+        if is_main():
+            write_file(path, plan.specs, tensors)
+    finally:
+        for _ in tensors:
+            pass
+
+
+# ------------------------------------------------------------ one tensor at a time
+
+@dataclass
+class _Entry:
+    spec: Spec  # the tensor as saved: name, full shape, save dtype
+    source: torch.Tensor  # the live parameter or buffer (under ZeRO-3 possibly a partition)
+    lora: tuple | None = None  # (A, B): the live LoRA parameters of a base weight
+
+
+@dataclass
+class ExportPlan:
+    """What the export will write, from metadata alone (nothing gathered or copied yet)."""
+    module: torch.nn.Module  # the model the files describe (config, generation config)
+    entries: list[_Entry]
+    dtype: torch.dtype | None
+    scaling: float = 1.0
+    fan_in_fan_out: bool = False
+
+    @property
+    def specs(self) -> list[Spec]:
+        return [e.spec for e in self.entries]
+
+
+def export_plan(engine, dtype: torch.dtype | None = None, hf: bool = True) -> ExportPlan:
+    """The tensors of an engine's export, in file order. hf: as a plain HF model (the reward
+    model's wrapper dropped, LoRA folded into base weights, tied weights once), as hf_state_dict
+    names them; otherwise the module's own state dict."""
+    module = engine.module
+    live = module.state_dict(keep_vars=True)  # the parameters themselves: no copy
+    lora = {}
+    if hf and hasattr(module, "hf_model"):  # a wrapper (RewardModel): the HF model inside it
+        module = module.hf_model
+        live = {k[len("hf_model."):]: v for k, v in live.items() if k.startswith("hf_model.")}
+    if hf and is_lora_wrapped(module):
+        lora = dict(pairs=_lora_pairs(live), scaling=lora_scaling(module),
+                    fan_in_fan_out=lora_fan_in_fan_out(module))
+        module = module.get_base_model()
+    tied = set(_tied_keys(module)) if hf and getattr(module.config, "tie_word_embeddings", False) else set()
+    entries = []
+    for key, value in live.items():
+        name = key.replace(".base_layer.", ".").removeprefix(PEFT_PREFIX) if lora else key
+        if (lora and ".lora_" in key) or name in tied:
+            continue  # folded into its base weight / written under the name it is tied to
+        spec = Spec(name, tuple(getattr(value, "ds_shape", value.shape)), _save_dtype(value, dtype))
+        entries.append(_Entry(spec, value, lora["pairs"].get(key) if lora else None))
+    order = {id(s): i for i, s in enumerate(in_file_order([e.spec for e in entries]))}
+    entries.sort(key=lambda e: order[id(e.spec)])
+    return ExportPlan(module, entries, dtype, lora.get("scaling", 1.0), lora.get("fan_in_fan_out", False))
+
+
+def export_tensors(plan: ExportPlan) -> Iterator[torch.Tensor | None]:
+    """Each entry's tensor as saved (rank 0; None elsewhere), made only when asked for: under
+    ZeRO-3 every rank must run through this, each parameter gathered in turn and released once
+    the consumer has asked for the next."""
+    for entry in plan.entries:
+        with gathered([entry.source, *(entry.lora or ())]):
+            yield _produce(entry, plan) if is_main() else None
+
+
+def _produce(entry: _Entry, plan: ExportPlan) -> torch.Tensor:
+    """The live tensor on the CPU (no copy when it is there already), cast, LoRA merged. Cast
+    before the merge, A and B too, as hf_state_dict does: the same bits either way."""
+    tensor = _cast(entry.source.detach().cpu(), plan.dtype)
+    if entry.lora is not None:
+        lora_a, lora_b = (_cast(t.detach().cpu(), plan.dtype) for t in entry.lora)
+        tensor = merged_weight(tensor, lora_a, lora_b, plan.scaling, plan.fan_in_fan_out, entry.spec.name)
+    return tensor
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _save_dtype(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def gathered(params, modifier_rank: int | None = None):
+    """Context in which ZeRO-3-partitioned `params` are whole on every rank (with
+    `modifier_rank`, that rank's changes are re-partitioned on exit); a no-op otherwise."""
+    params = list(params)
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def _drop_config_entry(path: Path, key: str) -> None:
