@@ -2,7 +2,8 @@
 writes what it found as JSON (tests/test_export.py runs this in a subprocess: DeepSpeed patches
 torch process-wide, so engines must not live in the pytest process).
 
-    python -m tests.export_check --out DIR
+    python -m tests.export_check --out DIR [--only SCENARIO ...]
+    deepspeed --num_gpus 2 --master_port P --module tests.export_check --out DIR --only ...  (ZeRO-3 ones)
 
 Per scenario (ZeRO stage, LoRA or not, family, engine dtype, save dtype, reward model wrapper):
 - `same_files`: the streamed safetensors hold exactly the tensors (names, dtypes, shapes, bits)
@@ -26,6 +27,7 @@ import torch
 import utils.safetensors_stream as stream
 import utils.strategy.export as export
 from tests.hybrid_engine_check import build_engine, with_lora
+from utils import dist
 from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
 from utils.model.reward_model import load_reward_model
 from utils.strategy import DeepSpeedStrategy
@@ -76,9 +78,13 @@ def build(name, stage, lora, dtype, reward, tokenizer):
 
 
 def old_export(engine, dtype, folder: Path) -> None:
-    """What save_hf_model wrote before it streamed: the whole state dict, then save_torch_state_dict."""
+    """What save_hf_model wrote before it streamed: the whole state dict, then save_torch_state_dict
+    (ZeRO-3's gather through DeepSpeed's consolidated state dict: every rank takes part)."""
     from huggingface_hub import save_torch_state_dict
-    module, state = export.hf_state_dict(engine, dtype)
+    exported = export.hf_state_dict(engine, dtype)
+    if not dist.is_main():
+        return
+    module, state = exported
     tied = export._tied_keys(module) if getattr(module.config, "tie_word_embeddings", False) else []
     save_torch_state_dict({k: v.contiguous() for k, v in state.items() if k not in tied}, folder)
 
@@ -110,8 +116,11 @@ def scenario(name, stage, lora, dtype, save_dtype, reward, shard_bytes, tokenize
     held = Held()
     stream.MAX_SHARD_BYTES = shard_bytes or 5 * 10**9
     export.save_hf_model(engine, tokenizer, new, dtype=save_dtype)
-    shutil.copytree(new, old, ignore=shutil.ignore_patterns("*.safetensors*"))
+    if dist.is_main():
+        shutil.copytree(new, old, ignore=shutil.ignore_patterns("*.safetensors*"))
     old_export(engine, save_dtype, old)
+    if not dist.is_main():
+        return {}
     new_state, new_problems = reload(new, reward)
     old_state, old_problems = reload(old, reward)
     files = weights(new)
@@ -140,6 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--local_rank", type=int, default=-1)  # the deepspeed launcher adds it
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(1)
@@ -152,10 +162,11 @@ def main() -> None:
         if args.only is None or key in args.only:
             results[key] = scenario(*spec, tokenizer, out / key)
             export._produce, stream._raw_bytes = real  # undo Held's instruments
-    if args.only is None:
+    if args.only is None and dist.world_size() == 1:
         results["control_hoarding"] = control(tokenizer, out / "control")
         export._produce, stream._raw_bytes = real
-    (out / "export.json").write_text(json.dumps(results, indent=1))
+    if dist.is_main():
+        (out / "export.json").write_text(json.dumps(results, indent=1))
     DeepSpeedStrategy.shutdown()
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from tests.export_check import SCENARIOS
 from tests.helpers import assert_ok, run_module
+from utils.cli import free_port
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +46,20 @@ def test_sharded_export_has_an_index_and_the_expected_dtypes(report):
     assert "model.safetensors.index.json" in shards and len(shards) > 2
     assert report["llama_lora_zero3_fp32_to_bf16"]["dtypes"] == ["torch.bfloat16"]
     assert report["llama_lora_zero0"]["shards"] == ["model.safetensors"]
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_stream_what_the_consolidated_state_dict_gave(tmp_path):
+    """Rank 0 writes while rank 1 takes part in each gather: the same files, bit for bit."""
+    launcher = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())]
+    names = ["llama_lora_zero3_fp32_to_bf16", "gpt2_zero3_sharded", "reward_zero3_bf16"]
+    assert_ok(run_module("tests.export_check", ["--out", tmp_path, "--only", *names], launcher=launcher))
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert sorted(report) == sorted(names)
+    for name in names:
+        r = report[name]
+        assert r["same_files"] and r["same_reload"] and r["load_problems"] == [], (name, r)
+        assert r["held_bytes"] <= r["largest_bytes"], (name, r)
 
 
 def measured(*args) -> dict:
