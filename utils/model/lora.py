@@ -117,7 +117,7 @@ def merge_lora_state_dict(state_dict: dict, scaling: float,
     of the non-square LoRA weights; a square weight alone cannot tell, so with only square
     targets pass it explicitly (lora_fan_in_fan_out(model)).
     """
-    pairs = _lora_pairs(state_dict)
+    pairs = lora_pairs(state_dict)
     if fan_in_fan_out is None and pairs:
         fan_in_fan_out = _infer_fan_in_fan_out(state_dict, pairs)
     merged = {}
@@ -130,7 +130,7 @@ def merge_lora_state_dict(state_dict: dict, scaling: float,
     return merged
 
 
-def _lora_pairs(state_dict: dict) -> dict:
+def lora_pairs(state_dict: dict) -> dict:
     """base weight key -> (A, B) for every LoRA-wrapped layer."""
     pairs = {}
     for key in state_dict:

@@ -18,7 +18,7 @@ import torch
 
 from utils.dist import barrier, is_main
 from utils.fs import CHECKPOINTS, LOG_SUBDIR, atomic_directory_write
-from utils.model.lora import (PEFT_PREFIX, _lora_pairs, is_lora_wrapped, lora_fan_in_fan_out, lora_scaling,
+from utils.model.lora import (PEFT_PREFIX, is_lora_wrapped, lora_pairs, lora_fan_in_fan_out, lora_scaling,
                               merge_lora_state_dict, merged_weight)
 from utils.safetensors_stream import Spec, in_file_order, write_file, write_model
 
@@ -28,7 +28,8 @@ def gathered_state_dict(engine) -> dict | None:
     a CPU copy of its own (safetensors refuses views and shared storage; tied weights appear
     under each of their names).
 
-    ZeRO-3 shards every parameter, so all ranks must take part in the gather."""
+    ZeRO-3 shards every parameter, so all ranks must take part in the gather. Holds a copy of
+    the whole model: for small models and tests (saving streams instead: save_hf_model)."""
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathered copies, but see own_storage
         if not is_main():
@@ -59,7 +60,9 @@ def own_storage(tensor: torch.Tensor) -> torch.Tensor:
 def hf_state_dict(engine, dtype: torch.dtype | None = None):
     """(the HF model, its plain state dict) of an engine, on rank 0 (None elsewhere; under
     ZeRO-3 every rank must call this): gathered, the reward model's wrapper dropped, LoRA
-    merged into the base weights, floating-point weights cast to `dtype` when given."""
+    merged into the base weights, floating-point weights cast to `dtype` when given. Tied
+    weights appear under each name. Holds copies of the whole model (see gathered_state_dict);
+    save_hf_model writes the same tensors one at a time."""
     state = gathered_state_dict(engine)
     if not is_main():
         return None
@@ -164,7 +167,7 @@ def export_plan(engine, dtype: torch.dtype | None = None, hf: bool = True) -> Ex
         module = module.hf_model
         live = {k[len("hf_model."):]: v for k, v in live.items() if k.startswith("hf_model.")}
     if hf and is_lora_wrapped(module):
-        lora = dict(pairs=_lora_pairs(live), scaling=lora_scaling(module),
+        lora = dict(pairs=lora_pairs(live), scaling=lora_scaling(module),
                     fan_in_fan_out=lora_fan_in_fan_out(module))
         module = module.get_base_model()
     tied = set(_tied_keys(module)) if hf and getattr(module.config, "tie_word_embeddings", False) else set()
