@@ -11,7 +11,8 @@ process and the `deepspeed --num_gpus N` launcher for more, as the slow tests st
   parts     bytes per component, counted on the live engines in round 2 (the optimizer state
             exists after round 1's step): once just before the actor's first optimizer step and
             once just before the critic's, while their gradients are held; each component's larger
-            count is kept. Tensor storages are counted once (by data_ptr), in COMPONENTS' order:
+            count is kept. Bytes resident in RAM (mincore), as RSS counts them: a buffer reserved
+            but never written is left out (its whole size is kept in the JSON as "allocated"). Tensor storages are counted once (by data_ptr), in COMPONENTS' order:
             ZeRO's flat buffers alias the parameters, and the hybrid engine's inference copy shares
             the actor's storage under ZeRO 0-2 (only LoRA's fused weights are its own), so a
             shared storage counts in the first component that holds it. optimizer = everything
@@ -50,7 +51,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.child import PREFIX, child_env, report_table
+from bench.child import child_env, report_table
+
+RESULTS = "BENCH_MEMORY_RESULTS"  # the folder where each rank of a case writes rank<N>.json
 
 # ------------------------------------------------------------------ shapes
 
@@ -144,12 +147,38 @@ COMPONENTS = ("actor_weights", "actor_grads", "actor_optimizer", "reference", "e
 GRAD_WORDS = ("grad", "ipg")  # optimizer attributes that hold gradients (ZeRO's buckets, partitions)
 
 
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def resident_bytes(ptr: int, size: int) -> int:
+    """How many of the `size` bytes at `ptr` are in RAM now (mincore(2)): a buffer allocated
+    but never written (ZeRO-3 reserves its whole gradient bucket, --reduce_bucket_size elements)
+    holds address space, not memory. `size` when the kernel cannot tell."""
+    import ctypes
+
+    import numpy as np
+    start = ptr - ptr % PAGE
+    pages = (ptr + size - start + PAGE - 1) // PAGE
+    vec = (ctypes.c_ubyte * pages)()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    if libc.mincore(ctypes.c_void_p(start), ctypes.c_size_t(pages * PAGE), vec) != 0:
+        return size
+    resident = np.frombuffer(vec, dtype=np.uint8) & 1
+    overlap = np.full(pages, PAGE, dtype=np.int64)  # each page's bytes of the buffer
+    overlap[0] -= ptr - start
+    overlap[-1] -= start + pages * PAGE - (ptr + size)
+    return int((resident * overlap).sum())
+
+
 class Ledger:
-    """Bytes per component, each tensor storage counted once (the first component to add it)."""
+    """Bytes per component, each tensor storage counted once (the first component to add it):
+    `bytes` resident in RAM (what RSS counts), `allocated` the storages' whole sizes."""
 
     def __init__(self):
         self.seen: set[int] = set()
         self.bytes = dict.fromkeys(COMPONENTS, 0)
+        self.allocated = dict.fromkeys(COMPONENTS, 0)
 
     def add(self, component: str, tensor) -> None:
         import torch
@@ -160,7 +189,8 @@ class Ledger:
         if size == 0 or ptr in self.seen:
             return
         self.seen.add(ptr)
-        self.bytes[component] += size
+        self.bytes[component] += resident_bytes(ptr, size)
+        self.allocated[component] += size
 
 
 def module_tensors(module):
@@ -223,9 +253,10 @@ def count_trained(ledger: Ledger, engine, role: str) -> None:
         ledger.add(f"{role}_optimizer", t)
 
 
-def component_bytes(engine, hybrid=None) -> dict:
-    """{component: bytes} of a built DeepSpeedRLHFEngine (and the trainer's HybridEngine) on
-    this process, each storage counted once in COMPONENTS' order."""
+def component_bytes(engine, hybrid=None, allocated: bool = False) -> dict:
+    """{component: resident bytes} (`allocated`: the storages' sizes) of a built
+    DeepSpeedRLHFEngine (and the trainer's HybridEngine) on this process, each storage counted
+    once in COMPONENTS' order."""
     ledger = Ledger()
     count_trained(ledger, engine.actor, "actor")
     frozen = {"reference": engine.ref, "ema": engine.actor_ema}
@@ -242,7 +273,7 @@ def component_bytes(engine, hybrid=None) -> dict:
     if copy is not None:
         for t in module_tensors(copy):
             ledger.add("inference_copy", t)
-    return ledger.bytes
+    return ledger.allocated if allocated else ledger.bytes
 
 
 def parameter_count(module) -> int:
@@ -268,7 +299,7 @@ def rss_kib(field: str = "VmHWM") -> int:
 
 def child_main(argv: list[str]) -> None:
     """Step 3 with `argv`, the parts counted in round 2 before each trained model's first step;
-    after the save, each rank prints its RESULT line."""
+    after the save, each rank writes its rank<N>.json into $BENCH_MEMORY_RESULTS."""
     from training.step3_rlhf_finetuning import loop
     from training.step3_rlhf_finetuning.main import main as step3_main
     from utils.strategy.deepspeed_strategy import DeepSpeedStrategy
@@ -289,6 +320,7 @@ def child_main(argv: list[str]) -> None:
 
         def snapshot_then_step(*a, **k):
             state["snapshots"][role] = {"bytes": component_bytes(trainer.rlhf_engine, trainer.hybrid),
+                                        "allocated": component_bytes(trainer.rlhf_engine, trainer.hybrid, True),
                                         "rss_kib": rss_kib("VmRSS")}
             return step(*a, **k)
 
@@ -303,10 +335,11 @@ def child_main(argv: list[str]) -> None:
     snaps = state["snapshots"]
     parts = {c: max((s["bytes"][c] for s in snaps.values()), default=0) for c in COMPONENTS}
     engine = state["trainer"].rlhf_engine if state["trainer"] is not None else None
-    print(PREFIX + json.dumps({
-        "rank": int(os.environ.get("RANK", 0)),  # the process group is gone after Step 3's shutdown
-        "peak_rss_kib": rss_kib(), "parts": parts, "snapshots": snaps,
-        "actor_params": parameter_count(engine.actor.module) if engine else None}), flush=True)
+    rank = int(os.environ.get("RANK", 0))  # the process group is gone after Step 3's shutdown
+    result = {"rank": rank, "peak_rss_kib": rss_kib(), "parts": parts, "snapshots": snaps,
+              "actor_params": parameter_count(engine.actor.module) if engine else None}
+    # a file per rank: the ranks' lines on the launcher's shared stdout can interleave
+    (Path(os.environ[RESULTS]) / f"rank{rank}.json").write_text(json.dumps(result))
 
 
 # ------------------------------------------------------------------ the parent: cases
@@ -351,11 +384,12 @@ def run_case(case: dict, args) -> dict:
         out = Path(tmp) / "out"
         cmd = [*launcher(case["processes"]), *step3_args(case, args, actor, critic, out)]
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env("cpu"))
+        results = Path(tmp) / "results"
+        results.mkdir()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**child_env("cpu"), RESULTS: str(results)})
         wall = time.perf_counter() - start
         saved = all((out / folder / "model.safetensors").is_file() for folder in ("actor", "critic"))
-    ranks = sorted((json.loads(line.split(PREFIX, 1)[1]) for line in proc.stdout.splitlines() if PREFIX in line),
-                   key=lambda r: r["rank"])
+        ranks = sorted((json.loads(f.read_text()) for f in results.glob("rank*.json")), key=lambda r: r["rank"])
     finished = proc.returncode == 0 and saved and len(ranks) == case["processes"]
     row = {**case, "case": case_name(case), "finished": finished, "wall_s": wall, "returncode": proc.returncode,
            "status": "finished" if finished else "did not fit (killed)" if killed(proc) else "failed",
@@ -443,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main() -> None:
-    if sys.argv[1:2] == ["--child"]:
-        return child_main(sys.argv[2:])
+    if "--child" in sys.argv:  # the launcher puts its --local_rank=N first; Step 3 takes it
+        return child_main([a for a in sys.argv[1:] if a != "--child"])
     if sys.argv[1:2] == ["--build"]:
         print(shape_path(sys.argv[2]))
         return None

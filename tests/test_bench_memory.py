@@ -24,6 +24,20 @@ def test_an_aliased_storage_counts_once_in_the_first_component():
     assert ledger.bytes["actor_grads"] == 20
 
 
+def test_a_buffer_reserved_but_never_written_is_not_resident():
+    """ZeRO-3 reserves its whole gradient bucket (--reduce_bucket_size elements); RSS counts only
+    the pages written, and so does the ledger (its full size is kept as `allocated`)."""
+    ledger = memory.Ledger()
+    bucket = torch.empty(50_000_000)  # 200 MB of address space
+    bucket[:1000] = 1.0
+    ledger.add("actor_grads", bucket)
+    assert ledger.allocated["actor_grads"] == 200_000_000
+    assert ledger.bytes["actor_grads"] < 1_000_000
+    written = torch.randn(1_000_000)
+    ledger.add("actor_optimizer", written)
+    assert ledger.bytes["actor_optimizer"] == 4_000_000
+
+
 def test_optimizer_walk_finds_the_state_and_the_gradient_buffers():
     """A torch optimizer's state is found through its parameter-keyed dict; a held .grad and an
     attribute named for gradients count as gradients, the rest as optimizer state."""
