@@ -18,6 +18,8 @@ process and the `deepspeed --num_gpus N` launcher for more, as the slow tests st
             shared storage counts in the first component that holds it. optimizer = everything
             else the ZeRO/torch optimizer holds (fp32 master partitions, Adam moments). other =
             peak RSS - the parts: activations, the allocator's free pages, libraries, the save.
+            GB = 2**30 bytes, as Step 3's peak_memory_gb. Printed for rank 0, every rank in the
+            JSON; and each part per actor parameter (bytes / parameter, LoRA's adapters counted).
 
 Models: random-initialised models of real families' shapes (SHAPES: hyper-parameters written
 here, nothing downloaded), built once into <RLHFKIT_CACHE>/models/bench-<name> with bf16
