@@ -106,3 +106,13 @@ def test_one_case_end_to_end_gives_a_finished_row_whose_parts_fit_in_its_peak(tm
     assert per_param["ema"] == 0
     memory.report([row], argparse.Namespace(json=str(tmp_path / "rows.json")), "title")
     assert (tmp_path / "rows.json").is_file()
+
+
+def test_a_rank_killed_by_the_kernel_reads_as_did_not_fit():
+    """One process: exit -9. Under the deepspeed launcher, which exits with its first failed
+    rank's code (sys.exit(-9) is 247) or logs it: the log line."""
+    from subprocess import CompletedProcess
+    assert memory.killed(CompletedProcess([], -9, "", ""))
+    assert memory.killed(CompletedProcess([], 247, "", ""))
+    assert memory.killed(CompletedProcess([], 1, "", "[launch.py] ... exits with return code = -9"))
+    assert not memory.killed(CompletedProcess([], 1, "", "Traceback ... ValueError"))
