@@ -80,11 +80,14 @@ class ModelsConfig:
         "fp16 on GPU / fp32 on CPU).", choices=DTYPES))
     trust_remote_code: bool = field(default=False, metadata=doc("Allow hub model code to run."))
     offload_reference_model: bool = field(default=False, metadata=doc(
-        "Keep the reference model's parameters in CPU memory (ZeRO-3 parameter offload)."))
+        "Keep the reference model's parameters in CPU memory (ZeRO-3 parameter offload). With "
+        "--actor_lora_dim > 0 and --only_optimize_lora no reference is loaded (it is the actor with its "
+        "adapters off, placed as the actor): accepted, as DeepSpeed-Chat's scripts pass it, and without effect."))
     offload_reward_model: bool = field(default=False, metadata=doc(
         "Keep the reward model's parameters in CPU memory (ZeRO-3 parameter offload)."))
     only_optimize_lora: bool = field(default=False, metadata=doc(
-        "Train only the LoRA matrices (and the critic's value head)."))
+        "Train only the LoRA matrices (and the critic's value head). With --actor_lora_dim > 0 the "
+        "reference is then the actor with its adapters off (no second copy of the model)."))
     reward_source: str = field(default="auto", metadata=doc(
         "What scores the answers besides any --reward_fn: model (the reward model), checker (a bundled "
         "task family's ground-truth checker, score in [0, 1]; needs --data_path bundled or "

@@ -2,7 +2,9 @@
 
 actor      trained policy (the Step 1 model), `--actor_zero_stage`, LoRA optional
 reference  frozen copy of the starting actor, for the KL penalty; ZeRO-3-sharded when the
-           actor is, or with `--offload_reference_model` its parameters kept in CPU memory
+           actor is, or with `--offload_reference_model` its parameters kept in CPU memory.
+           With LoRA and --only_optimize_lora (`lora_only`) no copy: the actor itself with its
+           adapters off (utils.model.AdapterOffReference), its base being the starting actor
 actor_ema  (`--enable_ema`) moving average of the actor, the model often worth keeping
 critic     trained value model, initialized from the reward model, `--critic_zero_stage`;
            None with a critic-free `--advantage` (rloo, grpo): not loaded, not saved
@@ -17,9 +19,10 @@ made from `args` when not given, as DeepSpeed-Chat's scripts construct the engin
 from __future__ import annotations
 
 from training.step3_rlhf_finetuning.config import EngineConfig, Step3Config, as_step3_config
-from utils.dist import current_device
+from utils.dist import current_device, is_main
 from utils.ema import ema_placement
-from utils.model import apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer, resolve_model_path
+from utils.model import (AdapterOffReference, apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer,
+                         resolve_model_path)
 from utils.strategy import DeepSpeedStrategy, TrainSpec
 
 
@@ -51,8 +54,10 @@ class DeepSpeedRLHFEngine:
         self.device = current_device()
         self.torch_dtype = strategy.torch_dtype
 
+        # only the adapters train: the base is the starting actor, so it is the reference
+        self.lora_only = cfg.actor.lora_dim > 0 and cfg.only_optimize_lora
         self.actor, self.actor_scheduler = self._init_actor(cfg.actor)
-        self.ref = self._init_frozen_actor_copy(cfg.actor.zero_stage, offload=cfg.offload_reference_model)
+        self.ref = self._init_reference(cfg)
         self.actor_ema = self._init_ema(cfg.actor.zero_stage) if cfg.ppo.enable_ema else None
         self.critic, self.critic_scheduler = self._init_critic(cfg.critic) if self.uses_critic else (None, None)
         self.reward = self._init_reward(cfg.critic.zero_stage) if self.uses_reward_model else None
@@ -78,6 +83,14 @@ class DeepSpeedRLHFEngine:
             model = apply_lora(model, part.lora_dim, part.lora_module_name, part.lora_alpha,
                                only_optimize_lora=self.args.only_optimize_lora, role="actor")
         return self._trained(model, part)
+
+    def _init_reference(self, cfg: Step3Config):
+        if not self.lora_only:
+            return self._init_frozen_actor_copy(cfg.actor.zero_stage, offload=cfg.offload_reference_model)
+        if cfg.offload_reference_model and is_main():
+            print("--offload_reference_model: nothing to place, the reference is the actor with its LoRA "
+                  "adapters off (--only_optimize_lora), placed as the actor is (--offload)", flush=True)
+        return AdapterOffReference(self.actor)
 
     def _init_frozen_actor_copy(self, zero_stage: int, offload: bool):
         """Reference or EMA: the starting actor weights, sharded like the actor under ZeRO-3."""

@@ -79,6 +79,48 @@ class AdaptersOff:
             return self.model(*args, **kwargs)
 
 
+class AdapterOffReference(AdaptersOff):
+    """A frozen reference scorer made of a LoRA engine (Step 3's actor with only its adapters
+    trained): the engine's own forward with the adapters off, so no second copy of the base is
+    loaded. It answers like the frozen engine it replaces: always in eval mode and without
+    gradients, whatever mode the engine is in (restored after each call, so scoring between two
+    training forwards leaves the actor training; dropout would make the reference noisy);
+    `eval()`/`train()` do not reach the engine. `module` is the engine's model, so code that
+    unwraps the reference (packed forwards, FLOP counts) finds the shared base; its
+    `parameters()` are the engine's own base tensors, not copies."""
+
+    training = False
+
+    @property
+    def module(self) -> nn.Module:
+        return self.peft_model
+
+    def __call__(self, *args, **kwargs):
+        import torch
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                return super().__call__(*args, **kwargs)
+        finally:
+            self.model.train(was_training)
+
+    def eval(self):
+        return self
+
+    def train(self, mode: bool = True):
+        return self  # frozen: a trainer switching its models to training mode leaves it in eval
+
+    def named_parameters(self):
+        return ((name, param) for name, param in self.peft_model.named_parameters() if ".lora_" not in name)
+
+    def parameters(self):
+        return (param for _, param in self.named_parameters())
+
+    def zero_optimization_stage(self) -> int:
+        return self.model.zero_optimization_stage()
+
+
 def _lora_layers(model: nn.Module):
     from peft.tuners.lora import LoraLayer
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
