@@ -9,6 +9,15 @@ HF model (LoRA, if the actor has it, is folded in: W + s * B @ A).
 Under ZeRO-3 both models are partitioned the same way (same world, one partition per rank per
 parameter), so each rank averages only its own partition, on the device the EMA's partition
 lives on (CPU memory with --offload): nothing is gathered except the small LoRA factors.
+
+With LoRA and --only_optimize_lora (TrainableEMA) the average is over the trainable parameters
+alone, as with full fine-tuning it is over all weights: each LoRA factor A and B (and anything
+else that requires grad) gets its own fp32 average, whole on every rank (they are small), and
+the frozen base is not copied at all. The saved actor_ema is then the base with the averaged
+factors merged, W + scaling * B_ema @ A_ema, in the training dtype (the factors cast to it, as
+the actor's own are). B_ema @ A_ema is not the average of B @ A (the product of averages is
+not the average of products): it is the model whose adapters are the averaged adapters, the
+same thing an EMA of a full fine-tune is for its weights.
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ def _source_params(actor: nn.Module) -> dict[str, tuple[nn.Parameter, tuple | No
     return out
 
 
-def _whole(params) -> contextlib.AbstractContextManager:
+def _whole(params, modifier_rank=None) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
@@ -84,3 +93,54 @@ def update_ema(actor: nn.Module, ema: nn.Module, decay: float, gathered=_whole) 
             delta = _lora_delta(lora, scaling, fan_in_fan_out, gathered).to(goal.device)
             value = value + (_partition(delta, value) if sharded else delta)
         goal.lerp_(value.to(goal.dtype), 1.0 - decay)
+
+
+class TrainableEMA:
+    """fp32 EMA of a model's trainable parameters (see the module docstring), keyed by the
+    model's parameter names. `gathered(params, modifier_rank=None)`: a context in which
+    ZeRO-3-partitioned parameters are whole (DeepSpeedStrategy.gathered)."""
+
+    def __init__(self, model: nn.Module, gathered=_whole):
+        self.model, self.gathered = model, gathered
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        with torch.no_grad(), gathered(list(self.params.values())):
+            self.average = {name: p.detach().float().clone() for name, p in self.params.items()}
+
+    def numel(self) -> int:
+        return sum(t.numel() for t in self.average.values())
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        """average <- decay * average + (1 - decay) * parameter, in fp32."""
+        with self.gathered(list(self.params.values())):
+            for name, param in self.params.items():
+                self.average[name].lerp_(param.detach().float(), 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t.detach().cpu().clone() for name, t in self.average.items()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self.average):
+            raise KeyError(f"the EMA state holds {sorted(set(state) ^ set(self.average))[:4]}... that "
+                           "this run's trainable parameters do not (or the reverse)")
+        for name, t in self.average.items():
+            t.copy_(state[name])
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model's trainable parameters hold the average (cast to their dtype) inside the
+        block, and exactly their own values again after it: the model, saved inside, is the EMA
+        model. Under ZeRO-3 every rank sets the same whole values and they are re-partitioned."""
+        params = list(self.params.values())
+        with torch.no_grad():
+            with self.gathered(params, modifier_rank=0):
+                own = {name: p.detach().clone() for name, p in self.params.items()}
+                for name, p in self.params.items():
+                    p.copy_(self.average[name].to(p.device, p.dtype))
+            try:
+                yield self.model
+            finally:
+                with self.gathered(params, modifier_rank=0):
+                    for name, p in self.params.items():
+                        p.copy_(own[name])

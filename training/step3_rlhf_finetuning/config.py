@@ -87,7 +87,8 @@ class ModelsConfig:
         "Keep the reward model's parameters in CPU memory (ZeRO-3 parameter offload)."))
     only_optimize_lora: bool = field(default=False, metadata=doc(
         "Train only the LoRA matrices (and the critic's value head). With --actor_lora_dim > 0 the "
-        "reference is then the actor with its adapters off (no second copy of the model)."))
+        "reference is then the actor with its adapters off (no second copy of the model) and --enable_ema "
+        "averages the adapters alone."))
     reward_source: str = field(default="auto", metadata=doc(
         "What scores the answers besides any --reward_fn: model (the reward model), checker (a bundled "
         "task family's ground-truth checker, score in [0, 1]; needs --data_path bundled or "

@@ -5,7 +5,8 @@ reference  frozen copy of the starting actor, for the KL penalty; ZeRO-3-sharded
            actor is, or with `--offload_reference_model` its parameters kept in CPU memory.
            With LoRA and --only_optimize_lora (`lora_only`) no copy: the actor itself with its
            adapters off (utils.model.AdapterOffReference), its base being the starting actor
-actor_ema  (`--enable_ema`) moving average of the actor, the model often worth keeping
+actor_ema  (`--enable_ema`) moving average of the actor, the model often worth keeping; with
+           `lora_only` an fp32 average of the adapters alone (utils.ema.TrainableEMA)
 critic     trained value model, initialized from the reward model, `--critic_zero_stage`;
            None with a critic-free `--advantage` (rloo, grpo): not loaded, not saved
 reward     frozen reward model (the Step 2 output), `--offload_reward_model`; None with
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 from training.step3_rlhf_finetuning.config import EngineConfig, Step3Config, as_step3_config
 from utils.dist import current_device, is_main
-from utils.ema import ema_placement
+from utils.ema import TrainableEMA, ema_placement
 from utils.model import (AdapterOffReference, apply_lora, load_causal_lm, load_reward_model, require_same_tokenizer,
                          resolve_model_path)
 from utils.strategy import DeepSpeedStrategy, TrainSpec
@@ -100,7 +101,10 @@ class DeepSpeedRLHFEngine:
 
     def _init_ema(self, actor_zero_stage: int):
         """The actor's starting weights as loaded, kept in fp32 (see utils/ema.py), partitioned
-        and placed like the actor's parameters (ema_placement)."""
+        and placed like the actor's parameters (ema_placement); with `lora_only` the adapters'
+        current values alone, in fp32."""
+        if self.lora_only:
+            return TrainableEMA(self.actor.module, gathered=self.strategy.gathered)
         model = load_causal_lm(self.actor_path, self.tokenizer, dtype=self.torch_dtype, dropout=0.0,
                                trust_remote_code=self.args.trust_remote_code).float()
         zero_stage, offload = ema_placement(actor_zero_stage, self.args.offload)

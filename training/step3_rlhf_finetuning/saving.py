@@ -1,11 +1,13 @@
 """Saving Step 3's final models: actor, actor_ema and critic, all or none."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 from pathlib import Path
 
 from training.step3_rlhf_finetuning.config import Step3Config, config_record
 from utils import dist
+from utils.ema import TrainableEMA
 from utils.fs import WriteRefused, refused_write, replace_directories
 from utils.run import final_save_refused
 
@@ -40,10 +42,23 @@ def save_models(engine, tokenizer, cfg: Step3Config, summary: dict) -> None:
 
 def _stage(model, name: str, engine, tokenizer, staging: Path, extra: dict) -> None:
     try:
-        # the EMA is averaged in fp32 and saved in the training dtype, like the actor
-        engine.strategy.save_hf_model(model, tokenizer, staging / name, extra_json=extra,
-                         dtype=engine.torch_dtype if name == "actor_ema" else None)
+        with _exported(model, engine) as exported:
+            # the EMA is averaged in fp32 and saved in the training dtype, like the actor
+            engine.strategy.save_hf_model(exported, tokenizer, staging / name, extra_json=extra,
+                                          dtype=engine.torch_dtype if name == "actor_ema" else None)
     except WriteRefused as err:  # name the model, not its staging folder
         if not isinstance(err.__cause__, OSError):
             raise
         raise refused_write(err.__cause__, f"the final {name} model") from err
+
+
+@contextlib.contextmanager
+def _exported(model, engine):
+    """The engine to save for `model`: itself, or for an adapter EMA (TrainableEMA) the actor
+    engine with the averaged adapters swapped in (and its own restored exactly afterwards), so
+    the export merges W + scaling * B_ema @ A_ema as it merges the actor's own."""
+    if not isinstance(model, TrainableEMA):
+        yield model
+        return
+    with model.swapped_in():
+        yield engine.actor

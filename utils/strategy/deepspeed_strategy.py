@@ -153,7 +153,11 @@ class DeepSpeedStrategy:
         return finite
 
     def update_ema(self, actor, ema_engine, decay: float) -> None:
-        """Move the EMA engine's weights towards the actor engine's (utils/ema.py)."""
+        """Move the EMA engine's weights towards the actor engine's (utils/ema.py); a
+        TrainableEMA (LoRA with --only_optimize_lora) holds the actor's trainable parameters' own."""
+        if isinstance(ema_engine, ema.TrainableEMA):
+            ema_engine.update(decay)
+            return
         ema.update_ema(actor.module, ema_engine.module, decay, gathered=self.gathered)
 
     # ------------------------------------------------------------ weights
@@ -170,6 +174,10 @@ class DeepSpeedStrategy:
         if _has_checkpointing(engine):
             engine.save_checkpoint(str(folder), tag=tag, save_latest=False)
             return
+        if isinstance(engine, ema.TrainableEMA):  # whole fp32 averages, the same on every rank
+            if is_main():
+                save_file(engine.state_dict(), str(folder / f"{tag}.safetensors"))
+            return
         save_state_file(engine, folder / f"{tag}.safetensors")  # a collective under ZeRO-3, streamed
 
     def load_engine(self, engine, folder: Path, tag: str) -> None:
@@ -184,6 +192,9 @@ class DeepSpeedStrategy:
         if not path.is_file():
             raise ConfigError(f"checkpoint file {path} is missing")
         state = load_file(str(path))
+        if isinstance(engine, ema.TrainableEMA):
+            engine.load_state_dict(state)
+            return
         with torch.no_grad():
             for name, param in engine.module.named_parameters():
                 with self.gathered([param], modifier_rank=0):  # ZeRO-3: set on rank 0, re-shard
