@@ -7,6 +7,8 @@ loop's calls, and writes what they measured to FILE as JSON (rank 0):
 - update_ema: before each EMA update, the actor's weights (gathered, LoRA merged in fp32) move a
   hand-computed fp32 EMA, ema <- d * ema + (1 - d) * actor, started from the EMA engine's own
   weights; `ema_max_error` is the largest difference from the EMA engine's weights at the end.
+  With LoRA and --only_optimize_lora the EMA is over the actor's trainable parameters (the
+  adapters: utils.ema.TrainableEMA), and so is the hand-computed one.
 - rollout (generate_experience): with critic-free advantages, every prompt whose answers' scores tie must
   get exactly the advantage of its KL part alone (0 when the KL is a loss term);
   `tied_groups` counts them and `tied_max_advantage` is the largest score-part left.
@@ -24,8 +26,10 @@ from pathlib import Path
 import torch
 
 from training.step3_rlhf_finetuning import loop, ppo_trainer
+from training.step3_rlhf_finetuning.saving import _exported
 from training.step3_rlhf_finetuning.main import Step3Config
 from utils import dist
+from utils.ema import TrainableEMA
 from utils.strategy import DeepSpeedStrategy
 from utils.config import parse_config
 from utils.rl_math import group_residuals, masked_sum
@@ -38,6 +42,23 @@ def fp32_state(engine) -> dict | None:
     """The engine's plain HF weights in fp32, LoRA merged in fp32 (rank 0; collective)."""
     exported = DeepSpeedStrategy.hf_state_dict(engine, torch.float32)
     return None if exported is None else exported[1]
+
+
+def ema_state(engine) -> dict | None:
+    """What the EMA averages, in fp32 (rank 0; collective): the actor's merged weights, or with
+    LoRA and --only_optimize_lora (utils.ema.TrainableEMA) the actor's trainable parameters."""
+    if isinstance(engine.actor_ema, TrainableEMA):
+        return engine.actor_ema.state_dict() if dist.is_main() else None
+    return fp32_state(engine.actor_ema)
+
+
+def followed_by_ema(engine) -> dict | None:
+    """The actor's values that the next EMA update averages in (rank 0; collective)."""
+    if isinstance(engine.actor_ema, TrainableEMA):
+        params = engine.actor_ema.params
+        with DeepSpeedStrategy.gathered(list(params.values())):
+            return {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    return fp32_state(engine.actor)
 
 
 def probe_engine():
@@ -53,7 +74,7 @@ def probe_ema():
 
     def update_ema(self, actor, ema, decay):
         engine = ENGINE["engine"]
-        actor_now = fp32_state(engine.actor)
+        actor_now = followed_by_ema(engine)
         if dist.is_main():
             hand = ENGINE["ema"]
             ENGINE["ema"] = {k: decay * v + (1 - decay) * actor_now[k] for k, v in hand.items()}
@@ -99,21 +120,26 @@ def probe_save():
         REPORT["planned_optimizer_steps"] = int(engine.num_total_iters)
         REPORT["lr_actor_end"] = engine.actor_scheduler.get_last_lr()[0]
         # where each engine keeps its parameters: the EMA must be placed like the actor
+        # (an adapter EMA is not an engine: its averages sit beside the actor's adapters)
         REPORT["parameter_device"] = {
             name: str(getattr(model.zero_offload_param(), "device", "none") if model.zero_optimization_stage() == 3
                       else "none")
-            for name, model in (("actor", engine.actor), ("actor_ema", engine.actor_ema)) if model is not None}
-        REPORT["ema_dtype"] = str(next(engine.actor_ema.module.parameters()).dtype) if engine.actor_ema else None
+            for name, model in (("actor", engine.actor), ("actor_ema", engine.actor_ema))
+            if model is not None and not isinstance(model, TrainableEMA)}
+        REPORT["ema_dtype"] = (None if engine.actor_ema is None else str(next(iter(engine.actor_ema.average.values())).dtype)
+                               if isinstance(engine.actor_ema, TrainableEMA) else
+                               str(next(engine.actor_ema.module.parameters()).dtype))
         finals = {"actor": DeepSpeedStrategy.hf_state_dict(engine.actor)}
         if engine.critic is not None:
             finals["critic"] = DeepSpeedStrategy.hf_state_dict(engine.critic)
         if engine.actor_ema is not None:
-            ema = fp32_state(engine.actor_ema)
+            ema = ema_state(engine)
             if dist.is_main():
                 REPORT["ema_max_error"] = max((ema[k] - v).abs().max().item() for k, v in ENGINE["ema"].items())
                 REPORT["ema_moved"] = max((ema[k] - v.float()).abs().max().item()
-                                          for k, v in ENGINE["actor_start"].items())
-            finals["actor_ema"] = DeepSpeedStrategy.hf_state_dict(engine.actor_ema, engine.torch_dtype)
+                                          for k, v in ENGINE["ema_start"].items())
+            with _exported(engine.actor_ema, engine) as exported:  # the engine saving.py saves
+                finals["actor_ema"] = DeepSpeedStrategy.hf_state_dict(exported, engine.torch_dtype)
         ENGINE["finals"] = finals
         real(engine, tokenizer, cfg, summary)
     loop.save_models = save_models
@@ -126,9 +152,9 @@ def probe_start():
     def start(self, logger):
         out = real(self, logger)
         engine = ENGINE["engine"]
-        ENGINE["actor_start"] = fp32_state(engine.actor)
         if engine.actor_ema is not None:
-            ENGINE["ema"] = fp32_state(engine.actor_ema)
+            ENGINE["ema_start"] = followed_by_ema(engine)
+            ENGINE["ema"] = ema_state(engine)
         return out
     loop.RunCheckpoints.start = start
 
