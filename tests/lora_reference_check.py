@@ -67,61 +67,62 @@ def adam_state_numel(engine) -> int:
     return sum(st["exp_avg"].numel() for st in opt.state.values() if "exp_avg" in st)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--zero_stage", type=int, required=True)
-    ap.add_argument("--out", type=Path, required=True)
-    a = ap.parse_args()
-    torch.manual_seed(0)
+def build(zero: int, work: Path):
+    """The engine, and the paths of the causal LMs it loaded."""
     from training.step3_rlhf_finetuning import rlhf_engine
     from training.step3_rlhf_finetuning.config import Step3Config
-    from training.step3_rlhf_finetuning.saving import _exported
-    from training.step3_rlhf_finetuning.scoring import answer_log_probs
     from utils.config import parse_config
-    from utils.model import load_tokenizer, lora_scaling, packed_forward
-
+    from utils.model import load_tokenizer
     loads = []
     real_load = rlhf_engine.load_causal_lm
 
     def counted(*args, **kwargs):
-        loads.append(args[0])
+        loads.append(str(args[0]))
         return real_load(*args, **kwargs)
     rlhf_engine.load_causal_lm = counted
+    cfg = parse_config(Step3Config, flags(zero, work))
+    engine = rlhf_engine.DeepSpeedRLHFEngine("tiny-llama", "tiny-llama", load_tokenizer("tiny-llama"), cfg,
+                                             num_total_iters=10)
+    return engine, loads
 
-    work = a.out.parent / f"work-z{a.zero_stage}"
-    cfg = parse_config(Step3Config, flags(a.zero_stage, work))
-    tok = load_tokenizer("tiny-llama")
-    engine = rlhf_engine.DeepSpeedRLHFEngine("tiny-llama", "tiny-llama", tok, cfg, num_total_iters=10)
-    strategy, actor, ema = engine.strategy, engine.actor, engine.actor_ema
-    report = {"loads": len(loads), "critic": engine.critic is not None, "reward": engine.reward is not None}
-    actor_ids = {id(p) for p in actor.module.parameters()}
+
+def numel(params) -> int:
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+
+
+def sharing(engine, trainable: dict) -> dict:
+    actor_ids = {id(p) for p in engine.actor.module.parameters()}
     ref_params = list(engine.ref.parameters())
-    report["ref_params_shared"] = bool(ref_params) and all(id(p) in actor_ids for p in ref_params)
-    report["ref_has_lora"] = any(".lora_" in n for n, _ in engine.ref.named_parameters())
+    return {"critic": engine.critic is not None, "reward": engine.reward is not None,
+            "ref_params_shared": bool(ref_params) and all(id(p) in actor_ids for p in ref_params),
+            "ref_has_lora": any(".lora_" in n for n, _ in engine.ref.named_parameters()),
+            "trainable_all_lora": all(".lora_" in n for n in trainable),
+            "lora_numel": numel(trainable.values()), "model_numel": numel(engine.actor.module.parameters()),
+            "ema_numel": engine.actor_ema.numel()}
 
-    trainable = {n: p for n, p in actor.module.named_parameters() if p.requires_grad}
-    report["trainable_all_lora"] = all(".lora_" in n for n in trainable)
-    report["lora_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable.values())
-    report["model_numel"] = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                for p in actor.module.parameters())
-    report["ema_numel"] = ema.numel()
 
-    seq, mask, p = batch(actor.module.config.vocab_size)
+def train(engine, trainable: dict, seq, mask, p: int) -> tuple[dict, dict]:
+    """STEPS optimizer steps, the EMA updated after each: (the hand-computed fp32 EMA, the
+    adapters now)."""
+    from training.step3_rlhf_finetuning.scoring import answer_log_probs
+    strategy, actor = engine.strategy, engine.actor
     hand = whole(strategy, trainable)
     actor.train()
     for _ in range(STEPS):
         loss = -answer_log_probs(actor, seq, mask, p, 1.0).sum()
         strategy.backward_and_step(actor, loss, loss)
-        strategy.update_ema(actor, ema, DECAY)
+        strategy.update_ema(actor, engine.actor_ema, DECAY)
         now = whole(strategy, trainable)
         hand = {n: DECAY * hand[n] + (1 - DECAY) * now[n] for n in hand}
-    report["adam_state_numel"] = adam_state_numel(actor)
-    report["ema_gap"] = max(float((ema.average[n].cpu() - hand[n].cpu()).abs().max()) for n in hand)
-    report["ema_moved"] = max(float((ema.average[n].cpu() - now[n].cpu()).abs().max()) for n in hand)
+    return hand, now
 
-    # the reference, with the actor left in training mode as the rollout finds it
-    old = engine._init_frozen_actor_copy(a.zero_stage, offload=False)
-    answers = mask[:, p:]
+
+def reference(engine, zero: int, seq, mask, p: int) -> dict:
+    """The adapter-off reference against a separately loaded frozen copy (the old path), with
+    the actor left in training mode as the rollout finds it."""
+    from training.step3_rlhf_finetuning.scoring import answer_log_probs
+    from utils.model import packed_forward
+    actor, old, report = engine.actor, engine._init_frozen_actor_copy(zero, offload=False), {}
     for kind, pack in (("padded", False), ("packed", True)):
         got = answer_log_probs(engine.ref, seq, mask, p, 0.7, pack=pack)
         want = answer_log_probs(old, seq, mask, p, 0.7, pack=pack)
@@ -129,39 +130,69 @@ def main() -> None:
             actor.eval()
             mine = answer_log_probs(actor, seq, mask, p, 0.7, pack=pack)
             actor.train()
-        report[f"ref_gap_{kind}"] = gap(got, want, answers)
-        report[f"actor_gap_{kind}"] = gap(mine, want, answers)
+        report[f"ref_gap_{kind}"] = gap(got, want, mask[:, p:])
+        report[f"actor_gap_{kind}"] = gap(mine, want, mask[:, p:])
         report[f"ref_requires_grad_{kind}"] = got.requires_grad
     report["actor_training_after_ref"] = actor.training
     report["ref_packs"] = packed_forward.decision(engine.ref)
     report["old_packs"] = packed_forward.decision(old)
+    return report
 
-    # saving actor_ema: the averaged adapters swapped in, then the actor's own back exactly
-    before = whole(strategy, trainable)
+
+def export(engine, trainable: dict, now: dict) -> dict:
+    """actor_ema as saving.py exports it: the averaged adapters swapped in, merged, and the
+    actor's own back exactly."""
+    from training.step3_rlhf_finetuning.saving import _exported
+    from utils.model import lora_scaling
     from utils.strategy.export import hf_state_dict
+    strategy, ema = engine.strategy, engine.actor_ema
+    before = whole(strategy, trainable)
     with _exported(ema, engine) as exported:
         _, saved = hf_state_dict(exported)
     after = whole(strategy, trainable)
-    report["swap_restored"] = all(torch.equal(before[n], after[n]) for n in before)
-    scaling = lora_scaling(actor.module)
-    base = {n: t for n, t in whole(strategy, dict(actor.module.named_parameters())).items()}
+    scaling = lora_scaling(engine.actor.module)
     stem = "base_model.model.model.layers.0.self_attn.q_proj"
-    want = (base[f"{stem}.base_layer.weight"]
-            + scaling * ema.average[f"{stem}.lora_B.default.weight"].cpu() @ ema.average[f"{stem}.lora_A.default.weight"].cpu())
-    report["ema_saved_gap"] = float((saved["model.layers.0.self_attn.q_proj.weight"].float() - want.cpu()).abs().max())
-    report["ema_saved_differs_from_actor"] = float(
-        (want.cpu() - base[f"{stem}.base_layer.weight"].cpu()
-         - scaling * now[f"{stem}.lora_B.default.weight"].cpu() @ now[f"{stem}.lora_A.default.weight"].cpu()).abs().max())
+    base = whole(strategy, {"w": engine.actor.module.get_parameter(f"{stem}.base_layer.weight")})["w"].cpu()
 
-    # checkpoint and resume of the EMA: loaded back bit for bit
-    folder = a.out.parent / f"ckpt-z{a.zero_stage}"
+    def merged(factors: dict) -> torch.Tensor:
+        return base + scaling * factors[f"{stem}.lora_B.default.weight"].cpu() @ factors[f"{stem}.lora_A.default.weight"].cpu()
+    want = merged(ema.average)
+    return {"swap_restored": all(torch.equal(before[n], after[n]) for n in before),
+            "ema_saved_gap": float((saved["model.layers.0.self_attn.q_proj.weight"].float() - want).abs().max()),
+            "ema_saved_differs_from_actor": float((want - merged(now)).abs().max())}
+
+
+def resume(engine, folder: Path) -> dict:
+    """A checkpointed EMA, moved and loaded back: bit for bit what was saved."""
+    strategy, ema = engine.strategy, engine.actor_ema
     folder.mkdir(parents=True, exist_ok=True)
     strategy.save_engine(ema, folder, "actor_ema")
     saved_state = ema.state_dict()
-    strategy.update_ema(actor, ema, 0.0)  # move it (to the actor) before loading back
+    strategy.update_ema(engine.actor, ema, 0.0)  # move it (to the actor) before loading back
     strategy.load_engine(ema, folder, "actor_ema")
-    report["resume_equal"] = all(torch.equal(ema.average[n].cpu(), saved_state[n]) for n in saved_state)
-    report["checkpoint_bytes"] = (folder / "actor_ema.safetensors").stat().st_size
+    return {"resume_equal": all(torch.equal(ema.average[n].cpu(), saved_state[n]) for n in saved_state),
+            "checkpoint_bytes": (folder / "actor_ema.safetensors").stat().st_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--zero_stage", type=int, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    engine, loads = build(a.zero_stage, a.out.parent / f"work-z{a.zero_stage}")
+    actor = engine.actor
+    trainable = {n: p for n, p in actor.module.named_parameters() if p.requires_grad}
+    report = {"loads": len(loads), **sharing(engine, trainable)}
+    seq, mask, p = batch(actor.module.config.vocab_size)
+    hand, now = train(engine, trainable, seq, mask, p)
+    ema = engine.actor_ema
+    report["adam_state_numel"] = adam_state_numel(actor)
+    report["ema_gap"] = max(float((ema.average[n].cpu() - hand[n].cpu()).abs().max()) for n in hand)
+    report["ema_moved"] = max(float((ema.average[n].cpu() - now[n].cpu()).abs().max()) for n in hand)
+    report.update(reference(engine, a.zero_stage, seq, mask, p))
+    report.update(export(engine, trainable, now))
+    report.update(resume(engine, a.out.parent / f"ckpt-z{a.zero_stage}"))
     a.out.write_text(json.dumps(report, indent=2))
 
 
