@@ -85,3 +85,29 @@ def test_the_ema_is_placed_like_the_actors_parameters():
 
 def layer_scaling(actor) -> float:
     return actor.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+
+
+def test_the_adapter_ema_averages_the_trainable_parameters_alone():
+    """LoRA with --only_optimize_lora: one fp32 average per adapter factor, none of the base;
+    swapped into the model and back exactly; a checkpoint of other parameters is refused."""
+    from utils.ema import TrainableEMA
+    torch.manual_seed(0)
+    actor = apply_lora(tiny(), lora_dim=4, only_optimize_lora=True)
+    ema = TrainableEMA(actor)
+    lora = {n: p for n, p in actor.named_parameters() if ".lora_" in n}
+    assert set(ema.average) == set(lora) and ema.numel() == sum(p.numel() for p in lora.values())
+    hand = {n: p.detach().clone() for n, p in lora.items()}
+    for _ in range(3):
+        with torch.no_grad():
+            for p in lora.values():
+                p.add_(0.1 * torch.randn_like(p))
+        ema.update(0.8)
+        hand = {n: 0.8 * hand[n] + 0.2 * lora[n].detach() for n in hand}
+    for n in hand:
+        torch.testing.assert_close(ema.average[n], hand[n], atol=1e-7, rtol=1e-6)
+    own = {n: p.detach().clone() for n, p in lora.items()}
+    with ema.swapped_in() as model:
+        assert model is actor and all(torch.equal(lora[n], ema.average[n]) for n in lora)
+    assert all(torch.equal(lora[n], own[n]) for n in lora)
+    with pytest.raises(ValueError, match="names differ"):
+        ema.load_state_dict({"model.embed_tokens.weight": torch.zeros(1)})

@@ -121,9 +121,10 @@ class TrainableEMA:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if set(state) != set(self.average):
-            raise KeyError(f"the EMA state holds {sorted(set(state) ^ set(self.average))[:4]}... that "
-                           "this run's trainable parameters do not (or the reverse)")
+        if set(state) != set(self.average):  # e.g. a checkpoint of a full-model EMA (other flags)
+            differ = sorted(set(state) ^ set(self.average))
+            raise ValueError(f"the EMA checkpoint does not average this run's trainable parameters "
+                             f"({len(differ)} names differ, e.g. {differ[0]})")
         for name, t in self.average.items():
             t.copy_(state[name])
 

@@ -193,7 +193,10 @@ class DeepSpeedStrategy:
             raise ConfigError(f"checkpoint file {path} is missing")
         state = load_file(str(path))
         if isinstance(engine, ema.TrainableEMA):
-            engine.load_state_dict(state)
+            try:
+                engine.load_state_dict(state)
+            except ValueError as err:
+                raise ConfigError(f"checkpoint {path}: {err}") from None
             return
         with torch.no_grad():
             for name, param in engine.module.named_parameters():
