@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from deepspeed.runtime.zero import stage3, stage_1_and_2
 from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as ZeroInit
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from utils import ema
 from utils.cli import free_port
