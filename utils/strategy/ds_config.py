@@ -63,7 +63,10 @@ def train_ds_config(*, micro_batch: int, grad_accum: int = 1, zero_stage: int = 
         "offload_optimizer": {"device": device},
         "overlap_comm": on_cuda(),
         "contiguous_gradients": True,
-        "reduce_bucket_size": 5e8,
+        # ZeRO's gradient bucket is allocated whole and written up to a model's worth of
+        # gradients (4 bytes a parameter in fp32 under ZeRO-3); on CPU, memory is what runs out
+        # first and gloo does not need big buckets, so a 200 MB bucket there
+        "reduce_bucket_size": 5e8 if on_cuda() else 5e7,
     }
     if zero_stage == 3:
         zero.update({
