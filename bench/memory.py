@@ -46,6 +46,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -349,7 +350,7 @@ def child_main(argv: list[str]) -> None:
 def case_name(case: dict) -> str:
     critic = "" if case["critic"] == case["actor"] else f" + critic {case['critic']}"
     return (f"{case['actor']}{critic}, {case['mode']}, ZeRO-{case['zero_stage']}"
-            f"{', EMA' if case['ema'] else ''}, {case['dtype']}")
+            f"{', EMA' if case['ema'] else ''}, {case['dtype']}{', ' + case['extra'] if case.get('extra') else ''}")
 
 
 def step3_args(case: dict, args, actor: str, critic: str, out: Path) -> list[str]:
@@ -360,7 +361,8 @@ def step3_args(case: dict, args, actor: str, critic: str, out: Path) -> list[str
             "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len),
             "--ignore_eos", "--num_warmup_steps", "0", "--max_rounds", "2", "--dtype", case["dtype"],
             "--actor_zero_stage", str(case["zero_stage"]), "--critic_zero_stage", str(case["zero_stage"]),
-            *(["--enable_ema"] if case["ema"] else []), *lora, "--disable_tqdm", "--output_dir", str(out)]
+            *(["--enable_ema"] if case["ema"] else []), *lora, *shlex.split(args.step3_args or ""),
+            "--disable_tqdm", "--output_dir", str(out)]
 
 
 def launcher(processes: int) -> list[str]:
@@ -410,7 +412,7 @@ def run_case(case: dict, args) -> dict:
 
 def cases(args) -> list[dict]:
     return [dict(actor=actor, critic=args.critic or actor, mode=mode, zero_stage=stage, processes=n,
-                 ema=ema == "on", dtype=args.dtype)
+                 ema=ema == "on", dtype=args.dtype, extra=args.step3_args or "")
             for actor, mode, stage, n, ema in itertools.product(args.actor, args.modes, args.zero_stages,
                                                                  args.processes, args.ema)]
 
@@ -473,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_examples", type=int, default=200)
     parser.add_argument("--find_largest", action="store_true",
                         help="walk SHAPES by size per mode; the first of --zero_stages/--processes/--ema")
+    parser.add_argument("--step3_args", help="more Step 3 flags for every case, e.g. \"--release_inference_cache\"")
     parser.add_argument("--workdir", help="where the runs' outputs go (deleted after each run; default: the temp dir)")
     parser.add_argument("--json", "--out", dest="json", help="write the args and rows here (JSON)")
     return parser
