@@ -47,7 +47,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -369,10 +368,8 @@ def launcher(processes: int) -> list[str]:
     """How the tests start Step 3: plain python for one process, the deepspeed launcher for more."""
     if processes == 1:
         return [sys.executable, "-m", "bench.memory", "--child"]
-    from utils.cli import free_port
-    beside = Path(sys.executable).parent / "deepspeed"
-    ds = str(beside) if beside.is_file() else shutil.which("deepspeed")
-    return [ds, "--num_gpus", str(processes), "--master_port", str(free_port()), "--module", "bench.memory", "--child"]
+    from utils.cli import deepspeed_launcher, free_port
+    return [deepspeed_launcher(), "--num_gpus", str(processes), "--master_port", str(free_port()), "--module", "bench.memory", "--child"]
 
 
 def killed(proc: subprocess.CompletedProcess) -> bool:

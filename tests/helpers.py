@@ -86,11 +86,8 @@ def deepspeed_on_a_free_port(folder: Path) -> dict:
     """Environment whose PATH finds, first, a `deepspeed` that adds `--master_port <free port>`
     to the real launcher's arguments: for scripts that call the launcher without a port (its
     default 29500 may be held by another run on this machine). Pass it as the env of the run."""
-    import shutil
-
-    from utils.cli import free_port
-    beside = Path(sys.executable).parent / "deepspeed"
-    real = str(beside) if beside.is_file() else shutil.which("deepspeed")
+    from utils.cli import deepspeed_launcher, free_port
+    real = deepspeed_launcher()
     folder.mkdir(parents=True, exist_ok=True)
     shim = folder / "deepspeed"
     shim.write_text(f'#!/bin/sh\nexec {shlex.quote(real)} --master_port {free_port()} "$@"\n')

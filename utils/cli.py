@@ -25,6 +25,15 @@ def run_entry(main, argv=None) -> None:
         sys.exit(130)
 
 
+def deepspeed_launcher() -> str:
+    """The `deepspeed` launcher installed beside this interpreter (a virtual environment need
+    not be on PATH), else the one on PATH."""
+    import shutil
+    from pathlib import Path
+    beside = Path(sys.executable).parent / "deepspeed"
+    return str(beside) if beside.is_file() else shutil.which("deepspeed")
+
+
 def free_port() -> int:
     """A TCP port on localhost that nothing listens on right now."""
     import socket

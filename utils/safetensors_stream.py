@@ -36,7 +36,7 @@ class Spec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.itemsize
 
     @property
     def itemsize(self) -> int:

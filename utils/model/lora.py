@@ -167,7 +167,7 @@ def merge_lora_state_dict(state_dict: dict, scaling: float,
         if ".lora_" in key:
             continue  # folded into the base weight below
         if key in pairs:
-            value = _merge_weight(key, value, *pairs[key], scaling, fan_in_fan_out)
+            value = merged_weight(value, *pairs[key], scaling, fan_in_fan_out, key)
         merged[key.replace(".base_layer.", ".").removeprefix(PEFT_PREFIX)] = value
     return merged
 
@@ -195,10 +195,6 @@ def _infer_fan_in_fan_out(state_dict: dict, pairs: dict) -> bool:
         raise ValueError("cannot tell from the shapes whether LoRA weights are stored "
                          "transposed; pass fan_in_fan_out=lora_fan_in_fan_out(model)")
     return votes.pop()
-
-
-def _merge_weight(key, weight, lora_a, lora_b, scaling, fan_in_fan_out):
-    return merged_weight(weight, lora_a, lora_b, scaling, fan_in_fan_out, key)
 
 
 def merged_weight(weight, lora_a, lora_b, scaling: float, fan_in_fan_out: bool, key: str = "weight"):

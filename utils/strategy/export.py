@@ -87,16 +87,22 @@ def save_hf_model(engine, tokenizer, output_dir: str | Path, extra_json: dict | 
     `dtype` casts the floating-point weights (the fp32 EMA is saved in the training dtype).
     Written atomically: a crash while saving leaves `output_dir` as it was before. The run's
     logs and checkpoints in it survive the replacement, and so do the entries named in `keep`."""
-    plan = export_plan(engine, dtype)
+    _streamed(export_plan(engine, dtype), lambda plan, tensors: atomic_directory_write(
+        output_dir, _folder_writer(plan, tensors, tokenizer, extra_json), keep=(LOG_SUBDIR, CHECKPOINTS, *keep)))
+    barrier()
+
+
+def _streamed(plan: ExportPlan, write) -> None:
+    """write(plan, tensors) on rank 0, taking the plan's tensors one at a time; every rank runs
+    through all of them (under ZeRO-3 each is a collective gather), also when rank 0's write
+    fails part way."""
     tensors = export_tensors(plan)
     try:
         if is_main():
-            write = _folder_writer(plan, tensors, tokenizer, extra_json)
-            atomic_directory_write(output_dir, write, keep=(LOG_SUBDIR, CHECKPOINTS, *keep))
+            write(plan, tensors)
     finally:
-        for _ in tensors:  # the other ranks' share of each gather (all of it, if rank 0's write failed)
+        for _ in tensors:  # the other ranks' share of each gather (the rest, if the write failed)
             pass
-    barrier()
 
 
 def _folder_writer(plan: ExportPlan, tensors: Iterator[torch.Tensor], tokenizer, extra_json: dict | None):
@@ -123,14 +129,7 @@ def _folder_writer(plan: ExportPlan, tensors: Iterator[torch.Tensor], tokenizer,
 def save_state_file(engine, path: str | Path) -> None:
     """The engine's module state dict as it is (names, dtypes, tied weights under each name),
     streamed into one safetensors file on rank 0 (every rank must call this under ZeRO-3)."""
-    plan = export_plan(engine, hf=False)
-    tensors = export_tensors(plan)
-    try:
-        if is_main():
-            write_file(path, plan.specs, tensors)
-    finally:
-        for _ in tensors:
-            pass
+    _streamed(export_plan(engine, hf=False), lambda plan, tensors: write_file(path, plan.specs, tensors))
 
 
 # ------------------------------------------------------------ one tensor at a time
