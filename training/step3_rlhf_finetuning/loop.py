@@ -26,6 +26,7 @@ from utils.rl_math import adaptive_kl_coef
 from utils.run import EngineSettings, run_logger, start_run
 from utils.run_checkpoints import RunCheckpoints
 from utils.stopping import NonFinite, StopRequest
+from utils.strategy.deepspeed_strategy import release_freed_memory_if_tight
 
 __all__ = ["run", "STAGING"]
 
@@ -135,6 +136,7 @@ def one_round(each: Round, prompt_batches, round_index: int) -> dict:
         parts.append(rollout.reward_parts)
         diagnostics.append(rollout.stats)
         gen_s += rollout.generation_s
+    release_freed_memory_if_tight()  # the rollouts' freed pages, before training's activations
     scoring_s = time.perf_counter() - start - gen_s
     if cfg.print_answers and dist.is_main() and round_index % cfg.print_answers_interval == 0:
         prompts, answers = decoded(trainer.tokenizer, exps[0])
@@ -144,6 +146,7 @@ def one_round(each: Round, prompt_batches, round_index: int) -> dict:
         stats.update(each.truth(exps))
     train_start = time.perf_counter()
     losses = ppo_update(trainer, cfg, exps, each.unsup, each.nonfinite, round_index)
+    release_freed_memory_if_tight()
     train_s = time.perf_counter() - train_start
     work = each.phase_flops.of(exps)
     times = timing(exps, work, gen_s, scoring_s, train_s, time.perf_counter() - start)

@@ -262,6 +262,31 @@ def release_freed_memory() -> None:
         pass  # not glibc
 
 
+# Below this share of the machine's memory available, Step 3 trims between its phases.
+TIGHT_MEMORY = 1 / 3
+
+
+def memory_available_share() -> float:
+    """MemAvailable / MemTotal from /proc/meminfo; 1.0 where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) / int(info["MemTotal"].split()[0])
+    except (OSError, KeyError, ValueError, ZeroDivisionError):
+        return 1.0
+
+
+def release_freed_memory_if_tight() -> None:
+    """release_freed_memory between Step 3's phases, only while the machine is short of memory.
+
+    Each phase frees what the next one cannot reuse (generation's KV cache, scoring's logits,
+    training's activations and ZeRO-3's gathered weights); trimmed, a 135M ZeRO-3 run on 2
+    processes peaked 0.7 GB lower per rank. But the pages come back with a fault each: ~0.25 s
+    per GB returned here, a few % of a round, so it is not paid while memory is plentiful."""
+    if memory_available_share() < TIGHT_MEMORY:
+        release_freed_memory()
+
+
 def _fp32_grad_norms() -> None:
     """Accumulate ZeRO's gradient norms in fp32 instead of fp64 on CPU.
 
