@@ -139,6 +139,9 @@ class FakeEngine:
         if self.fail:
             raise OSError(28, "No space left on device")
 
+    def zero_optimization_stage(self):
+        return 0  # writes no ZeRO optimizer files, as stage 0
+
     def load_checkpoint(self, folder, tag, **_):
         self.loaded = Path(folder, tag)
         return (str(self.loaded), {}) if self.loaded.is_dir() else (None, None)
@@ -258,3 +261,19 @@ def test_negative_checkpoint_flags_are_refused(tmp_path, module, flag):
     proc = run_module(module, [flag, "-1", "--output_dir", tmp_path / "out"])
     assert error_line(proc) == f"error: {flag} must be >= 0, got -1"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_of_another_zero_layout_is_refused_in_one_line(tmp_path):
+    """One process runs --zero_stage 1-2 as stage 0 now; a checkpoint saved at ZeRO-2 there
+    (older versions, or --deepspeed_config) has its optimizer state in ZeRO's files, which
+    DeepSpeed's stage-0 load crashed on (AttributeError). Refused in one line naming the fix;
+    resumed with that fix, the run goes on."""
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    run = [*RUN, "--output_dir", tmp_path / "out", "--save_steps", "2"]
+    assert_ok(run_module(MODULE, [*run, "--max_steps", "2", "--deepspeed_config", zero2]))
+    line = error_line(run_module(MODULE, [*run, "--max_steps", "4", "--resume"]))
+    assert "holds ZeRO-sharded optimizer state" in line and "--deepspeed_config" in line, line
+    resumed = run_module(MODULE, [*run, "--max_steps", "4", "--resume", "--deepspeed_config", zero2])
+    assert_ok(resumed)
+    assert sorted(losses(tmp_path / "out")) == [1, 2, 3, 4]

@@ -185,6 +185,7 @@ class DeepSpeedStrategy:
     def load_engine(self, engine, folder: Path, tag: str) -> None:
         """Restore what save_engine wrote."""
         if _has_checkpointing(engine):
+            _check_saved_stage(engine, folder / tag)
             path, _ = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
             if path is None:
@@ -232,6 +233,28 @@ def _has_checkpointing(engine) -> bool:
     return getattr(engine, "checkpoint_engine", None) is not None
 
 
+def _check_saved_stage(engine, folder: Path) -> None:
+    """Refuse to resume a checkpoint whose optimizer state is laid out for another ZeRO mode.
+
+    ZeRO 1-3 write the optimizer state in zero_pp_rank_* files, stage 0 inside the model
+    states; DeepSpeed would fail on the other layout with a traceback. The case users meet:
+    a checkpoint written on one process by a version that ran ZeRO 1-2 there, resumed now that
+    one process runs stage 0 (ds_config.effective_zero_stage)."""
+    if not folder.is_dir():
+        return  # load_checkpoint says what is missing
+    sharded = any(folder.glob("zero_pp_rank_*_optim_states.pt")) or any(folder.glob("*optim_states.pt"))
+    stage = engine.zero_optimization_stage()
+    if sharded == (stage > 0):
+        return
+    if sharded:
+        raise ConfigError(f"checkpoint {folder} holds ZeRO-sharded optimizer state, and this run's engine runs "
+                          "without ZeRO (stage 0: one process at --zero_stage 1 or 2 runs as stage 0); resume "
+                          "with the stage it was saved at, e.g. --deepspeed_config '{\"zero_optimization\": "
+                          "{\"stage\": 2}}'")
+    raise ConfigError(f"checkpoint {folder} was saved without ZeRO (stage 0), and this run's engine runs ZeRO "
+                      f"stage {stage}: resume with the process count and --zero_stage it was saved with")
+
+
 def _unlink_shm_buffer() -> None:
     """Remove the name of DeepSpeed's CPU all-reduce buffer once every rank has mapped it.
 
@@ -251,7 +274,8 @@ def release_freed_memory() -> None:
     Each rank loads whole models before DeepSpeed partitions or wraps them; the freed copies
     stay in glibc's heap (blocks under its mmap threshold, which grows to 32 MiB), so under
     ZeRO-3 on 2 processes a 135M run's ranks kept ~2.6 GB each they no longer used
-    (docs/2026-12-05-memory.md). Trimmed once per engine built. (Serving every block of 64 KiB
+    (docs/2026-12-05-memory.md). Trimmed once per engine built, and between Step 3's phases
+    while memory is short (release_freed_memory_if_tight). (Serving every block of 64 KiB
     or more by mmap instead returns the same memory but made a PPO round 1.6x slower.)"""
     if on_cuda():
         return
