@@ -242,7 +242,7 @@ def _check_saved_stage(engine, folder: Path) -> None:
     one process runs stage 0 (ds_config.effective_zero_stage)."""
     if not folder.is_dir():
         return  # load_checkpoint says what is missing
-    sharded = any(folder.glob("zero_pp_rank_*_optim_states.pt")) or any(folder.glob("*optim_states.pt"))
+    sharded = any(folder.glob("*optim_states.pt"))  # [bf16_]zero_pp_rank_N_mp_rank_00_optim_states.pt
     stage = engine.zero_optimization_stage()
     if sharded == (stage > 0):
         return
