@@ -209,11 +209,11 @@ def test_own_storage_copies_only_views_of_larger_storage():
 def test_release_freed_memory_returns_the_heap_pages_glibc_kept():
     """64 KiB blocks live in glibc's heap: freed with every 50th kept, glibc keeps the pages;
     release_freed_memory gives them back (the measured 135M ZeRO-3 case: 0.7 GB a rank)."""
-    import re
+    from bench.memory import rss_kib
     from utils.strategy.deepspeed_strategy import release_freed_memory
 
     def rss_mb():
-        return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+        return rss_kib("VmRSS") / 1024
 
     blocks = [torch.ones(16384) for _ in range(5000)]  # 320 MB
     kept = blocks[::50]
