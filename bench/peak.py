@@ -5,6 +5,12 @@ A CPU without a native bf16 path runs bf16 several times slower than fp32, so th
 taken for the dtype a run really uses (figures: docs/2026-11-23-step1-deepspeed-overhead.md).
 
     python -m bench.peak --dtype fp32
+
+`generation_floor_s` turns it into the least time a generation's matmuls can take here: the
+prefill at the peak, each decode step at the measured speed of that step's matmuls alone. At a
+few rows a decode step reads every weight from memory for a few multiply-adds each, so that
+speed is far below the peak: the floor says how much of a generation's distance from the peak
+is the machine's and how much the code's.
 """
 from __future__ import annotations
 
@@ -30,6 +36,57 @@ def matmul_peak_flops(dtype: str = "fp32", device: str = "cpu", size: int = 2048
         sync()
         best = min(best, time.perf_counter() - start)
     return 2.0 * size ** 3 / best
+
+
+def _linears(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Weights of the model's linear layers as (in, out) matrices, LM head included, each once
+    (a head tied to the embeddings is read in every decode step like any other)."""
+    seen, weights = set(), []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            weight = module.weight.t()
+        elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
+            weight = module.weight
+        else:
+            continue
+        if weight.data_ptr() not in seen:
+            seen.add(weight.data_ptr())
+            weights.append(weight)
+    return weights
+
+
+@torch.no_grad()
+def decode_step_seconds(model: torch.nn.Module, rows: int, repeats: int = 5) -> float:
+    """Best time of one decode step's matmuls alone: `rows` token vectors through every linear
+    layer of `model` in turn, with its real weights (no attention, norms or sampling)."""
+    weights = _linears(model)
+    inputs = {w.shape[0]: torch.randn(rows, w.shape[0], device=w.device, dtype=w.dtype) for w in weights}
+    sync = torch.cuda.synchronize if weights[0].is_cuda else (lambda: None)
+
+    def step() -> None:
+        for w in weights:
+            inputs[w.shape[0]] @ w
+        sync()
+
+    step()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def generation_floor_s(model: torch.nn.Module, rows: int, prompt_len: int, new_tokens: int, peak: float) -> float:
+    """The least time `rows` answers of `new_tokens` tokens after `prompt_len`-token prompts take
+    on this machine by their matmuls alone: the prefill's FLOPs (utils.flops) at the square
+    matmul peak, then new_tokens - 1 decode steps at decode_step_seconds. Attention, norms and
+    sampling are left out, so the real time is longer."""
+    from utils.flops import forward_flops, shape
+    if new_tokens <= 0:
+        return 0.0
+    prefill = forward_flops(shape(model.config, model), rows, prompt_len, logits=1) / peak
+    return prefill + (new_tokens - 1) * decode_step_seconds(model, rows)
 
 
 def main() -> None:

@@ -27,8 +27,11 @@ Timing: a round is the wall time from one round's end to the next's (ours: the r
 TRL: its step-end callback), so the first round (engine builds) is left out of every mean.
 Prints samples/s (samples = answers), generation tokens/s, per-phase effective TFLOPs (the
 matmuls each phase runs, utils.flops) and their share of the machine's measured matmul peak
-(bench.peak), peak memory, TFLOP per sample (ours), and each row's samples/s as a ratio to its
-algorithm's TRL row in the same run ("vs TRL"); `--json FILE` keeps the numbers.
+(bench.peak), each row's generation time against the floor its matmuls allow on this machine
+(bench.peak.generation_floor_s: decode steps at the measured speed of their own matmuls, which at a
+few rows is bound by reading the weights, not by the peak), peak memory, TFLOP per sample (ours),
+and each row's samples/s as a ratio to its algorithm's TRL row in the same run ("vs TRL");
+`--json FILE` keeps the numbers.
 
     python -m bench.step3_throughput                                  # tiny-llama, quick
     python -m bench.step3_throughput --actor output/step1_sft --critic output/step2_reward
@@ -251,19 +254,38 @@ def ratios(results: dict) -> dict:
             for name, r in results.items()}
 
 
-def print_table(results: dict, peak: float, args) -> None:
+def generation_floors(args, peak: float) -> dict:
+    """Each variant's generation floor in seconds (bench.peak.generation_floor_s) for its rows a
+    round, on the actor's real weights."""
+    from transformers import AutoModelForCausalLM
+
+    from bench.peak import DTYPES, generation_floor_s
+    from utils.model import resolve_model_path
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(args.actor), dtype=DTYPES[args.dtype])
+    model.to(args.device)
+    by_rows = {}
+    for name in args.variants:
+        rows = expected_work(name, args)["answers"]
+        if rows not in by_rows:
+            by_rows[rows] = generation_floor_s(model, rows, args.prompt_len, args.answer_len, peak)
+    return {name: by_rows[expected_work(name, args)["answers"]] for name in args.variants}
+
+
+def print_table(results: dict, peak: float, args, floors: dict) -> None:
     print(f"\nStep 3, actor {args.actor}, critic {args.critic} (PPO), {args.batch} prompts x 1 answer (PPO) or x "
           f"{args.samples_per_prompt} answers (GRPO) a round, prompt {args.prompt_len} + answer {args.answer_len} "
           f"tokens (eos off), {args.rounds} rounds (first left out), GRPO KL {args.kl_ctl} lr {args.learning_rate}, "
           f"dtype {args.dtype}, {args.device}; matmul peak {peak / 1e12:.4f} TFLOP/s")
     heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak",
-             "gen s", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
+             "gen s", "gen floor s", "gen %floor", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
     print(f"{'variant':28s}" + "".join(f"{h:>13s}" for h in heads))
     for (name, r), ratio in zip(results.items(), ratios(results).values()):
         cells = [r.get(c) for c in COLUMNS[:5]]
         cells += [r["generation_tflops"] * 1e12 / peak * 100 if "generation_tflops" in r else None,
                   r["training_tflops"] * 1e12 / peak * 100 if "training_tflops" in r else None]
-        cells += [r.get(c) for c in COLUMNS[5:]]
+        gen_s = r.get("generation_s")
+        cells += [gen_s, floors[name], floors[name] / gen_s * 100 if gen_s else None]
+        cells += [r.get(c) for c in COLUMNS[5:] if c != "generation_s"]
         cells += [r["flops_per_sample"] / 1e12 if "flops_per_sample" in r else None]
         print(f"{name:28s}" + "".join(f"{c:13.4g}" if c is not None else f"{'-':>13s}" for c in cells)
               + (f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13s}"))
@@ -304,6 +326,7 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device here")
     args.dtype = resolve_dtype_name(args.dtype, args.device)
     peak = matmul_peak_flops(args.dtype, args.device)
+    floors = generation_floors(args, peak)
     with tempfile.TemporaryDirectory(prefix="step3-bench-") as tmp:
         data = Path(tmp) / "prompts.jsonl"
         write_prompt_file(data, args.actor, args.prompt_len, 2 * args.batch * args.rounds + 16)
@@ -313,9 +336,9 @@ def main() -> None:
             results[name] = run_variant(name, args, data, Path(tmp))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "matmul_peak_flops": peak,
-                                               "results": results}, indent=2))
+                                               "generation_floor_s": floors, "results": results}, indent=2))
     check_work(results, args)
-    print_table(results, peak, args)
+    print_table(results, peak, args, floors)
 
 
 if __name__ == "__main__":

@@ -144,6 +144,46 @@ def test_matmul_peak_is_positive_and_finite():
     assert 1e8 < peak < 1e15
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear with a tied head; Conv1D
+def test_generation_floor_reads_each_weight_once_and_is_below_a_real_generate(family):
+    import time
+
+    import torch
+
+    from bench.peak import _linears, generation_floor_s
+    from utils.flops import shape
+    from utils.model import load_tokenizer, resolve_model_path
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(f"tiny-{family}-h256")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    s = shape(model.config, model)
+    assert sum(w.numel() for w in _linears(model)) == s.weights + s.head_in * s.head_out
+    rows, prompt_len, new = 4, 16, 12
+    floor = generation_floor_s(model, rows, prompt_len, new, matmul_peak_flops("fp32", "cpu", 512, 2))
+    ids = torch.randint(5, load_tokenizer(path).vocab_size, (rows, prompt_len))
+    best = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), min_new_tokens=new, max_new_tokens=new,
+                             do_sample=True)
+        best = min(best, time.perf_counter() - start)
+    assert out.shape[1] == prompt_len + new
+    assert 0 < floor < best  # a floor: the real generation runs these matmuls and more
+
+
+def test_table_prints_each_rows_generation_against_its_floor(capsys):
+    args = bench_args()
+    results = {"zero2+hybrid": {"samples_per_s": 6.0, "generation_s": 2.0, **work(3, 48)},
+               "trl ppo": {"samples_per_s": 2.0, "generation_s": 4.0, **work(3, 48)}}
+    throughput.print_table(results, 1e12, args, {"zero2+hybrid": 0.5, "trl ppo": 0.5})
+    head, ours, trl = capsys.readouterr().out.splitlines()[2:5]
+    assert "gen floor s" in head and "gen %floor" in head
+    # the cells after the name: ..., gen s, gen floor s, gen %floor, ...; the last: the ratio to TRL
+    assert ours.split()[1:][7:10] == ["2", "0.5", "25"] and ours.endswith("3.00x")
+    assert trl.split()[2:][7:10] == ["4", "0.5", "12.5"]
+
+
 def test_paired_gain_averages_seeds_per_prompt_before_comparing_with_sft():
     from bench.quality import paired_gain, verdict
     sft = [0.0, 1.0, 0.0, 1.0]
