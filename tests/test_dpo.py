@@ -58,8 +58,8 @@ def test_dpo_zero3_with_offloaded_reference_and_label_smoothing(tmp_path):
 def test_dpo_lora_uses_the_adapters_off_model_as_reference(tmp_path):
     out = tmp_path / "dpo_lora"
     proc = run(["--zero_stage", "2", "--lora_dim", "8", "--only_optimize_lora", "--lora_learning_rate",
-                "1e-2", "--output_dir", out])
-    assert "reference: LoRA adapters off" in proc.stdout + proc.stderr
+                "1e-2", "--offload_reference_model", "--output_dir", out])
+    assert "reference: LoRA adapters off (--offload_reference_model: nothing to place" in proc.stdout + proc.stderr
     summary = trained(proc, out)
     assert summary["loss_before"] == pytest.approx(0.6931, abs=1e-3) and summary["margin_after"] > 0
     from safetensors.torch import load_file

@@ -41,8 +41,11 @@ class DPO(Step):
                                        micro_batch=2 * cfg.per_device_train_batch_size)
 
     def describe(self) -> str:
-        return (f", beta {self.cfg.beta}, reference: "
-                f"{'LoRA adapters off' if self.adapter_reference else 'frozen copy'}")
+        reference = "frozen copy"
+        if self.adapter_reference:  # a flag with nothing to act on is said, not silently dropped
+            reference = "LoRA adapters off" + (" (--offload_reference_model: nothing to place, the reference is "
+                                               "the policy's own weights)" if self.cfg.offload_reference_model else "")
+        return f", beta {self.cfg.beta}, reference: {reference}"
 
     def reference_for(self, engine):
         return AdaptersOff(engine) if self.adapter_reference else self.reference
