@@ -96,3 +96,42 @@ def test_experience_concat_pads_prompts_left_and_answers_right():
     assert both.action_mask[0].tolist() == [True, True, False, False]
     assert both.advantages[0].tolist() == [1.0, 1.0, 0.0, 0.0] and both.scores.tolist() == [1.0, 1.0, 2.0]
     assert [len(m) for m in both.split(2)] == [2, 1]
+
+
+def test_values_from_the_critics_training_forward_give_the_same_run(tmp_path):
+    """With one PPO micro-batch a round the rollout's values come from the critic's training
+    forward (Step3Config.values_from_update): the same rounds, losses and weights as scoring them
+    in a forward of their own (--no-reuse_critic_forward), and one critic forward fewer."""
+    from safetensors.torch import load_file
+    from tests.helpers import logged_rows
+    flags = [*BASE, *models("tiny-llama"), "--num_examples", "64", "--per_device_generation_batch_size", "4",
+             "--per_device_training_batch_size", "8", "--samples_per_prompt", "2", "--whiten_advantages"]
+    outs = {name: tmp_path / name for name in ("reused", "scored")}
+    for name, out in outs.items():
+        assert_ok(run_module("training.step3_rlhf_finetuning.main", [
+            *flags, "--output_dir", out, *(["--no-reuse_critic_forward"] if name == "scored" else [])]))
+    rows = {name: [r for r in logged_rows(out / "logs" / "metrics.jsonl") if "train/actor_loss" in r]
+            for name, out in outs.items()}
+    assert len(rows["reused"]) == 3
+    for reused, scored in zip(rows["reused"], rows["scored"]):
+        for key in ("train/reward", "train/kl", "train/actor_loss", "train/critic_loss", "train/shaped_return"):
+            assert reused[key] == pytest.approx(scored[key], rel=1e-5, abs=1e-7), key
+        assert reused["train/flops_per_sample"] < scored["train/flops_per_sample"]  # the critic's scoring forward
+    for part in ("actor", "critic"):
+        reused, scored = (load_file(out / part / "model.safetensors") for out in outs.values())
+        assert max((reused[k] - scored[k]).abs().max().item() for k in reused) < 1e-5, part
+
+
+def test_values_come_from_the_update_only_when_it_is_the_rounds_one_critic_forward():
+    from training.step3_rlhf_finetuning.config import Step3Config
+    one = {"per_device_generation_batch_size": 4, "per_device_training_batch_size": 4}
+    assert Step3Config(**one).values_from_update
+    for changed in ({"per_device_training_batch_size": 2}, {"generation_batches": 2}, {"ppo_epochs": 2},
+                    {"critic_dropout": None}, {"reuse_critic_forward": False}, {"advantage": "rloo"},
+                    {"rollout_is_cap": 2.0}):
+        cfg = Step3Config(**one)
+        for key, value in changed.items():
+            group, name = ("critic", "dropout") if key == "critic_dropout" else ("ppo", key) if hasattr(cfg.ppo, key) \
+                else (None, key)
+            setattr(getattr(cfg, group) if group else cfg, name, value)
+        assert not cfg.values_from_update, changed

@@ -201,6 +201,11 @@ class PPOConfig:
         "the longest row wide: most padding (4 of 10 positions in a real run) costs nothing. A model whose "
         "packed outputs differ from padded ones on its first batch (BLOOM, OPT) keeps padded forwards, as "
         "does the reward model; --no-pack_sequences pads all, as DeepSpeed-Chat does."))
+    reuse_critic_forward: bool = field(default=True, metadata=doc(
+        "With one PPO micro-batch a round (one generation batch, one epoch, one micro-batch) and no "
+        "critic dropout, the rollout's values come from the critic's training forward, which runs at "
+        "the same weights: one critic forward fewer per answer. --no-reuse_critic_forward scores the "
+        "values in a forward of their own, as DeepSpeed-Chat does."))
     enable_ema: bool = field(default=False, metadata=doc("Keep an exponential moving average of the actor."))
     ema_decay: float = field(default=0.992, metadata=doc(
         "EMA decay per actor optimizer step (the average is kept in fp32 whatever --dtype; saved in --dtype)."))
@@ -269,6 +274,14 @@ class Step3Config(CheckpointConfig, LogConfig, RuntimeConfig, BatchConfig, Model
     def micro_batches_per_round(self) -> int:
         """PPO micro-batches per round (each also consumes one ptx batch when ptx is on)."""
         return self.answers_per_rank // self.per_device_training_batch_size * self.ppo_epochs
+
+    @property
+    def values_from_update(self) -> bool:
+        """The critic's first training forward of a round can give the rollout's values: it is the
+        round's only one, so it runs at the scoring weights, and it has no dropout. (Not with
+        --rollout_is_cap, whose weights are computed with the rest of the credit at scoring.)"""
+        return (self.ppo.reuse_critic_forward and self.ppo.uses_critic and self.generation_batches == 1
+                and self.micro_batches_per_round == 1 and self.critic.dropout == 0 and not self.ppo.rollout_is_cap)
 
     def validate(self) -> None:
         g = self.generation

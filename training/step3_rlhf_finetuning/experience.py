@@ -16,11 +16,13 @@ class Experience:
     action_mask: torch.Tensor     # (B, A) answer tokens up to and including the first eos
     log_probs: torch.Tensor       # (B, A) actor when generating (PPO's "old" policy)
     ref_log_probs: torch.Tensor   # (B, A) reference model
-    values: torch.Tensor          # (B, A) critic when generating
+    # (B, A) critic at the rollout's weights; these three are None until the update's critic
+    # forward gives the values (Step3Config.values_from_update: scoring.with_values)
+    values: torch.Tensor | None
     scores: torch.Tensor          # (B,) reward model score of each whole answer
     rewards: torch.Tensor         # (B, A) KL-penalized per-token rewards
-    advantages: torch.Tensor      # (B, A)
-    returns: torch.Tensor         # (B, A)
+    advantages: torch.Tensor | None  # (B, A)
+    returns: torch.Tensor | None     # (B, A)
 
     def __len__(self) -> int:
         return self.seq.size(0)
@@ -31,8 +33,9 @@ class Experience:
 
     def split(self, size: int) -> list["Experience"]:
         """Micro-batches of `size` rows for the PPO updates."""
-        parts = {f.name: getattr(self, f.name).split(size) for f in fields(self)}
-        return [Experience(**{name: chunks[i] for name, chunks in parts.items()})
+        parts = {f.name: getattr(self, f.name) for f in fields(self)}
+        parts = {name: t if t is None else t.split(size) for name, t in parts.items()}
+        return [Experience(**{name: chunks if chunks is None else chunks[i] for name, chunks in parts.items()})
                 for i in range(len(parts["seq"]))]
 
     @staticmethod
@@ -44,7 +47,8 @@ class Experience:
             return exps[0]
         p = max(e.prompt_len for e in exps)
         a = max(e.seq.size(1) - e.prompt_len for e in exps)
-        return Experience(**{f.name: torch.cat([_widen(e, f.name, p, a, pad_token_id) for e in exps])
+        return Experience(**{f.name: None if getattr(exps[0], f.name) is None
+                             else torch.cat([_widen(e, f.name, p, a, pad_token_id) for e in exps])
                              for f in fields(Experience)})
 
 

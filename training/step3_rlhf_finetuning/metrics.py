@@ -95,8 +95,9 @@ class PhaseFlops:
     """Matmul FLOPs of one round's phases, per process (utils.flops): generation with the KV
     cache; the scoring forwards (the reference, and the actor when it recomputes its rollout
     log-probs: the LM head on the answer positions; critic and reward model: the value head at
-    every position); ppo_epochs passes of actor and critic training over the round's
-    micro-batches. The ptx term's forwards are not counted.
+    every position; not the critic for a rollout whose values its training forward gave);
+    ppo_epochs passes of actor and critic training over the round's micro-batches. The ptx term's
+    forwards are not counted.
 
     What runs is counted: a model that packs (--pack_sequences, utils/model/packed_forward.py)
     reads bins of the rows' real tokens (packed_forward.packed_shape_for), one that does not
@@ -122,7 +123,7 @@ class PhaseFlops:
             b, width, rows = len(exp), exp.seq.size(1), _Rows.of([exp])
             gen += flops.generation_flops(self.actor, b, exp.prompt_len, int(exp.action_mask.sum(1).max()))
             score += sum(_forward(self.actor, *rows.run_by(model, lm_head=True)) for model in self.scorers)
-            if self.critic is not None:
+            if self.critic is not None and exp.values is not None:  # None: the update's forward gave them
                 score += _forward(self.critic, *rows.run_by(self.engine.critic, lm_head=False))
             if self.reward is not None:
                 score += flops.forward_flops(self.reward, b, width)

@@ -65,17 +65,21 @@ class DeepSpeedPPOTrainer:
         self.recomputes_logprobs = recomputes_rollout_logprobs(cfg.ppo, self.actor)
         keep = not self.recomputes_logprobs or cfg.ppo.rollout_is_cap > 0
         self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid, keep_log_probs=keep)
+        # the loop's rollouts leave the values to the update's critic forward when that is the
+        # round's only one (generate_experience, the API, always scores them)
+        self.values_from_update = cfg.values_from_update
         self._clip_warned = False  # _warn_once_if_clipped
 
     @property
     def hybrid(self):
         return self.sampler.hybrid
 
-    def rollout(self, prompts, mask: torch.Tensor | None = None) -> Rollout:
+    def rollout(self, prompts, mask: torch.Tensor | None = None, values_later: bool = False) -> Rollout:
         """Answer a prompt batch and score it. `prompts` is a DataCollatorPrompt batch
         ({"prompt", "prompt_att_mask"}, and the rows' "columns" and "origins" that reward functions
         get) or, as in DeepSpeed-Chat, the two tensors. With --samples_per_prompt K the experience
-        has K rows per prompt, each prompt's rows together."""
+        has K rows per prompt, each prompt's rows together. `values_later`: no critic forward;
+        the experience's values, advantages and returns are None until train_rlhf."""
         rows = None
         if isinstance(prompts, dict):
             rows = Rows.of_batch(prompts, prompts["prompt"].size(0))
@@ -83,7 +87,7 @@ class DeepSpeedPPOTrainer:
         answers = self.sampler.sample(prompts, mask, rows)
         critic = self.critic if self.uses_critic else None
         scored = score_rollout(answers, self.actor, self.ref, critic, self.reward_source,
-                               self.generation.temperature, self.ppo)
+                               self.generation.temperature, self.ppo, values_later=values_later)
         self._warn_once_if_clipped(scored.scores)
         exp = credit(answers, scored, self.ppo, self.kl_coef, self.generation.samples_per_prompt)
         return Rollout(exp, answers.generation_s, scored.parts, scored.stats)
@@ -108,14 +112,18 @@ class DeepSpeedPPOTrainer:
         `boundary`: this micro-batch ends a gradient accumulation, so the models step (the loop
         decides; DeepSpeed's own count is not used); with ptx the actor's step waits for
         train_unsupervised. `step_tokens`: with --loss_aggregation dapo, the answer tokens of the
-        whole optimizer step on all processes."""
+        whole optimizer step on all processes. An `exp` without values (rollout's values_later)
+        gets them from the critic's forward here, which then runs first."""
+        critic_first = exp.values is None
+        if critic_first:
+            critic_loss, critic_applied, exp = critic_update(self.strategy, self.critic, exp, self.ppo, boundary)
         actor_loss, actor_applied, entropy, shift = actor_update(
             self.strategy, self.actor, exp, self.ppo, self.kl_coef, self.generation.temperature,
             self.generation.max_answer_seq_len, boundary=boundary and not self.ptx, step_tokens=step_tokens)
         if not self.uses_critic:
             return TrainStats(actor_loss, torch.zeros(()), entropy, shift, skipped=not actor_applied)
-        critic_loss, critic_applied = critic_update(self.strategy, self.critic, exp, self.ppo.cliprange_value,
-                                                    boundary, pack=self.ppo.pack_sequences)
+        if not critic_first:
+            critic_loss, critic_applied, _ = critic_update(self.strategy, self.critic, exp, self.ppo, boundary)
         return TrainStats(actor_loss, critic_loss, entropy, shift, skipped=not (critic_applied and actor_applied))
 
     def ptx_step(self, batch: dict, unsup_coef: float, boundary: bool = True) -> PtxStats:

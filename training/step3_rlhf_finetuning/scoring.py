@@ -4,7 +4,7 @@ rewards, then advantages and returns (GAE with the critic, or the critic-free gr
 The forwards are shared with the update (update.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -83,12 +83,13 @@ def recomputes_rollout_logprobs(ppo: PPOConfig, actor) -> bool:
 @dataclass
 class Scored:
     """A rollout's numbers before credit: (B, A) log-probs of actor and reference, critic values
-    (0 without a critic), (B,) scores; parts: each reward's own scores when several are weighed
-    (rewards.scored_parts); is_weights: (B, A) truncated importance weights or None; stats: the
-    rollout's diagnostics (generation vs recomputed log-probs) when there are any."""
+    (0 without a critic, None when left to the update), (B,) scores; parts: each reward's own
+    scores when several are weighed (rewards.scored_parts); is_weights: (B, A) truncated
+    importance weights or None; stats: the rollout's diagnostics (generation vs recomputed
+    log-probs) when there are any."""
     log_probs: torch.Tensor
     ref_log_probs: torch.Tensor
-    values: torch.Tensor
+    values: torch.Tensor | None
     scores: torch.Tensor
     parts: dict
     is_weights: torch.Tensor | None = None
@@ -97,15 +98,17 @@ class Scored:
 
 @torch.no_grad()
 def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, temperature: float,
-                  ppo: PPOConfig | None = None) -> Scored:
+                  ppo: PPOConfig | None = None, values_later: bool = False) -> Scored:
     """Score the answers. The actor's log-probs are the generation pass's own (answers.log_probs)
     unless the sampler kept none (recomputes_rollout_logprobs decided so, once, for the trainer)
-    or --rollout_is_cap weighs them against a recomputing forward."""
+    or --rollout_is_cap weighs them against a recomputing forward. `values_later`: no critic
+    forward here, values None (the update's forward gives them: Step3Config.values_from_update)."""
     ppo = ppo or PPOConfig()
     seq, mask, p = answers.seq, answers.attention_mask, answers.prompt_len
     # the reward first: a failing reward function stops the run before the forwards are spent
     scores, parts = scored_parts(reward, answers.prompts, seq, mask, answers.action_mask, answers.rows)
     recompute = answers.log_probs is None or ppo.rollout_is_cap > 0
+    critic = None if values_later else critic
     models = [*([actor] if recompute else []), *([critic] if critic is not None else [])]
     for model in models:
         model.eval()
@@ -113,7 +116,7 @@ def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, te
     log_probs = answer_log_probs(actor, seq, mask, p, temperature, pack=pack) if recompute else answers.log_probs
     ref_log_probs = answer_log_probs(ref, seq, mask, p, temperature, pack=pack)
     values = (critic_values(critic, seq, mask, p, pack) * answers.action_mask if critic is not None
-              else torch.zeros_like(log_probs))
+              else None if values_later else torch.zeros_like(log_probs))
     for model in models:
         model.train()
     scored = Scored(log_probs, ref_log_probs, values, scores, parts)
@@ -133,18 +136,31 @@ def credit(answers: Answers, scored: Scored, ppo: PPOConfig, kl_coef: float, sam
     log_probs, ref_log_probs, values, scores = scored.log_probs, scored.ref_log_probs, scored.values, scored.scores
     kl_coef = 0.0 if ppo.kl_in_loss else kl_coef  # with the KL as a loss term the reward is the score alone
     rewards = kl_penalized_rewards(log_probs, ref_log_probs, scores, action_mask, kl_coef, ppo.clip_reward_value)
+    exp = Experience(prompts=answers.prompts, seq=answers.seq, attention_mask=answers.attention_mask,
+                     action_mask=action_mask, log_probs=log_probs, ref_log_probs=ref_log_probs, values=values,
+                     scores=scores, rewards=rewards, advantages=None, returns=None)
     if ppo.uses_critic:
-        advantages, returns = gae_advantages(values, rewards, action_mask, ppo.gamma, ppo.lam)
-    else:  # each answer against the other answers to its prompt
-        kl_returns = None if ppo.kl_in_loss else -kl_coef * masked_sum(log_probs - ref_log_probs, action_mask, 1)
-        per_answer = group_advantages(scores.clamp(-ppo.clip_reward_value, ppo.clip_reward_value),
-                                      samples_per_prompt, ppo.advantage, ppo.scale_rewards, kl_returns)
-        advantages = per_answer.unsqueeze(1) * action_mask.float()
-        returns = torch.zeros_like(advantages)
+        return exp if values is None else with_values(exp, values, ppo, scored.is_weights)
+    # each answer against the other answers to its prompt
+    kl_returns = None if ppo.kl_in_loss else -kl_coef * masked_sum(log_probs - ref_log_probs, action_mask, 1)
+    per_answer = group_advantages(scores.clamp(-ppo.clip_reward_value, ppo.clip_reward_value),
+                                  samples_per_prompt, ppo.advantage, ppo.scale_rewards, kl_returns)
+    advantages = per_answer.unsqueeze(1) * action_mask.float()
+    return replace(exp, advantages=_finished(advantages, action_mask, ppo, scored.is_weights),
+                   returns=torch.zeros_like(advantages))
+
+
+@torch.no_grad()
+def with_values(exp: Experience, values: torch.Tensor, ppo: PPOConfig, is_weights=None) -> Experience:
+    """`exp` with the critic's (B, A) values and their GAE advantages and returns."""
+    values = values * exp.action_mask
+    advantages, returns = gae_advantages(values, exp.rewards, exp.action_mask, ppo.gamma, ppo.lam)
+    return replace(exp, values=values, advantages=_finished(advantages, exp.action_mask, ppo, is_weights),
+                   returns=returns)
+
+
+def _finished(advantages: torch.Tensor, action_mask: torch.Tensor, ppo: PPOConfig, is_weights) -> torch.Tensor:
+    """Whitened as asked; TIS weighs the policy-gradient term (w >= 0 commutes with the clip)."""
     if ppo.whiten_advantages:
         advantages = whiten(advantages, action_mask)
-    if scored.is_weights is not None:  # TIS weighs the policy-gradient term (w >= 0 commutes with the clip)
-        advantages = advantages * scored.is_weights
-    return Experience(prompts=answers.prompts, seq=answers.seq, attention_mask=answers.attention_mask,
-                      action_mask=action_mask, log_probs=log_probs, ref_log_probs=ref_log_probs, values=values,
-                      scores=scores, rewards=rewards, advantages=advantages, returns=returns)
+    return advantages if is_weights is None else advantages * is_weights

@@ -10,7 +10,7 @@ import torch
 from training.step3_rlhf_finetuning.config import PPOConfig, Step3Config
 from training.step3_rlhf_finetuning.experience import Experience
 from training.step3_rlhf_finetuning.metrics import mean
-from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values
+from training.step3_rlhf_finetuning.scoring import answer_log_probs, critic_values, with_values
 from utils import dist
 from utils.data import to_device
 from utils.losses import causal_lm_loss
@@ -66,12 +66,15 @@ def actor_update(strategy, actor, exp: Experience, ppo: PPOConfig, kl_coef: floa
     return loss.detach(), applied, masked_mean(entropy, exp.action_mask).item(), shift
 
 
-def critic_update(strategy, critic, exp: Experience, cliprange_value: float, boundary: bool,
-                  pack: bool = False):
-    """The critic's clipped value loss on one micro-batch; (loss, applied)."""
-    values = critic_values(critic, exp.seq, exp.attention_mask, exp.prompt_len, pack)
-    loss = value_loss(values, exp.values, exp.returns, exp.action_mask, cliprange_value)
-    return loss.detach(), strategy.backward_and_step(critic, loss, values, boundary=boundary)
+def critic_update(strategy, critic, exp: Experience, ppo: PPOConfig, boundary: bool):
+    """The critic's clipped value loss on one micro-batch; (loss, applied, exp). An `exp` without
+    values (Step3Config.values_from_update) takes this forward's, at the weights the rollout was
+    scored at, and its advantages and returns from them: the returned exp has all three."""
+    values = critic_values(critic, exp.seq, exp.attention_mask, exp.prompt_len, ppo.pack_sequences)
+    if exp.values is None:
+        exp = with_values(exp, values.detach(), ppo)
+    loss = value_loss(values, exp.values, exp.returns, exp.action_mask, ppo.cliprange_value)
+    return loss.detach(), strategy.backward_and_step(critic, loss, values, boundary=boundary), exp
 
 
 def ptx_update(strategy, actor, batch: dict, unsup_coef: float, fp32_loss: bool, boundary: bool) -> PtxStats:
