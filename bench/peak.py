@@ -41,14 +41,13 @@ def matmul_peak_flops(dtype: str = "fp32", device: str = "cpu", size: int = 2048
 def _linears(model: torch.nn.Module) -> list[torch.Tensor]:
     """Weights of the model's linear layers as (in, out) matrices, LM head included, each once
     (a head tied to the embeddings is read in every decode step like any other)."""
+    from utils.flops import _in_out  # the one test of what counts as a linear layer
     seen, weights = set(), []
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear):
-            weight = module.weight.t()
-        elif type(module).__name__ == "Conv1D":  # transformers' GPT-2 layer: weight is (in, out)
-            weight = module.weight
-        else:
+        if _in_out(module) is None:
             continue
+        # nn.Linear keeps (out, in); transformers' Conv1D (GPT-2) keeps (in, out)
+        weight = module.weight.t() if isinstance(module, torch.nn.Linear) else module.weight
         if weight.data_ptr() not in seen:
             seen.add(weight.data_ptr())
             weights.append(weight)

@@ -131,7 +131,9 @@ def one_round(each: Round, prompt_batches, round_index: int) -> dict:
     start = time.perf_counter()
     exps, parts, diagnostics, gen_s = [], [], [], 0.0
     for batch in prompt_batches:
-        rollout = trainer.rollout(batch, values_later=trainer.values_from_update)
+        # the update's critic forward gives the values when it is the round's only one
+        # (generate_experience, the API, always scores them)
+        rollout = trainer.rollout(batch, values_later=cfg.values_from_update)
         exps.append(rollout.experience)
         parts.append(rollout.reward_parts)
         diagnostics.append(rollout.stats)

@@ -65,9 +65,6 @@ class DeepSpeedPPOTrainer:
         self.recomputes_logprobs = recomputes_rollout_logprobs(cfg.ppo, self.actor)
         keep = not self.recomputes_logprobs or cfg.ppo.rollout_is_cap > 0
         self.sampler = AnswerSampler(self.actor, self.tokenizer, cfg.generation, cfg.hybrid, keep_log_probs=keep)
-        # the loop's rollouts leave the values to the update's critic forward when that is the
-        # round's only one (generate_experience, the API, always scores them)
-        self.values_from_update = cfg.values_from_update
         self._clip_warned = False  # _warn_once_if_clipped
 
     @property

@@ -115,7 +115,8 @@ def score_rollout(answers: Answers, actor, ref, critic, reward: RewardSource, te
     pack = ppo.pack_sequences
     log_probs = answer_log_probs(actor, seq, mask, p, temperature, pack=pack) if recompute else answers.log_probs
     ref_log_probs = answer_log_probs(ref, seq, mask, p, temperature, pack=pack)
-    values = (critic_values(critic, seq, mask, p, pack) * answers.action_mask if critic is not None
+    # masked to the answer tokens once, by with_values
+    values = (critic_values(critic, seq, mask, p, pack) if critic is not None
               else None if values_later else torch.zeros_like(log_probs))
     for model in models:
         model.train()
@@ -152,7 +153,8 @@ def credit(answers: Answers, scored: Scored, ppo: PPOConfig, kl_coef: float, sam
 
 @torch.no_grad()
 def with_values(exp: Experience, values: torch.Tensor, ppo: PPOConfig, is_weights=None) -> Experience:
-    """`exp` with the critic's (B, A) values and their GAE advantages and returns."""
+    """`exp` with the critic's (B, A) values, zeroed off the answer tokens, and their GAE
+    advantages and returns."""
     values = values * exp.action_mask
     advantages, returns = gae_advantages(values, exp.rewards, exp.action_mask, ppo.gamma, ppo.lam)
     return replace(exp, values=values, advantages=_finished(advantages, exp.action_mask, ppo, is_weights),
