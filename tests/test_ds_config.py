@@ -204,32 +204,3 @@ def test_own_storage_copies_only_views_of_larger_storage():
     assert copied.untyped_storage().data_ptr() != flat.untyped_storage().data_ptr()
     assert torch.equal(copied, view)
     save({"a": copied, "b": own_storage(flat[6:])})  # would raise for the views themselves
-
-
-def test_release_freed_memory_returns_the_heap_pages_glibc_kept():
-    """64 KiB blocks live in glibc's heap: freed with every 50th kept, glibc keeps the pages;
-    release_freed_memory gives them back (the measured 135M ZeRO-3 case: 0.7 GB a rank)."""
-    from bench.memory import rss_kib
-    from utils.strategy.deepspeed_strategy import release_freed_memory
-
-    def rss_mb():
-        return rss_kib("VmRSS") / 1024
-
-    blocks = [torch.ones(16384) for _ in range(5000)]  # 320 MB
-    kept = blocks[::50]
-    del blocks
-    before = rss_mb()
-    release_freed_memory()
-    assert before - rss_mb() > 200, "malloc_trim returned less than 200 of the 314 MB freed"
-    assert all(float(b[0]) == 1.0 for b in kept)
-
-
-def test_step3_trims_between_phases_only_when_memory_is_tight(monkeypatch):
-    from utils.strategy import deepspeed_strategy as strategy
-    assert 0.0 < strategy.memory_available_share() <= 1.0
-    trims = []
-    monkeypatch.setattr(strategy, "release_freed_memory", lambda: trims.append(1))
-    for share, trimmed in ((0.9, 0), (strategy.TIGHT_MEMORY - 0.01, 1)):
-        monkeypatch.setattr(strategy, "memory_available_share", lambda: share)
-        strategy.release_freed_memory_if_tight()
-        assert len(trims) == trimmed

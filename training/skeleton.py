@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from utils import dist
+from utils.allocator import keep_freed_blocks
 from utils.config import ConfigError
 from utils.data import DataCollatorSFT, create_prompt_dataset, to_device
 from utils.model import apply_lora, load_causal_lm, load_tokenizer, resolve_model_path
@@ -138,6 +139,7 @@ def run_step(step: Step) -> dict:
     train_loader, train_sampler, eval_loader = step_data(step, tokenizer)
     total_steps = total_optimizer_steps(train_loader, cfg)
     engine, scheduler = strategy.prepare_trained(model, train_spec(cfg, total_steps))
+    keep_freed_blocks()  # for the steps' tensors; the model loaded under glibc's default
     logger = run_logger(cfg)
     n_eval = len(eval_loader.dataset)
     say(f"{step.name}: {len(train_loader.dataset)} train / {n_eval} eval {step.unit}, {total_steps} optimizer "

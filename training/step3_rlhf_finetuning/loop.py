@@ -21,12 +21,12 @@ from training.step3_rlhf_finetuning.rlhf_engine import DeepSpeedRLHFEngine
 from training.step3_rlhf_finetuning.saving import STAGING, save_models
 from training.step3_rlhf_finetuning.update import ppo_update
 from utils import dist
+from utils.allocator import keep_freed_blocks, release_freed_memory_if_tight
 from utils.model import load_tokenizer, resolve_model_path
 from utils.rl_math import adaptive_kl_coef
 from utils.run import EngineSettings, run_logger, start_run
 from utils.run_checkpoints import RunCheckpoints
 from utils.stopping import NonFinite, StopRequest
-from utils.strategy.deepspeed_strategy import release_freed_memory_if_tight
 
 __all__ = ["run", "STAGING"]
 
@@ -77,6 +77,7 @@ def run(cfg: Step3Config, reward_fn: Given = None) -> dict:
                  ground_truth_for(cfg.data_path, tokenizer),
                  NonFinite(cfg.max_nonfinite_steps, cfg.output_dir, NONFINITE_ADVICE), say)
     logger = run_logger(cfg)
+    keep_freed_blocks()  # for the rounds' tensors; the models loaded under glibc's default
     first, last = train_rounds(each, engine, logger, loader, sampler, rounds)
     summary = {"rounds": rounds, **{f"{k}_first": v for k, v in first.items()},
                **{f"{k}_last": v for k, v in last.items()}} if first else {"rounds": 0}

@@ -23,6 +23,7 @@ from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToMo
 from safetensors.torch import load_file, save_file
 
 from utils import ema
+from utils.allocator import release_freed_memory
 from utils.cli import free_port
 from utils.config import ConfigError
 from utils.dist import all_ranks, barrier, is_main, on_cuda, rank, world_size
@@ -266,49 +267,6 @@ def _unlink_shm_buffer() -> None:
     name = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
                                f"{os.environ['MASTER_PORT']}_{rank()}")
     name.unlink(missing_ok=True)
-
-
-def release_freed_memory() -> None:
-    """Give the pages glibc holds free back to the system (malloc_trim), on CPU.
-
-    Each rank loads whole models before DeepSpeed partitions or wraps them; the freed copies
-    stay in glibc's heap (blocks under its mmap threshold, which grows to 32 MiB), so under
-    ZeRO-3 on 2 processes a 135M run's ranks kept ~2.6 GB each they no longer used
-    (docs/2026-12-05-memory.md). Trimmed once per engine built, and between Step 3's phases
-    while memory is short (release_freed_memory_if_tight). (Serving every block of 64 KiB
-    or more by mmap instead returns the same memory but made a PPO round 1.6x slower.)"""
-    if on_cuda():
-        return
-    try:
-        import ctypes
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
-# Below this share of the machine's memory available, Step 3 trims between its phases.
-TIGHT_MEMORY = 1 / 3
-
-
-def memory_available_share() -> float:
-    """MemAvailable / MemTotal from /proc/meminfo; 1.0 where it cannot be read."""
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        return int(info["MemAvailable"].split()[0]) / int(info["MemTotal"].split()[0])
-    except (OSError, KeyError, ValueError, ZeroDivisionError):
-        return 1.0
-
-
-def release_freed_memory_if_tight() -> None:
-    """release_freed_memory between Step 3's phases, only while the machine is short of memory.
-
-    Each phase frees what the next one cannot reuse (generation's KV cache, scoring's logits,
-    training's activations and ZeRO-3's gathered weights); trimmed, a 135M ZeRO-3 run on 2
-    processes peaked 0.7 GB lower per rank. But the pages come back with a fault each: ~0.25 s
-    per GB returned here, a few % of a round, so it is not paid while memory is plentiful."""
-    if memory_available_share() < TIGHT_MEMORY:
-        release_freed_memory()
 
 
 def _fp32_grad_norms() -> None:
