@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from utils.rl_math import (answer_token_mask, dpo_loss, log_probs_from_logits, masked_mean,
-                           sequence_log_probs)
+                           sequence_log_probs, token_log_probs)
 
 
 def test_log_probs_match_log_softmax():
@@ -22,6 +22,30 @@ def test_log_probs_of_a_two_token_vocabulary_by_hand():
     logits = torch.tensor([[[0.0, math.log(3)], [0.0, math.log(3)]]])
     got = log_probs_from_logits(logits, torch.tensor([[0, 1]]))
     torch.testing.assert_close(got, torch.tensor([[math.log(0.25), math.log(0.75)]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_log_probs_in_chunks_equal_log_softmax_and_its_gradient(monkeypatch, dtype, temperature):
+    """The chunked function against autograd through log_softmax: log-probs, entropy and the
+    gradient, with chunks of 2 rows (7 rows: the last chunk short)."""
+    import utils.rl_math as rl_math
+    monkeypatch.setattr(rl_math, "CHUNK_ELEMENTS", 2 * 11)
+    base = (3 * torch.randn(7, 11)).to(dtype)
+    labels = torch.randint(0, 11, (7,))
+    weights = torch.randn(7)
+    ours = base.clone().requires_grad_(True)
+    log_probs, entropy = rl_math.token_log_probs(ours, labels, temperature)
+    (weights * log_probs).sum().backward()
+    ref = base.clone().requires_grad_(True)
+    log_softmax = (ref.float() / temperature).log_softmax(-1)
+    want = log_softmax.gather(-1, labels[:, None]).squeeze(-1)
+    (weights * want).sum().backward()
+    assert log_probs.dtype == entropy.dtype == torch.float32 and ours.grad.dtype == dtype
+    torch.testing.assert_close(log_probs, want.detach())
+    torch.testing.assert_close(entropy, -(log_softmax.exp() * log_softmax).sum(-1).detach())
+    torch.testing.assert_close(ours.grad, ref.grad)
+    assert not entropy.requires_grad
 
 
 def test_log_probs_of_bf16_logits_are_fp32():
@@ -85,7 +109,7 @@ def test_dpo_loss_gradient_pushes_chosen_up_and_rejected_down():
 
 # ---- PPO
 
-from utils.rl_math import (adaptive_kl_coef, aggregate_loss, clipped_surrogate, entropy_from_logits,  # noqa: E402
+from utils.rl_math import (adaptive_kl_coef, aggregate_loss, clipped_surrogate,  # noqa: E402
                            gae_advantages, group_advantages, group_residuals, k3_kl, kl_penalized_rewards,
                            policy_loss, value_loss, whiten)
 from utils.rl_math import answer_mask as answer_mask_of  # noqa: E402
@@ -251,8 +275,9 @@ def test_whiten_and_entropy():
     x = torch.tensor([[1.0, 3.0, 100.0]])
     w = whiten(x, torch.tensor([[1, 1, 0]]))
     torch.testing.assert_close(w, torch.tensor([[-1.0, 1.0, 0.0]]), atol=1e-4, rtol=0)
-    assert abs(entropy_from_logits(torch.zeros(4)).item() - math.log(4)) < 1e-6
-    assert entropy_from_logits(torch.tensor([0.0, -1e4])).item() < 1e-6
+    labels = torch.tensor(0)
+    assert abs(token_log_probs(torch.zeros(4), labels)[1].item() - math.log(4)) < 1e-6
+    assert token_log_probs(torch.tensor([0.0, -1e4]), labels)[1].item() < 1e-6
 
 
 def test_answer_width_is_the_last_used_column():

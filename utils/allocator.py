@@ -1,17 +1,21 @@
 """How freed CPU memory is kept or given back (glibc's malloc), for speed and for peak memory.
 
 By default glibc serves blocks above a threshold (growing to 32 MiB) by mmap and unmaps them on
-free. A training step frees and re-allocates the same large tensors every time (logits over the
-vocabulary, the embedding's gradient), so each came back with a page fault per 4 KiB.
-`keep_freed_blocks` serves blocks up to 256 MiB from the heap and keeps up to 512 MiB free at its
-top: on SmolLM2-135M PPO the update's page faults fell from 250-480k to 0-230k a round and its
-time by ~8%, for ~0.1 GB more peak RSS (docs/2026-12-06-allocator.md). It starts once the
-models are built, and only while 85% of the machine's memory is still available then: a run that
-will need much of the machine keeps glibc's default, which peaks lower (a SmolLM2-1.7B LoRA run
-peaked at 14.4 GB with it, 14.9-15.6 GB with its rounds' blocks kept, 16.6 GB with its loading's
-kept too). `release_freed_memory` gives the kept pages back (malloc_trim) where memory matters
-more than the faults: after each engine build, and between Step 3's phases while the machine is
-short of memory.
+free, and trims its heap's top beyond twice that. A training step frees and re-allocates the same
+tensors every time: large ones (logits over the vocabulary, the embedding's gradient) as fresh
+mmaps, and the activations, which a backward frees from the heap's top, after a trim. Each comes
+back with a page fault per 4 KiB. `keep_freed_blocks` serves blocks up to 256 MiB from the heap
+and keeps up to 4 GiB free at its top. On SmolLM2-135M PPO (512 MiB kept, the first version) the
+update's page faults fell from 250-480k to 1-230k a round and its time by ~9%, for ~0.1 GB more
+peak RSS; GRPO's 32-row update (4 GB of activations) took 580-860k by default, 40-52k in its
+last rounds with 4 GiB kept (docs/2026-12-06-allocator.md).
+
+It starts once the models are built, and only while 85% of the machine's memory is still
+available then: a run that will need much of the machine keeps glibc's default, which peaks
+lower (a SmolLM2-1.7B LoRA run peaked at 14.4 GB with it, 14.9-15.6 GB with its rounds' blocks
+kept, 16.6 GB with its loading's kept too). `release_freed_memory` gives the kept pages back
+(malloc_trim) where memory matters more than the faults: after each engine build, and between
+Step 3's phases while the machine is short of memory.
 
 Nothing here acts on CUDA machines or without glibc, nor against the user's own malloc settings.
 """
@@ -27,8 +31,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Blocks up to this size come from the heap: a round's logits and embedding gradients of
 # models up to ~1B parameters. Larger ones (whole weights while a model loads) keep mmap.
 MMAP_THRESHOLD = 256 << 20
-# Free memory at the heap's top kept before glibc trims it on its own.
-TRIM_THRESHOLD = 512 << 20
+# Free memory at the heap's top kept before glibc trims it on its own: a GRPO update's
+# activations (4 GB for SmolLM2-135M at 32 x 96 tokens) stay for the next forward.
+TRIM_THRESHOLD = 4 << 30
 # Below this share of the machine's memory available, Step 3 trims between its phases.
 TIGHT_MEMORY = 1 / 3
 # At or above this share available once the models are built, freed blocks are kept: SmolLM2-135M

@@ -10,13 +10,65 @@ import torch
 import torch.nn.functional as F
 
 
-def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits, (B, T) token ids -> (B, T) log p(token), computed in fp32.
+# Rows of (rows, V) logits handled at once by token_log_probs: ~16 MB of fp32 temporaries.
+CHUNK_ELEMENTS = 1 << 22
 
-    gather - logsumexp instead of log_softmax: no second (B, T, V) tensor is kept for backward."""
-    logits = logits.float()
-    picked = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+
+class _TokenLogProbs(torch.autograd.Function):
+    """log p(label) and the entropy of softmax(logits / T), a few rows at a time; the gradient
+    flows through the log-probs only. Per chunk of rows the temporaries are small and reused:
+    the unfused ops allocated ~8 tensors the size of the logits a step (the 50-200 MB of a
+    SmolLM2 round each: fresh pages, faulting in, docs/2026-12-06-allocator.md)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature: float):
+        flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        log_probs = torch.empty(flat.shape[0], dtype=torch.float32, device=logits.device)
+        entropy, log_z = torch.empty_like(log_probs), torch.empty_like(log_probs)
+        for rows in _chunks(flat):
+            x = flat[rows].float() / temperature
+            top = x.amax(-1, keepdim=True)
+            x -= top
+            exp = x.exp()
+            z = exp.sum(-1)
+            log_z[rows] = z.log() + top.squeeze(-1)
+            log_probs[rows] = x.gather(-1, targets[rows]).squeeze(-1) - z.log()
+            entropy[rows] = z.log() - (exp * x).sum(-1) / z  # log Z - E_p[x], x shifted by its max
+        ctx.save_for_backward(logits, labels, log_z)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(entropy)
+        return log_probs.view(labels.shape), entropy.view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, _grad_entropy):
+        logits, labels, log_z = ctx.saved_tensors
+        flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        grad = grad_log_probs.reshape(-1, 1).float() / ctx.temperature
+        out = torch.empty_like(flat)
+        for rows in _chunks(flat):  # d log p(y) / d x = onehot(y) - softmax(x)
+            p = (flat[rows].float() / ctx.temperature - log_z[rows, None]).exp_()
+            out[rows] = p.mul_(-grad[rows]).scatter_add_(-1, targets[rows], grad[rows])
+        return out.view_as(logits), None, None
+
+
+def _chunks(flat: torch.Tensor):
+    step = max(1, CHUNK_ELEMENTS // max(1, flat.shape[-1]))
+    return (slice(start, start + step) for start in range(0, flat.shape[0], step))
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits, (...) token ids -> ((...) log p(token), (...) entropy), both in fp32,
+    of softmax(logits / temperature); differentiable in the log-probs (the entropy is a
+    diagnostic). Computed in chunks of rows: nothing the size of the logits is allocated but
+    the gradient."""
+    log_probs, entropy = _TokenLogProbs.apply(logits, labels, float(temperature))
+    return log_probs, entropy.detach()
+
+
+def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T, V) logits, (B, T) token ids -> (B, T) log p(token), computed in fp32."""
+    return token_log_probs(logits, labels)[0]
 
 
 def masked_sum(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -247,10 +299,3 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     clipped = old_values + (values - old_values).clamp(-clip, clip)
     worst = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
     return 0.5 * masked_mean(worst, action_mask)
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) logits -> (...) entropy of the softmax, in fp32."""
-    logits = logits.float()
-    log_z = torch.logsumexp(logits, dim=-1)
-    return log_z - (torch.softmax(logits, dim=-1) * logits).sum(-1)

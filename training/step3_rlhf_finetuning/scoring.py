@@ -15,9 +15,9 @@ from training.step3_rlhf_finetuning.rollout import Answers
 from utils.model.forward import lm_logits, position_ids_from_mask
 from utils.model.packed_forward import pack_for, packed_logits, packed_values, packs
 from utils.model.packing import Packed
-from utils.rl_math import (entropy_from_logits, gae_advantages, group_advantages, kl_penalized_rewards,
-                           log_probs_from_logits, masked_mean, masked_sum, truncated_is_weights,
-                           whiten)
+from utils.rl_math import (gae_advantages, group_advantages, kl_penalized_rewards,
+                           log_probs_from_logits, masked_mean, masked_sum, token_log_probs,
+                           truncated_is_weights, whiten)
 
 
 def answer_log_probs(model, seq, attention_mask, prompt_len: int, temperature: float,
@@ -27,13 +27,9 @@ def answer_log_probs(model, seq, attention_mask, prompt_len: int, temperature: f
     the model packs (utils/model/packed_forward.py); 0 at answer positions without a token."""
     packed = _packed_if(pack, model, seq, attention_mask, prompt_len, _log_probs)
     logits, labels, to_rows = _answer_logits(model, seq, attention_mask, prompt_len, packed)
-    if temperature != 1.0:  # score the distribution the answers were sampled from
-        logits = logits / temperature
-    log_probs = to_rows(log_probs_from_logits(logits, labels))
-    if not with_entropy:
-        return log_probs
-    with torch.no_grad():
-        return log_probs, to_rows(entropy_from_logits(logits))
+    # at the temperature: the distribution the answers were sampled from
+    log_probs, entropy = token_log_probs(logits, labels, temperature)
+    return (to_rows(log_probs), to_rows(entropy)) if with_entropy else to_rows(log_probs)
 
 
 def _answer_logits(model, seq, attention_mask, prompt_len: int, packed: Packed | None):
