@@ -34,21 +34,21 @@ class _TokenLogProbs(torch.autograd.Function):
             log_z[rows] = z.log() + top.squeeze(-1)
             log_probs[rows] = x.gather(-1, targets[rows]).squeeze(-1) - z.log()
             entropy[rows] = z.log() - (exp * x).sum(-1) / z  # log Z - E_p[x], x shifted by its max
-        ctx.save_for_backward(logits, labels, log_z)
-        ctx.temperature = temperature
+        # the flat rows, not `logits`: a sliced (non-contiguous) input is copied once, not twice
+        ctx.save_for_backward(flat, targets, log_z)
+        ctx.temperature, ctx.shape = temperature, logits.shape
         ctx.mark_non_differentiable(entropy)
         return log_probs.view(labels.shape), entropy.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_entropy):
-        logits, labels, log_z = ctx.saved_tensors
-        flat, targets = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+        flat, targets, log_z = ctx.saved_tensors
         grad = grad_log_probs.reshape(-1, 1).float() / ctx.temperature
         out = torch.empty_like(flat)
         for rows in _chunks(flat):  # d log p(y) / d x = onehot(y) - softmax(x)
             p = (flat[rows].float() / ctx.temperature - log_z[rows, None]).exp_()
             out[rows] = p.mul_(-grad[rows]).scatter_add_(-1, targets[rows], grad[rows])
-        return out.view_as(logits), None, None
+        return out.view(ctx.shape), None, None
 
 
 def _chunks(flat: torch.Tensor):
