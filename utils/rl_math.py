@@ -31,9 +31,10 @@ class _TokenLogProbs(torch.autograd.Function):
             x -= top
             exp = x.exp()
             z = exp.sum(-1)
-            log_z[rows] = z.log() + top.squeeze(-1)
-            log_probs[rows] = x.gather(-1, targets[rows]).squeeze(-1) - z.log()
-            entropy[rows] = z.log() - (exp * x).sum(-1) / z  # log Z - E_p[x], x shifted by its max
+            log_z_shifted = z.log()
+            log_z[rows] = log_z_shifted + top.squeeze(-1)
+            log_probs[rows] = x.gather(-1, targets[rows]).squeeze(-1) - log_z_shifted
+            entropy[rows] = log_z_shifted - (exp * x).sum(-1) / z  # log Z - E_p[x], x shifted by its max
         # the flat rows, not `logits`: a sliced (non-contiguous) input is copied once, not twice
         ctx.save_for_backward(flat, targets, log_z)
         ctx.temperature, ctx.shape = temperature, logits.shape
@@ -61,7 +62,7 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor,
     """(..., V) logits, (...) token ids -> ((...) log p(token), (...) entropy), both in fp32,
     of softmax(logits / temperature); differentiable in the log-probs (the entropy is a
     diagnostic). Computed in chunks of rows: nothing the size of the logits is allocated but
-    the gradient."""
+    the gradient (and one contiguous copy of a sliced input)."""
     log_probs, entropy = _TokenLogProbs.apply(logits, labels, float(temperature))
     return log_probs, entropy.detach()
 
