@@ -51,6 +51,47 @@ def test_a_large_block_is_served_from_the_heap_and_kept_when_freed():
     assert applied and mapped == 0 and kept >= 64 * MIB
 
 
+# In a fresh interpreter: three 100 MiB blocks freed last-first, so they end at the heap's top;
+# how much of the top glibc keeps afterwards (mallinfo2.keepcost).
+TOP_AFTER_FREE = """
+import ctypes, sys
+from utils.allocator import keep_freed_blocks
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+assert keep_freed_blocks(available=0.0)
+blocks = [libc.malloc(100 << 20) for _ in range(3)]
+for block in blocks:
+    libc.memset(block, 1, 100 << 20)
+for block in reversed(blocks):
+    libc.free(block)
+print(libc.mallinfo2().keepcost)
+"""
+
+
+@pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="glibc 2.33+ only")
+def test_the_heaps_top_is_kept_when_blocks_at_it_are_freed():
+    """A backward frees the activations from the heap's top; they stay for the next forward.
+    (A 4 GiB trim threshold went into mallopt's C int as 0 and trimmed the top on every free.)"""
+    out = subprocess.run([sys.executable, "-c", TOP_AFTER_FREE], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    assert int(out) >= 300 * MIB
+
+
+def test_mallopt_refuses_a_value_a_c_int_cannot_hold():
+    class Libc:
+        def mallopt(self, param, value):
+            return 1
+
+    assert allocator._mallopt(Libc(), allocator.M_TRIM_THRESHOLD, -1)
+    with pytest.raises(ValueError, match="C int"):
+        allocator._mallopt(Libc(), allocator.M_TRIM_THRESHOLD, 4 << 30)
+
+
 def test_the_users_own_malloc_settings_are_left_alone(monkeypatch):
     for key in [k for k in os.environ if k.startswith("MALLOC_")]:
         monkeypatch.delenv(key)

@@ -5,10 +5,9 @@ free, and trims its heap's top beyond twice that. A training step frees and re-a
 tensors every time: large ones (logits over the vocabulary, the embedding's gradient) as fresh
 mmaps, and the activations, which a backward frees from the heap's top, after a trim. Each comes
 back with a page fault per 4 KiB. `keep_freed_blocks` serves blocks up to 256 MiB from the heap
-and keeps up to 4 GiB free at its top. On SmolLM2-135M PPO (512 MiB kept, the first version) the
+and never trims its top. On SmolLM2-135M PPO (512 MiB kept at the top, the first version) the
 update's page faults fell from 250-480k to 1-230k a round and its time by ~9%, for ~0.1 GB more
-peak RSS; GRPO's 32-row update (4 GB of activations) took 580-860k by default, 40-52k in its
-last rounds with 4 GiB kept (docs/2026-12-06-allocator.md).
+peak RSS (docs/2026-12-06-allocator.md).
 
 It starts once the models are built, and only while 85% of the machine's memory is still
 available then: a run that will need much of the machine keeps glibc's default, which peaks
@@ -31,9 +30,12 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 # Blocks up to this size come from the heap: a round's logits and embedding gradients of
 # models up to ~1B parameters. Larger ones (whole weights while a model loads) keep mmap.
 MMAP_THRESHOLD = 256 << 20
-# Free memory at the heap's top kept before glibc trims it on its own: a GRPO update's
-# activations (4 GB for SmolLM2-135M at 32 x 96 tokens) stay for the next forward.
-TRIM_THRESHOLD = 4 << 30
+# glibc never trims the heap's top on its own (mallopt(3): -1 disables trimming): a GRPO update's
+# activations (4 GB for SmolLM2-135M at 32 x 96 tokens) stay for the next forward. mallopt takes
+# a C int, so no threshold above 2 GiB can be asked for: 4 GiB went in as 0 and trimmed on every
+# free (a 135M GRPO update then took 0.4-1.4M page faults in 3 rounds of 4).
+TRIM_THRESHOLD = -1
+C_INT_MAX = (1 << 31) - 1
 # Below this share of the machine's memory available, Step 3 trims between its phases.
 TIGHT_MEMORY = 1 / 3
 # At or above this share available once the models are built, freed blocks are kept: SmolLM2-135M
@@ -64,8 +66,14 @@ def keep_freed_blocks(available: float = KEEP_WHEN_AVAILABLE) -> bool:
     libc = _libc()
     if libc is None or not hasattr(libc, "mallopt"):
         return False
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
-                                                                                      TRIM_THRESHOLD))
+    return _mallopt(libc, M_MMAP_THRESHOLD, MMAP_THRESHOLD) and _mallopt(libc, M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+
+
+def _mallopt(libc, param: int, value: int) -> bool:
+    """mallopt(param, value); ctypes would pass a value beyond a C int silently cut to 32 bits."""
+    if not -C_INT_MAX - 1 <= value <= C_INT_MAX:
+        raise ValueError(f"mallopt takes a C int, not {value}")
+    return bool(libc.mallopt(param, value))
 
 
 def release_freed_memory() -> None:
