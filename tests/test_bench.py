@@ -176,8 +176,11 @@ def test_table_prints_each_rows_generation_against_its_floor(capsys):
     args = bench_args()
     results = {"zero2+hybrid": {"samples_per_s": 6.0, "generation_s": 2.0, **work(3, 48)},
                "trl ppo": {"samples_per_s": 2.0, "generation_s": 4.0, **work(3, 48)}}
-    throughput.print_table(results, 1e12, args, {"zero2+hybrid": 0.5, "trl ppo": 0.5})
-    head, ours, trl = capsys.readouterr().out.splitlines()[2:5]
+    throughput.print_table(results, [5e11, 1e12], args, {"zero2+hybrid": 0.5, "trl ppo": 0.5})
+    lines = capsys.readouterr().out.splitlines()
+    # the peak is the best of the samples taken between the rows
+    assert "matmul peak 1.0000 TFLOP/s (best of 2 samples between the rows, lowest 0.5000)" in lines[1]
+    head, ours, trl = lines[2:5]
     assert "gen floor s" in head and "gen %floor" in head
     # the cells after the name: ..., gen s, gen floor s, gen %floor, ...; the last: the ratio to TRL
     assert ours.split()[1:][7:10] == ["2", "0.5", "25"] and ours.endswith("3.00x")
