@@ -105,7 +105,7 @@ def _counts(model, s, seq, mask, p: int, pack: bool) -> tuple[int, float, float]
         rows, width = packed.input_ids.shape
         head = {"head_tokens": packed.target.numel()}
     else:
-        (rows, width), head = seq.shape, {"logits": seq.size(1) - p + 1}
+        (rows, width), head = seq.shape, {"logits": seq.size(1) - p}
     return rows * width, flops.forward_flops(s, rows, width, **head), flops.training_flops(s, rows, width, **head)
 
 

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from utils.model import TINY_FAMILIES
+
 from utils.rl_math import (answer_token_mask, dpo_loss, log_probs_from_logits, masked_mean,
                            sequence_log_probs, token_log_probs)
 
@@ -289,12 +291,14 @@ def test_answer_width_is_the_last_used_column():
     assert answer_width(torch.zeros(1, 4, dtype=torch.bool)) == 1
 
 
-def test_padding_after_the_answers_does_not_change_their_log_probs():
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_padding_after_the_answers_does_not_change_their_log_probs(family):
     """Why Step 3 may cut the columns after the longest answer: a causal LM's logits at the real
-    positions do not depend on later (masked) columns."""
+    positions do not depend on later (masked) columns. And the answer columns asked of lm_logits
+    (logits_to_keep given positions, where the family takes it) are the full forward's."""
     from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
     from utils.model.forward import lm_logits
-    path = resolve_model_path("tiny-llama")
+    path = resolve_model_path(f"tiny-{family}")
     model = load_causal_lm(path, load_tokenizer(path)).eval()
     torch.manual_seed(0)
     seq = torch.randint(3, 100, (2, 12))
@@ -302,9 +306,12 @@ def test_padding_after_the_answers_does_not_change_their_log_probs():
     mask[0, :2] = 0  # left-padded prompt
     mask[:, 9:] = 0  # padding after the answers
     with torch.no_grad():
-        full = lm_logits(model, seq, mask, last=7)[:, :3]  # answer columns 6..8 (prompt 6)
-        cut = lm_logits(model, seq[:, :9], mask[:, :9], last=4)[:, :3]
+        full = lm_logits(model, seq, mask, columns=slice(5, 8))  # predicting answer columns 6..8 (prompt 6)
+        cut = lm_logits(model, seq[:, :9], mask[:, :9], columns=slice(5, -1))
+        every = lm_logits(model, seq, mask)
+    assert full.is_contiguous() and full.shape == (2, 3, every.shape[-1])
     torch.testing.assert_close(full, cut, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full, every[:, 5:8], atol=1e-5, rtol=1e-5)
 
 
 def test_truncated_is_weights_by_hand():

@@ -83,12 +83,12 @@ class _Rows:
 
     def run_by(self, model, lm_head: bool) -> tuple[int, int, dict]:
         """(rows, width, head) of `model`'s forward: packed bins with the LM head on the answer
-        tokens alone, or the padded rows with it on the answer columns + 1 (logits_to_keep); a
+        tokens alone, or the padded rows with it on the answer columns (logits_to_keep); a
         value head reads every position either way."""
         if decision(model):
             bins, width = packed_shape_for(model, self.real.tolist())
             return bins, width, {"head_tokens": int(self.answers.sum())} if lm_head else {}
-        return len(self.real), self.width, {"logits": self.answer_columns + 1} if lm_head else {}
+        return len(self.real), self.width, {"logits": self.answer_columns} if lm_head else {}
 
 
 class PhaseFlops:

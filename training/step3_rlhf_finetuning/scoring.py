@@ -37,7 +37,7 @@ def _answer_logits(model, seq, attention_mask, prompt_len: int, packed: Packed |
     over the padded rows, or (K, V) for the K answer tokens of the packed ones."""
     answers = seq[:, prompt_len:]
     if packed is None:
-        logits = lm_logits(model, seq, attention_mask, last=answers.size(1) + 1)[:, :-1]
+        logits = lm_logits(model, seq, attention_mask, columns=slice(prompt_len - 1, -1))
         return logits, answers, lambda t: t
     return packed_logits(model, packed), answers.flatten()[packed.target], packed.unpack
 

@@ -39,14 +39,16 @@ def accepts(model: nn.Module, name: str) -> bool:
 
 
 def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              last: int | None = None) -> torch.Tensor:
-    """Logits of a causal LM (engine, peft model or HF model); only the last `last` positions
-    when given (transformers' logits_to_keep skips the LM head elsewhere: with a 49k vocabulary
-    that head is a fifth of SmolLM2's forward FLOPs)."""
+              columns: slice | None = None) -> torch.Tensor:
+    """Logits of a causal LM (engine, peft model or HF model); only at the positions `columns`
+    when given. transformers' logits_to_keep, given those positions, runs the LM head on them
+    alone (with a 49k vocabulary that head is a fifth of SmolLM2's forward FLOPs) and returns
+    them contiguous: no copy of the logits to slice them."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
     if accepts(model, "position_ids"):
         kwargs["position_ids"] = position_ids_from_mask(attention_mask)
-    if last is not None and accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = last
+    if columns is not None and accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = torch.arange(input_ids.shape[1], device=input_ids.device)[columns]
+        return model(**kwargs).logits
     logits = model(**kwargs).logits
-    return logits if last is None else logits[:, -last:]
+    return logits if columns is None else logits[:, columns]
