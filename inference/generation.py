@@ -118,3 +118,30 @@ class SampledLogProbs:
         log_probs = (torch.stack(self._picked, 1) if self._picked
                      else sequences.new_zeros((sequences.shape[0], 0), dtype=torch.float32))
         return torch.nn.functional.pad(log_probs, (0, width - steps))[:, :width]
+
+
+class InverseCdfSampler:
+    """A logits processor that draws each next token from softmax(scores / temperature) itself,
+    by inverse CDF (one uniform number a row), and hands `generate` a score that is 0 for that
+    token and -inf elsewhere: run greedy, generate takes exactly the drawn token.
+
+    Why: HF samples with torch.multinomial, which draws an exponential for every vocabulary
+    entry. On this 2-core CPU that was 8.4 ms a step at 8 rows x 49k (269 ms of a 4 s
+    SmolLM2-135M generation; `aten::exponential_` in torch.profiler), 4x that at 32 rows. The
+    distribution is the same; the CDF is summed in fp64, so each token's share is exact to
+    ~1e-12. Only without top-k/top-p truncation (`untruncated`), Step 3's default; the draws come
+    from torch's global RNG, as HF's do (seeded_rng makes them reproducible)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+
+    @staticmethod
+    def untruncated(do_sample: bool, top_k: int, top_p: float) -> bool:
+        return do_sample and top_k == 0 and top_p >= 1.0
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        cdf = torch.softmax(scores.float() / self.temperature, dim=-1).double().cumsum_(-1)
+        # u in [0, total): the first index whose cumulative share exceeds u has a share > 0
+        u = torch.rand(scores.shape[0], 1, dtype=torch.float64, device=scores.device) * cdf[:, -1:]
+        tokens = torch.searchsorted(cdf, u, right=True).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)

@@ -1,11 +1,12 @@
-"""inference.generation.SampledLogProbs: the log-probs HF generate's sampled tokens had, equal to
-a forward over the finished sequences (the Step 3 scoring forward), eos-stopped rows included."""
+"""inference.generation: SampledLogProbs, the log-probs HF generate's sampled tokens had, equal to
+a forward over the finished sequences (the Step 3 scoring forward), eos-stopped rows included;
+InverseCdfSampler, the hybrid engine's draw from softmax(scores / T)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from inference.generation import SampledLogProbs, generation_config, pad_to_width
+from inference.generation import InverseCdfSampler, SampledLogProbs, generation_config, pad_to_width
 from training.step3_rlhf_finetuning.scoring import answer_log_probs
 from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
 from utils.rl_math import answer_mask
@@ -48,3 +49,27 @@ def test_a_recorder_that_missed_steps_is_an_error():
     recorder = SampledLogProbs(1.0)
     with pytest.raises(RuntimeError, match="recorded 0 sampled log-probs for 3 generated tokens"):
         recorder.result(torch.zeros(1, 5, dtype=torch.long), 2, 4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_the_inverse_cdf_sampler_draws_from_softmax_at_the_temperature(temperature):
+    """Many rows of the same scores: each token's share of the draws is its probability under
+    softmax(scores / T), a -inf token is never drawn, and generate gets one 0 score a row."""
+    scores = torch.tensor([[2.0, 0.5, float("-inf"), -1.0, 1.0, 0.0]]).repeat(200_000, 1)
+    torch.manual_seed(0)
+    out = InverseCdfSampler(temperature)(None, scores)
+    assert ((out == 0).sum(-1) == 1).all() and (out.isinf().sum(-1) == scores.shape[1] - 1).all()
+    drawn = out.argmax(-1)
+    share = torch.bincount(drawn, minlength=scores.shape[1]).double() / len(drawn)
+    expected = torch.softmax(scores[0].double() / temperature, -1)
+    sigma = (expected * (1 - expected) / len(drawn)).sqrt()
+    assert share[2] == 0
+    assert ((share - expected).abs() <= 5 * sigma + 1e-12).all(), (share, expected)
+    torch.manual_seed(0)
+    assert torch.equal(InverseCdfSampler(temperature)(None, scores).argmax(-1), drawn)  # the seed decides
+
+
+def test_the_inverse_cdf_sampler_is_used_only_without_truncation():
+    assert InverseCdfSampler.untruncated(True, 0, 1.0)
+    assert not InverseCdfSampler.untruncated(True, 4, 1.0) and not InverseCdfSampler.untruncated(True, 0, 0.9)
+    assert not InverseCdfSampler.untruncated(False, 0, 1.0)
