@@ -13,16 +13,20 @@ import torch
 from utils import allocator
 
 ROOT = Path(__file__).resolve().parents[1]
-# In a fresh interpreter: where glibc puts a 64 MiB block (a round's logits), and what it keeps
-# once the block is freed, from mallinfo2: hblkhd (bytes in mmapped blocks), fordblks (free heap).
-WHERE_A_BLOCK_GOES = """
-import ctypes, sys, torch
-from utils.allocator import keep_freed_blocks
+# glibc's mallinfo2, for the fresh interpreters below
+MALLINFO = """
+import ctypes
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in
                 "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+"""
+# In a fresh interpreter: where glibc puts a 64 MiB block (a round's logits), and what it keeps
+# once the block is freed, from mallinfo2: hblkhd (bytes in mmapped blocks), fordblks (free heap).
+WHERE_A_BLOCK_GOES = MALLINFO + """
+import sys, torch
+from utils.allocator import keep_freed_blocks
 print(keep_freed_blocks(available=0.0) if sys.argv[1] == "keep" else False)
 before = libc.mallinfo2()
 block = torch.ones(16 << 20)
@@ -53,14 +57,8 @@ def test_a_large_block_is_served_from_the_heap_and_kept_when_freed():
 
 # In a fresh interpreter: three 100 MiB blocks freed last-first, so they end at the heap's top;
 # how much of the top glibc keeps afterwards (mallinfo2.keepcost).
-TOP_AFTER_FREE = """
-import ctypes, sys
+TOP_AFTER_FREE = MALLINFO + """
 from utils.allocator import keep_freed_blocks
-class Info(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = Info
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 assert keep_freed_blocks(available=0.0)
