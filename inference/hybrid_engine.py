@@ -49,7 +49,7 @@ import time
 import torch
 from torch import nn
 
-from inference.generation import (InverseCdfSampler, SampledLogProbs, answer_lengths, check_sampling, draw_seed,
+from inference.generation import (GumbelSampler, SampledLogProbs, answer_lengths, check_sampling, draw_seed,
                                   generation_config, pad_to_width, seeded_rng)
 from inference.tensor_parallel import (NotSliceable, ShardRefresher, TPGroups, broadcast_seed, check_tp_config,
                                        gather_group_prompts, shard)
@@ -261,9 +261,9 @@ class HybridEngine:
 
     def _sample(self, ids, mask, config, recorder):
         processors = [recorder] if recorder is not None else []
-        if InverseCdfSampler.untruncated(config.do_sample, config.top_k, config.top_p):
-            # the same distribution drawn ~10x cheaper than HF's multinomial; generate goes greedy
-            processors.append(InverseCdfSampler(config.temperature))
+        if GumbelSampler.untruncated(config.do_sample, config.top_k, config.top_p):
+            # the same distribution drawn ~4x cheaper than HF's multinomial; generate goes greedy
+            processors.append(GumbelSampler(config.temperature))
             config = generation_config(max_new_tokens=config.max_new_tokens, do_sample=False, temperature=1.0,
                                        top_k=0, top_p=1.0, pad_token_id=config.pad_token_id,
                                        eos_token_id=config.eos_token_id)
