@@ -149,3 +149,16 @@ class GumbelSampler:
         log_e = torch.rand(scores.shape, dtype=torch.float32, device=scores.device).log_().neg_().log_()
         tokens = (scores.float() / self.temperature - log_e).argmax(-1, keepdim=True)
         return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+
+def sampling_processors(config, recorder: SampledLogProbs | None = None):
+    """(generation config, logits processors) for a Step 3 rollout's `generate`: the recorder
+    first (it sees the model's scores), then, for untruncated sampling, GumbelSampler in place
+    of HF's multinomial, with generate made greedy to take its draw."""
+    processors = [recorder] if recorder is not None else []
+    if GumbelSampler.untruncated(config.do_sample, config.top_k, config.top_p):
+        processors.append(GumbelSampler(config.temperature))
+        config = generation_config(max_new_tokens=config.max_new_tokens, do_sample=False, temperature=1.0,
+                                   top_k=0, top_p=1.0, pad_token_id=config.pad_token_id,
+                                   eos_token_id=config.eos_token_id)
+    return config, processors or None

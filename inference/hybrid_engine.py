@@ -49,8 +49,8 @@ import time
 import torch
 from torch import nn
 
-from inference.generation import (GumbelSampler, SampledLogProbs, answer_lengths, check_sampling, draw_seed,
-                                  generation_config, pad_to_width, seeded_rng)
+from inference.generation import (SampledLogProbs, answer_lengths, check_sampling, draw_seed, generation_config,
+                                  pad_to_width, sampling_processors, seeded_rng)
 from inference.tensor_parallel import (NotSliceable, ShardRefresher, TPGroups, broadcast_seed, check_tp_config,
                                        gather_group_prompts, shard)
 from utils.config import ConfigError
@@ -260,15 +260,9 @@ class HybridEngine:
         return out[own, extra:], (log_probs[own] if log_probs is not None else None)
 
     def _sample(self, ids, mask, config, recorder):
-        processors = [recorder] if recorder is not None else []
-        if GumbelSampler.untruncated(config.do_sample, config.top_k, config.top_p):
-            # the same distribution drawn ~4x cheaper than HF's multinomial; generate goes greedy
-            processors.append(GumbelSampler(config.temperature))
-            config = generation_config(max_new_tokens=config.max_new_tokens, do_sample=False, temperature=1.0,
-                                       top_k=0, top_p=1.0, pad_token_id=config.pad_token_id,
-                                       eos_token_id=config.eos_token_id)
+        config, processors = sampling_processors(config, recorder)
         out = self._model.generate(input_ids=ids, attention_mask=mask, generation_config=config,
-                                   logits_processor=processors or None)
+                                   logits_processor=processors)
         width = ids.shape[1] + config.max_new_tokens
         log_probs = recorder.result(out, ids.shape[1], config.max_new_tokens) if recorder is not None else None
         return pad_to_width(out, width, self.pad_token_id), log_probs

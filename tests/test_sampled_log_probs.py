@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.generation import GumbelSampler, SampledLogProbs, generation_config, pad_to_width
+from inference.generation import GumbelSampler, SampledLogProbs, generation_config, pad_to_width, sampling_processors
 from training.step3_rlhf_finetuning.scoring import answer_log_probs
 from utils.model import load_causal_lm, load_tokenizer, resolve_model_path
 from utils.rl_math import answer_mask
@@ -87,3 +87,18 @@ def test_the_gumbel_sampler_mostly_draws_the_same_tokens_from_a_slightly_differe
         torch.manual_seed(7)
         draws.append(GumbelSampler(1.0)(None, s).argmax(-1))
     assert (draws[0] == draws[1]).float().mean() > 0.95
+
+
+def test_both_rollout_paths_get_the_gumbel_sampler_after_the_recorder():
+    """sampling_processors, called by the hybrid engine and by the plain-generate rollout alike."""
+    recorder = SampledLogProbs(0.7)
+    untruncated = generation_config(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                                    pad_token_id=0, eos_token_id=2)
+    config, processors = sampling_processors(untruncated, recorder)
+    assert not config.do_sample and (config.max_new_tokens, config.pad_token_id, config.eos_token_id) == (4, 0, 2)
+    assert processors[0] is recorder and isinstance(processors[1], GumbelSampler)
+    assert processors[1].temperature == 0.7 and len(processors) == 2
+    truncated = generation_config(max_new_tokens=4, do_sample=True, temperature=0.7, top_k=5, top_p=1.0,
+                                  pad_token_id=0, eos_token_id=2)
+    assert sampling_processors(truncated, recorder) == (truncated, [recorder])
+    assert sampling_processors(truncated) == (truncated, None)

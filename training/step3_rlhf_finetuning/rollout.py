@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.generation import SampledLogProbs, generation_config, pad_to_width
+from inference.generation import SampledLogProbs, generation_config, pad_to_width, sampling_processors
 from inference.hybrid_engine import HybridEngine
 from training.step3_rlhf_finetuning.config import GenerationConfig, HybridConfig
 from training.step3_rlhf_finetuning.experience import Rows
@@ -85,11 +85,11 @@ class AnswerSampler:
         self.actor.eval()
         # a complete config, nothing inherited from the checkpoint's (a repetition penalty there
         # would also change the logits the recorder sees)
-        config = generation_config(max_new_tokens=g.max_answer_seq_len, pad_token_id=self.pad_token_id,
-                                   eos_token_id=self.eos_token_id, **sampling)
+        config, processors = sampling_processors(generation_config(
+            max_new_tokens=g.max_answer_seq_len, pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_id,
+            **sampling), recorder)
         out = self.actor.module.generate(
-            input_ids=prompts, attention_mask=mask, generation_config=config,
-            logits_processor=[recorder] if recorder is not None else None,
+            input_ids=prompts, attention_mask=mask, generation_config=config, logits_processor=processors,
             synced_gpus=self.actor.zero_optimization_stage() == 3 and dist.world_size() > 1)
         self.actor.train(was_training)
         log_probs = recorder.result(out, prompts.size(1), g.max_answer_seq_len) if recorder is not None else None
