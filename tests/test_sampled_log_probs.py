@@ -1,6 +1,6 @@
 """inference.generation: SampledLogProbs, the log-probs HF generate's sampled tokens had, equal to
 a forward over the finished sequences (the Step 3 scoring forward), eos-stopped rows included;
-GumbelSampler, the hybrid engine's draw from softmax(scores / T)."""
+GumbelSampler, Step 3 rollouts' draw from softmax(scores / T)."""
 from __future__ import annotations
 
 import pytest
