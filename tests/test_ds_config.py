@@ -15,7 +15,7 @@ from utils.dist import on_cuda
 from utils.strategy.ds_config import effective_zero_stage, eval_ds_config, load_user_ds_config, train_ds_config
 from utils.strategy.export import own_storage
 from utils.fs import atomic_directory_write, check_output_dir
-from utils.strategy.optim import optimizer_param_groups
+from utils.strategy.optim import create_adam_state, optimizer_param_groups
 from utils.config import ConfigError, parse_config, parse_data_split
 
 
@@ -142,6 +142,42 @@ def test_param_groups_split_decay_norms_and_lora():
     groups = optimizer_param_groups(model, weight_decay=0.1, lora_lr=5e-4)
     by_decay = {(g["weight_decay"], g.get("lr")): len(g["params"]) for g in groups}
     assert by_decay == {(0.1, None): 1, (0.0, None): 3, (0.0, 5e-4): 1}
+
+
+
+@pytest.mark.parametrize("options", [{"fused": True}, {"foreach": True}, {"foreach": False, "amsgrad": True}])
+@pytest.mark.parametrize("adam", [torch.optim.AdamW, torch.optim.Adam])
+def test_adam_state_created_before_the_first_step_is_what_that_step_would_create(adam, options):
+    """create_adam_state makes the first step's state itself (same keys, dtypes, devices, zeros),
+    so the steps after it are bitwise those of a lazily created state; state already there (a
+    resumed run's) is left as it is, and other optimizers stay lazy."""
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5))
+        groups = optimizer_param_groups(model, weight_decay=0.1, lora_lr=0.0)
+        return model, adam(groups, lr=1e-2, betas=(0.9, 0.95), **options)
+
+    (early, early_opt), (lazy, lazy_opt) = model_and_optimizer(), model_and_optimizer()
+    n_params = sum(p.numel() for p in early.parameters())
+    assert create_adam_state(early_opt) == (3 if options.get("amsgrad") else 2) * 4 * n_params
+    for step in range(3):
+        for model, optimizer in ((early, early_opt), (lazy, lazy_opt)):
+            torch.manual_seed(step)
+            model(torch.randn(4, 6)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(early.parameters(), lazy.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(early.parameters(), lazy.parameters()):
+        mine, torchs = early_opt.state[p], lazy_opt.state[q]
+        assert mine.keys() == torchs.keys()
+        for key in mine:
+            assert (mine[key].dtype, mine[key].device) == (torchs[key].dtype, torchs[key].device), key
+            assert torch.equal(mine[key], torchs[key]), key
+    steps_taken = next(iter(early_opt.state.values()))["step"].item()
+    assert create_adam_state(early_opt) == 0 and next(iter(early_opt.state.values()))["step"].item() == steps_taken
+    sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
+    assert create_adam_state(sgd) == 0 and not sgd.state
 
 
 def test_shared_parser_dashes_types_and_split():

@@ -26,6 +26,8 @@ class RunCheckpoints:
             if not resume:  # --overwrite_output_dir: another run's checkpoints must not be resumed into
                 self._forget_previous_run()
             logger.truncate_after(-1)  # a fresh start: no earlier run's or attempt's log lines
+            for engine in self.engines.values():  # what a resumed run loads
+                self.strategy.create_optimizer_state(engine)
             return checkpoint.LoopState(), False
         state = checkpoint.load(self.strategy, self.engines, folder)
         logger.truncate_after(state.step)

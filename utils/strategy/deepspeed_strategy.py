@@ -30,7 +30,7 @@ from utils.dist import all_ranks, barrier, is_main, on_cuda, rank, world_size
 from utils.model import resolve_dtype, resolve_dtype_name
 from utils.strategy.ds_config import eval_ds_config, load_user_ds_config, train_ds_config
 from utils.strategy.export import gathered, hf_state_dict, save_hf_model, save_state_file
-from utils.strategy.optim import build_optimizer, build_scheduler
+from utils.strategy.optim import build_optimizer, build_scheduler, create_adam_state
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,13 @@ class DeepSpeedStrategy:
                   f"{config['zero_optimization']['stage']} (same optimizer and math, none of ZeRO's gradient "
                   "bookkeeping)", flush=True)
         return engine, scheduler
+
+    @staticmethod
+    def create_optimizer_state(engine) -> None:
+        """A fresh run's optimizer state before its first forward (create_adam_state says why).
+        DeepSpeed keeps the optimizer we built as basic_optimizer; under ZeRO 1-2 its groups hold
+        the fp32 partitions. ZeRO-3 hands it each sub-group only during a step: left lazy."""
+        create_adam_state(getattr(engine, "basic_optimizer", None))
 
     def prepare_frozen(self, model: torch.nn.Module, *, zero_stage: int, offload: bool, micro_batch: int,
                        dtype: str | None = None):

@@ -42,6 +42,37 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float, lora
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
 
 
+def create_adam_state(optimizer) -> int:
+    """Create torch Adam/AdamW's per-parameter state (step and moments) now, as its first step
+    would (same tensors, same dtypes and devices: tested), for parameters that have none yet;
+    returns how many bytes that took. Any other optimizer is left lazy (returns 0).
+
+    Why: created lazily, the moments (8 bytes a trained fp32 parameter) take the CPU pages the
+    first step's activations have just freed, so the second step's activations grow the heap
+    once more: ~230k page faults, 4 s, in Step 3's second round of SmolLM2-135M PPO here
+    (docs/2026-12-06-optimizer-state.md). Created before the first forward, they sit below the
+    activations, whose pages the second step then reuses."""
+    if not isinstance(optimizer, torch.optim.Adam):  # AdamW is an Adam
+        return 0
+    created = 0
+    for group in optimizer.param_groups:
+        moments = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+        # torch's rules for `step`: fp32 when fused, else the default dtype's precision; on the
+        # parameter's device when fused or capturable, else on the CPU
+        step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not group["fused"] \
+            else torch.float32
+        on_param = group["fused"] or group["capturable"]
+        for p in group["params"]:
+            if optimizer.state[p]:  # a resumed run's, or created already
+                continue
+            state = optimizer.state[p]
+            state["step"] = torch.zeros((), dtype=step_dtype, device=p.device if on_param else "cpu")
+            for name in moments:
+                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            created += len(moments) * p.numel() * p.element_size()
+    return created
+
+
 def build_scheduler(optimizer, name: str, warmup_steps: int, total_steps: int):
     try:
         return get_scheduler(name, optimizer=optimizer, num_warmup_steps=warmup_steps,
