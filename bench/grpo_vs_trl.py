@@ -71,6 +71,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.flop_count import COUNTED_FLOPS
 from utils.metrics import read_jsonl
 
 # ours --loss_aggregation -> TRL loss_type (the same per-token loss normalisation)
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_tokens", type=int, default=0, help="held-out answer length (0 = --max_answer_seq_len)")
     p.add_argument("--peer_python", default="", help="a python with trl 1.16 (default: bench.peer_env's)")
     p.add_argument("--overwrite", action="store_true", help="rerun sides whose results are already there")
+    p.add_argument("--count_round", type=int, default=0,
+                   help="count this round's FLOPs on each side (bench.flop_count; it slows that round)")
     p.add_argument("--output_dir", type=Path, default=Path("output/grpo_vs_trl"))
     return p
 
@@ -245,7 +248,9 @@ def run_ours(args, seed: int) -> dict:
     if (side := earlier_run(done, args, seed)) is not None:
         return side
     flags = [*ours_command(args, seed, out), "--overwrite_output_dir"]
-    cmd = [sys.executable, "-m", STEP3, *flags]
+    counted = out / COUNTED_FLOPS
+    counting = ["bench.flop_count", str(counted), str(args.count_round), "-m"] if args.count_round else []
+    cmd = [sys.executable, "-m", *counting, STEP3, *flags]
     print(f"ours, seed {seed} ...", flush=True)
     wall = run_logged(cmd, args.output_dir / f"ours_seed{seed}.log", args.device)
     rows = [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r]
@@ -254,7 +259,8 @@ def run_ours(args, seed: int) -> dict:
     side = {"model": str(out / "actor"), "wall_s": wall, "command": cmd,
             "settings": {**matched_settings(args), "seed": seed},
             "round_s": [r["train/round_s"] for r in rows], "reward": [r["train/reward"] for r in rows],
-            "kl": [r.get("train/kl") for r in rows]}
+            "kl": [r.get("train/kl") for r in rows],
+            "counted_flops": json.loads(counted.read_text())["flops"] if args.count_round else None}
     done.write_text(json.dumps(side, indent=2))
     return side
 
@@ -267,7 +273,8 @@ def run_trl(args, seed: int) -> dict:
     if not args.peer_python:
         from bench.peer_env import trl_python
         args.peer_python = trl_python("1.16")
-    cmd = [args.peer_python, "-m", "bench.trl_grpo_peer", *trl_command(args, seed, out)]
+    cmd = [args.peer_python, "-m", "bench.trl_grpo_peer", *trl_command(args, seed, out),
+           "--count_round", str(args.count_round)]
     print(f"TRL, seed {seed} ...", flush=True)
     wall = run_logged(cmd, args.output_dir / f"trl_seed{seed}.log", args.device)
     side = {**json.loads((out / "peer_result.json").read_text()), "wall_s": wall, "command": cmd,

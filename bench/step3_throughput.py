@@ -29,8 +29,10 @@ Prints samples/s (samples = answers), generation tokens/s, per-phase effective T
 matmuls each phase runs, utils.flops) and their share of the machine's measured matmul peak
 (bench.peak, sampled before and after each row, the best kept), each row's generation time against the floor its matmuls allow on this machine
 (bench.peak.generation_floor_s: decode steps at the measured speed of their own matmuls, which at a
-few rows is bound by reading the weights, not by the peak), peak memory, TFLOP per sample (ours),
-and each row's samples/s as a ratio to its algorithm's TRL row in the same run ("vs TRL");
+few rows is bound by reading the weights, not by the peak), peak memory, TFLOP per sample of every
+row (counted as it ran by bench.flop_count, the same counter on both sides, in a separate
+2-round run of the row: the counter slows what it counts, and a first round also does one-time
+work such as our packing checks, so its second round is counted), and each row's samples/s as a ratio to its algorithm's TRL row in the same run ("vs TRL");
 `--json FILE` keeps the numbers.
 
     python -m bench.step3_throughput                                  # tiny-llama, quick
@@ -50,6 +52,7 @@ import tempfile
 from pathlib import Path
 
 from bench.child import child_env
+from bench.flop_count import COUNTED_FLOPS
 
 PPO = {  # our PPO rows (actor and critic): engine flags
     "zero2+hybrid": ["--actor_zero_stage", "2", "--critic_zero_stage", "2"],
@@ -66,7 +69,9 @@ VARIANTS = [*PPO, TRL_PPO, *GRPO, TRL_GRPO]
 REWARD_FN = "bench.step3_throughput:question_reward"  # the GRPO rows' reward, both sides
 COLUMNS = ("samples_per_s", "generation_tokens_per_s", "generation_tflops", "training_tflops", "tflops",
            "generation_s", "scoring_s", "training_s", "peak_memory_gb")
-LOGGED = (*COLUMNS, "flops_per_sample")  # ours only: the peer's rounds are not counted
+LOGGED = (*COLUMNS, "flops_per_sample")  # ours only: utils.flops' count of each timed round
+# a run's first round also does one-time work (ours: the packing checks), so its second is counted
+COUNTED_ROUND = 2
 WORK = ("answers", "generated_tokens", "optimizer_steps")  # per round, of each trained model; every row records it
 
 
@@ -153,7 +158,8 @@ def grpo_args(name: str, args, data: Path, workdir: Path):
         "--samples_per_prompt", str(args.samples_per_prompt), "--micro_batch", "0",
         "--max_prompt_seq_len", str(args.prompt_len), "--max_answer_seq_len", str(args.answer_len), "--ignore_eos",
         "--kl_ctl", str(args.kl_ctl), "--learning_rate", str(args.learning_rate), "--dtype", args.dtype,
-        "--device", args.device, "--output_dir", str(workdir / slug(name)), *GRPO.get(name, [])])
+        "--device", args.device, "--output_dir", str(workdir / slug(name)), "--count_round", str(args.count_round),
+        *GRPO.get(name, [])])
 
 
 def run_grpo_side(name: str, args, data: Path, workdir: Path) -> dict:
@@ -179,6 +185,8 @@ def ours_result(name: str, out: Path) -> dict:
     means = {c: sum(r[f"train/{c}"] for r in timed) / len(timed) for c in LOGGED}
     means["peak_memory_gb"] = max(r["train/peak_memory_gb"] for r in rows)
     means["work"] = {key: one_value([r[f"train/{key}"] for r in rows], key, name) for key in WORK}
+    counted = out / COUNTED_FLOPS  # a counted run's (bench.flop_count)
+    means["counted_flops"] = json.loads(counted.read_text())["flops"] if counted.is_file() else None
     if len(rows) > 1:  # timed as the peers are: from one round's end (its log line) to the next's
         means["round_s"] = (rows[-1]["time"] - rows[0]["time"]) / len(timed)
         means["samples_per_s"] = means["work"]["answers"] / means["round_s"]
@@ -189,7 +197,9 @@ def run_ours(name: str, args, data: Path, workdir: Path) -> dict:
     if name in GRPO:
         return ours_result(name, Path(run_grpo_side(name, args, data, workdir)["model"]).parent)
     out = workdir / slug(name)
-    cmd = [sys.executable, "-m", "training.step3_rlhf_finetuning.main", *ppo_command(name, args, data, workdir, out)]
+    counting = ["bench.flop_count", str(out / COUNTED_FLOPS), str(args.count_round), "-m"] if args.count_round else []
+    cmd = [sys.executable, "-m", *counting, "training.step3_rlhf_finetuning.main",
+           *ppo_command(name, args, data, workdir, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device))
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -203,7 +213,8 @@ def run_trl_ppo(args, data: Path, workdir: Path) -> dict:
     cmd = [trl_python("1.12"), "-m", "bench.trl_peer", "--actor", args.actor, "--critic", args.critic,
            "--data", str(data), "--cache", str(workdir / "data"), "--batch", str(args.batch),
            "--prompt_len", str(args.prompt_len), "--answer_len", str(args.answer_len),
-           "--rounds", str(args.rounds), "--dtype", args.dtype, "--seed", str(args.seed)]
+           "--rounds", str(args.rounds), "--dtype", args.dtype, "--seed", str(args.seed),
+           "--count_round", str(args.count_round)]
     return read_result(subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device)), TRL_PPO)
 
 
@@ -216,7 +227,8 @@ def trl_grpo_result(side: dict) -> dict:
     return {"samples_per_s": work["answers"] * len(timed) / sum(timed), "round_s": sum(timed) / len(timed),
             "generation_tokens_per_s": work["generated_tokens"] * len(gen) / sum(gen),
             "generation_s": sum(gen) / len(gen), "peak_memory_gb": side["peak_memory_gb"], "work": work,
-            "trl_completion_length": side["completion_length"]}  # TRL's own log, per round
+            "trl_completion_length": side["completion_length"],  # TRL's own log, per round
+            "counted_flops": side.get("counted_flops")}
 
 
 def run_trl_grpo(args, data: Path, workdir: Path) -> dict:
@@ -226,6 +238,13 @@ def run_trl_grpo(args, data: Path, workdir: Path) -> dict:
 def run_variant(name: str, args, data: Path, workdir: Path) -> dict:
     runner = {TRL_PPO: run_trl_ppo, TRL_GRPO: run_trl_grpo}.get(name)
     return runner(args, data, workdir) if runner else run_ours(name, args, data, workdir)
+
+
+def counted_flops(name: str, args, data: Path, workdir: Path) -> float | None:
+    """The FLOPs of round COUNTED_ROUND of a separate run of `name` that ends there, counted as
+    they ran (bench.flop_count on our side, its CountedRound on the peers')."""
+    short = argparse.Namespace(**{**vars(args), "rounds": COUNTED_ROUND, "count_round": COUNTED_ROUND})
+    return run_variant(name, short, data, workdir / "counted")["counted_flops"]
 
 
 def peer_of(name: str) -> str:
@@ -288,9 +307,12 @@ def print_table(results: dict, peaks: list[float], args, floors: dict) -> None:
         gen_s = r.get("generation_s")
         cells += [gen_s, floors[name], floors[name] / gen_s * 100 if gen_s else None]
         cells += [r.get(c) for c in COLUMNS[5:] if c != "generation_s"]
-        cells += [r["flops_per_sample"] / 1e12 if "flops_per_sample" in r else None]
+        counted = r.get("counted_flops")
+        cells += [counted / r["work"]["answers"] / 1e12 if counted else None]
         print(f"{name:28s}" + "".join(f"{c:13.4g}" if c is not None else f"{'-':>13s}" for c in cells)
               + (f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13s}"))
+    print(f"TFLOP/sample: round {COUNTED_ROUND} of a separate run of each row, counted as it ran (bench.flop_count: "
+          "every matmul and attention call, forward and backward, generation included), over its answers")
     print(f"samples = answers; vs TRL: each row's samples/s over '{TRL_PPO}' (PPO rows) or '{TRL_GRPO}' "
           "(GRPO rows), the same run's measurement")
     print("work per round: " + "; ".join(
@@ -313,7 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--variants", nargs="*", default=VARIANTS, choices=VARIANTS)
+    parser.add_argument("--count_flops", action=argparse.BooleanOptionalAction, default=True,
+                        help="count each row's FLOPs a sample in a separate short run (TFLOP/sample)")
     parser.add_argument("--json", help="write the results here")
+    parser.set_defaults(count_round=0)  # the timed runs count nothing; counted_flops' runs do
     return parser
 
 
@@ -338,6 +363,8 @@ def main() -> None:
             print(f"running {name} ...", flush=True)
             results[name] = run_variant(name, args, data, Path(tmp))
             peaks.append(matmul_peak_flops(args.dtype, args.device))
+            if args.count_flops:
+                results[name]["counted_flops"] = counted_flops(name, args, data, Path(tmp))
     peak = max(peaks)
     floors = generation_floors(args, peak)
     if args.json:

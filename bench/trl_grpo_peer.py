@@ -26,6 +26,7 @@ import json
 import time
 from pathlib import Path
 
+from bench.flop_count import CountedRound
 from bench.grpo_vs_trl import trl_config_kwargs
 
 
@@ -126,13 +127,16 @@ def run(args) -> dict:
     marks, log_rows, checked = [], [], {}  # step-end times; TRL's per-step logs; its checkpointing
     scored, generation_s = [], []  # per reward call: answers and tokens; per generate call: seconds
     policy.generate = timed(policy.generate, generation_s)
+    counted = CountedRound(args.count_round)
 
     class Marks(TrainerCallback):
         def on_train_begin(self, *_, model=None, **__):
             marks.append(time.perf_counter())
             checked["gradient_checkpointing"] = bool(model.is_gradient_checkpointing)  # set on in train()
+            counted.train_begin()
 
         def on_step_end(self, *_, **__):
+            counted.step_end()
             marks.append(time.perf_counter())
 
         def on_log(self, _args, _state, _control, logs=None, **__):
@@ -160,6 +164,7 @@ def run(args) -> dict:
     return {"model": str(out / "policy"), "trl_version": trl.__version__, "train_s": train_s, **setup, **checked,
             "round_s": [b - a for a, b in zip(marks, marks[1:])], "generation_s": generation_s,
             "scored": scored, "optimizer_steps": trainer.state.global_step, "peak_memory_gb": peak_memory_gb(),
+            "counted_flops": counted.flops,
             "reward": [r["reward"] for r in log_rows], "kl": [r.get("kl") for r in log_rows],
             "completion_length": [r.get("completions/mean_length") for r in log_rows]}
 
@@ -170,6 +175,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--data_output_path", required=True, help="tokenized-data cache folder (ours)")
+    parser.add_argument("--count_round", type=int, default=0, help="count this round's FLOPs (0: none)")
     args = parser.parse_args()
     result = run(args)
     Path(args.output_dir, "peer_result.json").write_text(json.dumps(result, indent=2))

@@ -18,6 +18,7 @@ import tempfile
 import time
 
 from bench.child import report_result
+from bench.flop_count import CountedRound
 
 
 def prompt_ids(args, tokenizer) -> list[list[int]]:
@@ -57,12 +58,15 @@ def run(args) -> dict:
         model.config.pad_token_id = tokenizer.pad_token_id
 
     marks, gen = [], {"s": 0.0, "tokens": 0, "answers": 0, "first_s": 0.0}
+    counted = CountedRound(args.count_round)
 
     class Marks(TrainerCallback):
         def on_train_begin(self, *_, **__):
             marks.append(time.perf_counter())
+            counted.train_begin()
 
         def on_step_end(self, *_, **__):
+            counted.step_end()
             marks.append(time.perf_counter())
             if len(marks) == 2:  # the warm-up iteration's generation is left out
                 gen["first_s"], gen["first_tokens"] = gen["s"], gen["tokens"]
@@ -103,7 +107,7 @@ def run(args) -> dict:
             "generation_s": gen_s / len(timed), "round_s": sum(timed) / len(timed),
             "work": {"answers": gen["answers"] / len(rounds), "generated_tokens": gen["tokens"] / len(rounds),
                      "optimizer_steps": steps["calls"] / len(rounds)},
-            "rounds": len(rounds), "peak_memory_gb": peak}
+            "rounds": len(rounds), "peak_memory_gb": peak, "counted_flops": counted.flops}
 
 
 def count_calls(obj, method: str) -> dict:
@@ -129,6 +133,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, required=True)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--count_round", type=int, default=0, help="count this iteration's FLOPs (0: none)")
     report_result(run(parser.parse_args()))
 
 

@@ -5,7 +5,9 @@ compared with its own algorithm's peer, and a row that did other work stops the 
 quality benchmark's paired statistics and its refusals."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -142,6 +144,73 @@ def test_trl_grpo_row_leaves_out_the_first_round_and_counts_what_trl_scored():
 def test_matmul_peak_is_positive_and_finite():
     peak = matmul_peak_flops("fp32", "cpu", size=256, repeats=2)
     assert 1e8 < peak < 1e15
+
+
+def test_flop_counter_counts_matmuls_and_the_cpus_flash_attention_forward_and_backward():
+    """bench.flop_count's counter: a linear layer's 2·in·out a row forward and twice that
+    backward, and sdpa attention (the CPU flash kernel, with grouped kv heads) by torch's formula
+    for the other attention kernels, forward and backward."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+    from bench.flop_count import counter
+    rows, n_in, n_out = 5, 6, 7
+    layer, x = torch.nn.Linear(n_in, n_out), torch.randn(rows, n_in, requires_grad=True)
+    with counter() as flops:
+        layer(x).sum().backward()
+    assert flops.get_total_flops() == 3 * 2 * rows * n_in * n_out
+    q = torch.randn(2, 4, 9, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, 9, 8, requires_grad=True) for _ in range(2))
+    with counter() as flops:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        forward = flops.get_total_flops()
+        out.sum().backward()
+    assert forward == sdpa_flop_count(q.shape, k.shape, v.shape) > 0
+    with FlopCounterMode(display=False) as plain:  # torch's own table: the CPU kernel is missing
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert plain.get_total_flops() == 0
+    assert flops.get_total_flops() - forward == sdpa_backward_flop_count(out.shape, q.shape, k.shape, v.shape)
+
+
+def test_counted_round_and_call_count_only_the_round_asked_for(tmp_path):
+    """The peers' CountedRound counts from the end of step round-1 (or the train's begin) to the
+    end of step `round`; count_call counts the call-th call; nothing else is counted."""
+    import torch
+    from bench.flop_count import CountedRound, count_call
+
+    def matmul(n):  # 2 n^3 FLOPs
+        torch.ones(n, n) @ torch.ones(n, n)
+
+    for asked, want in ((1, 2 * 3 ** 3), (2, 2 * 4 ** 3), (3, 2 * 5 ** 3), (0, None)):
+        counted = CountedRound(asked)
+        counted.train_begin()
+        for n in (3, 4, 5):
+            matmul(n)
+            counted.step_end()
+        matmul(6)
+        assert counted.flops == want, asked
+    box = SimpleNamespace(work=matmul)
+    count_call(box, "work", 2, tmp_path / "flops.json")
+    for n in (3, 4, 5):
+        box.work(n)
+    assert json.loads((tmp_path / "flops.json").read_text()) == {"flops": 2 * 4 ** 3}
+
+
+@pytest.mark.slow
+def test_step3s_own_flop_count_equals_what_its_round_ran(tmp_path):
+    """utils.flops' count of a Step 3 round (PhaseFlops, logged as flops_per_sample) against
+    torch's counter over that whole round as it ran (bench.flop_count: hybrid-engine generation,
+    scoring, both updates), on a PPO round of tiny-llama with packed forwards."""
+    from tests.helpers import assert_ok, logged_rows
+    out, counted = tmp_path / "out", tmp_path / "counted.json"
+    data = tmp_path / "prompts.jsonl"
+    write_prompt_file(data, "tiny-llama", 24, 40)
+    flags = throughput.ppo_command("zero2+hybrid", SimpleNamespace(
+        actor="tiny-llama", critic="tiny-llama", batch=4, prompt_len=24, answer_len=8, rounds=2, dtype="fp32",
+        seed=3), data, tmp_path, out)
+    assert_ok(run_module("bench.flop_count", [counted, 2, "-m", "training.step3_rlhf_finetuning.main", *flags]))
+    round_2 = [r for r in logged_rows(out / "logs" / "metrics.jsonl") if "train/flops_per_sample" in r][1]
+    assert json.loads(counted.read_text())["flops"] == pytest.approx(
+        round_2["train/flops_per_sample"] * round_2["train/answers"], rel=1e-6)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])  # nn.Linear with a tied head; Conv1D

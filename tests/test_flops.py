@@ -9,12 +9,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as T
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from bench.flop_count import counter
 from utils import flops
 from utils.model.loading import set_dropout
 
-aten = torch.ops.aten
 VOCAB, BATCH, SEQ, KEEP, NEW = 320, 2, 24, 7, 5
 COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
               max_position_embeddings=128)
@@ -36,23 +35,11 @@ FAMILIES = {
 }
 
 
-def _sdpa(q, k, v, *args, out_shape=None, **kwargs):
-    return sdpa_flop_count(q, k, v)
-
-
-def _sdpa_backward(grad, q, k, v, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad, q, k, v)
-
-
-# flop_counter counts SDPA's CUDA kernels but has no formula for the CPU one: the same formulas
-CPU_SDPA = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward}
-
-
 def counted(fn) -> int:
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA) as counter:
+    """fn's FLOPs by torch's counter with the CPU's flash attention added (bench.flop_count)."""
+    with counter() as mode:
         fn()
-    return counter.get_total_flops()
+    return mode.get_total_flops()
 
 
 def tiny(family: str):
