@@ -50,8 +50,8 @@ def create_adam_state(optimizer) -> int:
     Why: created lazily, the moments (8 bytes a trained fp32 parameter) take the CPU pages the
     first step's activations have just freed, so the second step's activations grow the heap
     once more: ~230k page faults, 4 s, in Step 3's second round of SmolLM2-135M PPO here
-    (docs/2026-12-06-optimizer-state.md). Created before the first forward, they sit below the
-    activations, whose pages the second step then reuses."""
+    (docs/2026-12-06-optimizer-state-and-flops.md). Created before the first forward, they sit
+    below the activations, whose pages the second step then reuses."""
     if not isinstance(optimizer, torch.optim.Adam):  # AdamW is an Adam
         return 0
     created = 0
