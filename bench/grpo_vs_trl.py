@@ -239,7 +239,9 @@ def earlier_run(done: Path, args, seed: int) -> dict | None:
         return None
     side = json.loads(done.read_text())
     saved = {**LATER_SETTINGS, **side.get("settings", {})}
-    return side if saved == {**matched_settings(args), "seed": seed} else None
+    # a counted round runs slower and a side counted at no round has no count: rerun either way
+    same_count = side.get("count_round", 0) == args.count_round
+    return side if saved == {**matched_settings(args), "seed": seed} and same_count else None
 
 
 def run_ours(args, seed: int) -> dict:
@@ -260,6 +262,7 @@ def run_ours(args, seed: int) -> dict:
             "settings": {**matched_settings(args), "seed": seed},
             "round_s": [r["train/round_s"] for r in rows], "reward": [r["train/reward"] for r in rows],
             "kl": [r.get("train/kl") for r in rows],
+            "count_round": args.count_round,
             "counted_flops": json.loads(counted.read_text())["flops"] if args.count_round else None}
     done.write_text(json.dumps(side, indent=2))
     return side
@@ -278,7 +281,7 @@ def run_trl(args, seed: int) -> dict:
     print(f"TRL, seed {seed} ...", flush=True)
     wall = run_logged(cmd, args.output_dir / f"trl_seed{seed}.log", args.device)
     side = {**json.loads((out / "peer_result.json").read_text()), "wall_s": wall, "command": cmd,
-            "settings": {**matched_settings(args), "seed": seed}}
+            "settings": {**matched_settings(args), "seed": seed}, "count_round": args.count_round}
     done.write_text(json.dumps(side, indent=2))
     return side
 

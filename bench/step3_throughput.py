@@ -26,7 +26,8 @@ steps policy and value head in one optimizer). Each row records its work per rou
 Timing: a round is the wall time from one round's end to the next's (ours: the rounds' log lines;
 TRL: its step-end callback), so the first round (engine builds) is left out of every mean.
 Prints samples/s (samples = answers), generation tokens/s, per-phase effective TFLOPs (the
-matmuls each phase runs, utils.flops) and their share of the machine's measured matmul peak
+matmuls each phase runs, utils.flops) and the share of the machine's measured matmul peak that
+generation, scoring and training each reach
 (bench.peak, sampled before and after each row, the best kept), each row's generation time against the floor its matmuls allow on this machine
 (bench.peak.generation_floor_s: decode steps at the measured speed of their own matmuls, which at a
 few rows is bound by reading the weights, not by the peak), peak memory, TFLOP per sample of every
@@ -69,7 +70,7 @@ VARIANTS = [*PPO, TRL_PPO, *GRPO, TRL_GRPO]
 REWARD_FN = "bench.step3_throughput:question_reward"  # the GRPO rows' reward, both sides
 COLUMNS = ("samples_per_s", "generation_tokens_per_s", "generation_tflops", "training_tflops", "tflops",
            "generation_s", "scoring_s", "training_s", "peak_memory_gb")
-LOGGED = (*COLUMNS, "flops_per_sample")  # ours only: utils.flops' count of each timed round
+LOGGED = (*COLUMNS, "scoring_tflops", "flops_per_sample")  # ours only: utils.flops' count of each timed round
 # a run's first round also does one-time work (ours: the packing checks), so its second is counted
 COUNTED_ROUND = 2
 WORK = ("answers", "generated_tokens", "optimizer_steps")  # per round, of each trained model; every row records it
@@ -297,13 +298,13 @@ def print_table(results: dict, peaks: list[float], args, floors: dict) -> None:
           f"tokens (eos off), {args.rounds} rounds (first left out), GRPO KL {args.kl_ctl} lr {args.learning_rate}, "
           f"dtype {args.dtype}, {args.device}; matmul peak {peak / 1e12:.4f} TFLOP/s (best of {len(peaks)} samples "
           f"between the rows, lowest {min(peaks) / 1e12:.4f})")
-    heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak",
+    heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak", "score %peak",
              "gen s", "gen floor s", "gen %floor", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
     print(f"{'variant':28s}" + "".join(f"{h:>13s}" for h in heads))
     for (name, r), ratio in zip(results.items(), ratios(results).values()):
         cells = [r.get(c) for c in COLUMNS[:5]]
-        cells += [r["generation_tflops"] * 1e12 / peak * 100 if "generation_tflops" in r else None,
-                  r["training_tflops"] * 1e12 / peak * 100 if "training_tflops" in r else None]
+        cells += [r[phase] * 1e12 / peak * 100 if phase in r else None
+                  for phase in ("generation_tflops", "training_tflops", "scoring_tflops")]
         gen_s = r.get("generation_s")
         cells += [gen_s, floors[name], floors[name] / gen_s * 100 if gen_s else None]
         cells += [r.get(c) for c in COLUMNS[5:] if c != "generation_s"]

@@ -252,8 +252,8 @@ def test_table_prints_each_rows_generation_against_its_floor(capsys):
     head, ours, trl = lines[2:5]
     assert "gen floor s" in head and "gen %floor" in head
     # the cells after the name: ..., gen s, gen floor s, gen %floor, ...; the last: the ratio to TRL
-    assert ours.split()[1:][7:10] == ["2", "0.5", "25"] and ours.endswith("3.00x")
-    assert trl.split()[2:][7:10] == ["4", "0.5", "12.5"]
+    assert ours.split()[1:][8:11] == ["2", "0.5", "25"] and ours.endswith("3.00x")
+    assert trl.split()[2:][8:11] == ["4", "0.5", "12.5"]
 
 
 def test_paired_gain_averages_seeds_per_prompt_before_comparing_with_sft():

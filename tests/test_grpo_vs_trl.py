@@ -174,7 +174,8 @@ def test_both_sides_run_and_are_scored_on_tiny_llama(tmp_path):
 
 def test_saved_sides_from_before_a_setting_existed_are_reused_only_with_its_old_value(tmp_path):
     """A side saved before --ignore_eos existed ran with eos on: it is reused without the flag and
-    rerun with it (a setting that changed is never taken from an older run)."""
+    rerun with it (a setting that changed is never taken from an older run); one that counted no
+    round's FLOPs is rerun when a count is asked for."""
     from bench.grpo_vs_trl import earlier_run
     args = build_parser().parse_args(["--sft", "tiny-llama", "--reward_fn", "m.py:f", "--output_dir", str(tmp_path)])
     old = {**matched_settings(args), "seed": 3}
@@ -183,6 +184,9 @@ def test_saved_sides_from_before_a_setting_existed_are_reused_only_with_its_old_
     done.write_text(json.dumps({"settings": old, "model": "x"}))
     assert earlier_run(done, args, 3)["model"] == "x"
     assert earlier_run(done, args, 4) is None
+    args.count_round = 2  # a side that counted no round's FLOPs (or another's) is rerun
+    assert earlier_run(done, args, 3) is None
+    args.count_round = 0
     args.ignore_eos = True
     assert earlier_run(done, args, 3) is None
 

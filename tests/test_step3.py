@@ -30,7 +30,7 @@ def finished(proc, out: Path, n_rounds: int = 2, folders=("actor", "critic")) ->
     logged = rounds(out)
     assert len(logged) == n_rounds
     for key in ("reward", "kl", "actor_loss", "critic_loss", "entropy", "answer_len", "generation_s",
-                "training_s", "generation_tflops", "training_tflops", "samples_per_s", "flops_per_sample"):
+                "training_s", "generation_tflops", "scoring_tflops", "training_tflops", "samples_per_s", "flops_per_sample"):
         assert all(f"train/{key}" in r for r in logged), key
     assert logged[0]["train/kl"] == pytest.approx(0.0, abs=1e-4)  # the actor starts as the reference
     assert logged[0]["train/first_policy_shift"] == pytest.approx(0.0, abs=1e-4)  # rollout == update policy

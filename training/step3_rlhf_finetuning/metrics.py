@@ -159,6 +159,7 @@ def timing(exps: list[Experience], work: dict, gen_s: float, scoring_s: float, t
             "samples_per_s": answers / total_s, "answers": answers, "generated_tokens": generated,
             "generation_tokens_per_s": generated / max(gen_s, 1e-9),
             "generation_tflops": work["generation"] / max(gen_s, 1e-9) / 1e12,
+            "scoring_tflops": work["scoring"] / max(scoring_s, 1e-9) / 1e12,
             "training_tflops": work["training"] / max(train_s, 1e-9) / 1e12,
             "tflops": total / total_s / 1e12, "flops_per_sample": total / answers,
             "real_token_share": work["real_tokens"] / max(work["padded_tokens"], 1),
