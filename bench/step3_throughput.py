@@ -312,8 +312,9 @@ def print_table(results: dict, peaks: list[float], args, floors: dict) -> None:
         cells += [counted / r["work"]["answers"] / 1e12 if counted else None]
         print(f"{name:28s}" + "".join(f"{c:13.4g}" if c is not None else f"{'-':>13s}" for c in cells)
               + (f"{ratio:12.2f}x" if ratio is not None else f"{'-':>13s}"))
-    print(f"TFLOP/sample: round {COUNTED_ROUND} of a separate run of each row, counted as it ran (bench.flop_count: "
-          "every matmul and attention call, forward and backward, generation included), over its answers")
+    if any(r.get("counted_flops") for r in results.values()):
+        print(f"TFLOP/sample: round {COUNTED_ROUND} of a separate run of each row, counted as it ran (bench.flop_count: "
+              "every matmul and attention call, forward and backward, generation included), over its answers")
     print(f"samples = answers; vs TRL: each row's samples/s over '{TRL_PPO}' (PPO rows) or '{TRL_GRPO}' "
           "(GRPO rows), the same run's measurement")
     print("work per round: " + "; ".join(
