@@ -74,6 +74,12 @@ def count_call(owner, name: str, call: int, out: Path) -> None:
     setattr(owner, name, counted)
 
 
+def counted_module(out: Path, round: int) -> list[str]:
+    """What goes after `python -m` so that the Step 3 module named next runs with its round
+    `round` counted into `out` (nothing when round is 0)."""
+    return ["bench.flop_count", str(out), str(round), "-m"] if round else []
+
+
 def main() -> None:
     if len(sys.argv) < 5 or sys.argv[3] != "-m":
         raise SystemExit("usage: python -m bench.flop_count OUT ROUND -m MODULE [ARGS...]")

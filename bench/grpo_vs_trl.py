@@ -71,7 +71,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.flop_count import COUNTED_FLOPS
+from bench.flop_count import COUNTED_FLOPS, counted_module
 from utils.metrics import read_jsonl
 
 # ours --loss_aggregation -> TRL loss_type (the same per-token loss normalisation)
@@ -251,8 +251,7 @@ def run_ours(args, seed: int) -> dict:
         return side
     flags = [*ours_command(args, seed, out), "--overwrite_output_dir"]
     counted = out / COUNTED_FLOPS
-    counting = ["bench.flop_count", str(counted), str(args.count_round), "-m"] if args.count_round else []
-    cmd = [sys.executable, "-m", *counting, STEP3, *flags]
+    cmd = [sys.executable, "-m", *counted_module(counted, args.count_round), STEP3, *flags]
     print(f"ours, seed {seed} ...", flush=True)
     wall = run_logged(cmd, args.output_dir / f"ours_seed{seed}.log", args.device)
     rows = [r for r in read_jsonl(out / "logs" / "metrics.jsonl") if "train/reward" in r]

@@ -33,7 +33,8 @@ generation, scoring and training each reach
 few rows is bound by reading the weights, not by the peak), peak memory, TFLOP per sample of every
 row (counted as it ran by bench.flop_count, the same counter on both sides, in a separate
 2-round run of the row: the counter slows what it counts, and a first round also does one-time
-work such as our packing checks, so its second round is counted), and each row's samples/s as a ratio to its algorithm's TRL row in the same run ("vs TRL");
+work such as our packing checks, so its second round is counted), and each row's samples/s as
+a ratio to its algorithm's TRL row in the same run ("vs TRL");
 `--json FILE` keeps the numbers.
 
     python -m bench.step3_throughput                                  # tiny-llama, quick
@@ -53,7 +54,7 @@ import tempfile
 from pathlib import Path
 
 from bench.child import child_env
-from bench.flop_count import COUNTED_FLOPS
+from bench.flop_count import COUNTED_FLOPS, counted_module
 
 PPO = {  # our PPO rows (actor and critic): engine flags
     "zero2+hybrid": ["--actor_zero_stage", "2", "--critic_zero_stage", "2"],
@@ -198,9 +199,8 @@ def run_ours(name: str, args, data: Path, workdir: Path) -> dict:
     if name in GRPO:
         return ours_result(name, Path(run_grpo_side(name, args, data, workdir)["model"]).parent)
     out = workdir / slug(name)
-    counting = ["bench.flop_count", str(out / COUNTED_FLOPS), str(args.count_round), "-m"] if args.count_round else []
-    cmd = [sys.executable, "-m", *counting, "training.step3_rlhf_finetuning.main",
-           *ppo_command(name, args, data, workdir, out)]
+    cmd = [sys.executable, "-m", *counted_module(out / COUNTED_FLOPS, args.count_round),
+           "training.step3_rlhf_finetuning.main", *ppo_command(name, args, data, workdir, out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env(args.device))
     if proc.returncode:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -298,8 +298,8 @@ def print_table(results: dict, peaks: list[float], args, floors: dict) -> None:
           f"tokens (eos off), {args.rounds} rounds (first left out), GRPO KL {args.kl_ctl} lr {args.learning_rate}, "
           f"dtype {args.dtype}, {args.device}; matmul peak {peak / 1e12:.4f} TFLOP/s (best of {len(peaks)} samples "
           f"between the rows, lowest {min(peaks) / 1e12:.4f})")
-    heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak", "score %peak",
-             "gen s", "gen floor s", "gen %floor", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
+    heads = ("samples/s", "gen tok/s", "gen TFLOPs", "train TFLOPs", "TFLOPs", "gen %peak", "train %peak",
+             "score %peak", "gen s", "gen floor s", "gen %floor", "score s", "train s", "peak GB", "TFLOP/sample", "vs TRL")
     print(f"{'variant':28s}" + "".join(f"{h:>13s}" for h in heads))
     for (name, r), ratio in zip(results.items(), ratios(results).values()):
         cells = [r.get(c) for c in COLUMNS[:5]]
