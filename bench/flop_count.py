@@ -80,9 +80,13 @@ def counted_module(out: Path, round: int) -> list[str]:
     return ["bench.flop_count", str(out), str(round), "-m"] if round else []
 
 
+USAGE = "usage: python -m bench.flop_count OUT ROUND -m MODULE [ARGS...] (ROUND: 1 or more)"
+
+
 def main() -> None:
-    if len(sys.argv) < 5 or sys.argv[3] != "-m":
-        raise SystemExit("usage: python -m bench.flop_count OUT ROUND -m MODULE [ARGS...]")
+    if len(sys.argv) < 5 or sys.argv[3] != "-m" or not sys.argv[2].isdigit() or int(sys.argv[2]) < 1:
+        print(f"error: {USAGE}", file=sys.stderr)
+        raise SystemExit(2)
     out, round, module = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[4]
     out.unlink(missing_ok=True)
     from training.step3_rlhf_finetuning import loop

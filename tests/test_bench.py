@@ -195,6 +195,13 @@ def test_counted_round_and_call_count_only_the_round_asked_for(tmp_path):
     assert json.loads((tmp_path / "flops.json").read_text()) == {"flops": 2 * 4 ** 3}
 
 
+@pytest.mark.parametrize("args", [[], ["out.json", "0", "-m", "m"], ["out.json", "two", "-m", "m"],
+                                  ["out.json", "2", "m"]])
+def test_flop_count_refuses_a_bad_command_line_in_one_line(args):
+    assert error_line(run_module("bench.flop_count", args)) == \
+        "error: usage: python -m bench.flop_count OUT ROUND -m MODULE [ARGS...] (ROUND: 1 or more)"
+
+
 @pytest.mark.slow
 def test_step3s_own_flop_count_equals_what_its_round_ran(tmp_path):
     """utils.flops' count of a Step 3 round (PhaseFlops, logged as flops_per_sample) against
